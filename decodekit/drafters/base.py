@@ -1,0 +1,82 @@
+"""The drafter protocol: the only thing the engine knows about a speculative method.
+
+Per request the engine calls ``begin`` once, then repeats ``propose`` -> (one forward + verification) ->
+``observe``. Drafters see token ids and target logits only; they never touch the model or the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from decodekit.runtime.tree import Tree
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What a drafter may know about the target model when it is built."""
+
+    vocab_size: int
+    device_type: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A token tree to verify. ``tokens`` int64 ``[n]`` laid out as ``tree``; ``tokens[0]`` is the root, the last
+    committed token (the engine checks this)."""
+
+    tokens: torch.Tensor
+    tree: Tree
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one verification step found, handed to ``Drafter.observe``.
+
+    ``logits`` float ``[n, vocab]``: the target's logits after every draft node, rejected ones included
+    (row i predicts the token that follows node i). ``accepted`` int64 ``[m]``: node indices of the accepted
+    path, root first. ``committed``: the tokens appended to the sequence this step (accepted drafts then the
+    target's bonus token), already cut at EOS, a stop string or the token budget.
+    """
+
+    draft: Draft
+    logits: torch.Tensor
+    accepted: torch.Tensor
+    committed: list[int]
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    #: ask the engine for the prompt's logits at ``begin`` (costs an lm_head pass over the prompt)
+    wants_prompt_logits: bool
+
+    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
+        """Start a request. ``prompt`` int64 ``[p]``; ``prompt_logits`` float ``[p - 1, vocab]`` (row i predicts
+        token i + 1) when ``wants_prompt_logits``, else None."""
+
+    def propose(self, sequence: torch.Tensor) -> Draft:
+        """Draft from ``sequence`` int64 ``[t]`` (prompt and committed output; ``sequence[-1]`` is the root)."""
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Learn from the verified step."""
+
+
+class Autoregressive:
+    """Plain decoding (method ``ar``): a tree of the root alone, so each step commits exactly one token."""
+
+    wants_prompt_logits = False
+    _tree = Tree.chain(1)
+
+    def __init__(self, target: TargetInfo) -> None:
+        pass
+
+    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
+        pass
+
+    def propose(self, sequence: torch.Tensor) -> Draft:
+        return Draft(sequence[-1:], self._tree)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass

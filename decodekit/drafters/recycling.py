@@ -1,0 +1,134 @@
+"""Token Recycling (Luo et al., 2024, arXiv 2408.08696).
+
+State: an adjacency matrix ``[vocab, k]`` of token ids (int32); row t holds the top-k tokens the target model
+most recently predicted after t. A draft is a static tree template expanded breadth-first from the root: the
+node at rank r under a node holding token t holds ``adjacency[t, r]``. After each step every node's row is
+overwritten with the top-k of that node's target logits, rejected branches included. The matrix lives as long
+as the drafter, so it carries over between requests of one engine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.errors import InvalidParameter
+from decodekit.runtime.tree import Tree
+
+# The published "2.2.2" template: 80 nodes below the root, depth 6. Each string is one node's path of child
+# ranks from the root ("01" = rank 1 under rank 0 under the root), listed breadth-first.
+PUBLISHED_TREE = (
+    "0 1 2 3 4 5 6 7 "
+    "00 01 02 03 04 05 06 07 10 11 12 13 20 21 22 30 31 40 50 60 70 "
+    "000 001 002 003 004 005 006 007 010 011 012 020 021 030 040 050 060 070 100 101 110 200 300 400 500 "
+    "0000 0001 0002 0003 0004 0010 0011 0020 0030 0040 0100 0200 1000 2000 3000 "
+    "00000 00001 00002 00010 00020 00100 01000 10000 "
+    "000000 000001 000100"
+).split()
+
+# Probability that the draft at each rank is accepted given its parent was: what selects the best subtree
+# of the published template for a smaller node budget (measured on the default model, see BENCHMARKS.md).
+RANK_ACCEPTANCE = (0.55, 0.14, 0.06, 0.035, 0.025, 0.02, 0.015, 0.012)
+
+
+def path_score(path: str) -> float:
+    """Estimated probability that every node on ``path`` is accepted."""
+    score = 1.0
+    for rank in path:
+        score *= RANK_ACCEPTANCE[int(rank)]
+    return score
+
+
+@lru_cache(maxsize=None)
+def subtree(size: int) -> tuple[str, ...]:
+    """The ``size`` most probable nodes of the published template (closed under parents), breadth-first."""
+    if not 1 <= size <= len(PUBLISHED_TREE):
+        raise InvalidParameter(f"recycling tree size must be between 1 and {len(PUBLISHED_TREE)}, got {size}")
+    # a child never scores above its parent, and ties go to the earlier (shallower) node, so parents come first
+    chosen = sorted(PUBLISHED_TREE, key=lambda p: (-path_score(p), PUBLISHED_TREE.index(p)))[:size]
+    return tuple(sorted(chosen, key=PUBLISHED_TREE.index))
+
+
+class TemplateTree:
+    """A template of rank paths compiled to parent pointers, ranks and per-depth gather indices."""
+
+    def __init__(self, paths: tuple[str, ...] | list[str]) -> None:
+        index = {"": 0}
+        parents, ranks = [-1], [0]
+        for path in sorted(paths, key=len):  # stable: keeps breadth-first order within a depth
+            if path[:-1] not in index:
+                raise InvalidParameter(f"tree template node {path!r} has no parent {path[:-1]!r}")
+            index[path] = len(parents)
+            parents.append(index[path[:-1]])
+            ranks.append(int(path[-1]))
+        self.tree = Tree.from_parents(parents)
+        self.max_rank = max(ranks)
+        depth = self.tree.depth
+        parent_t, rank_t = torch.tensor(parents), torch.tensor(ranks)
+        self.levels = [
+            (nodes, parent_t[nodes], rank_t[nodes])
+            for d in range(1, int(depth.max()) + 1)
+            for nodes in [torch.nonzero(depth == d).flatten()]
+        ]
+
+
+# node budget of the "auto" tree per device: a CPU step costs ~2.5 ms more per node (BENCHMARKS.md), a GPU step
+# costs the same for any tree of this size
+AUTO_TREE_SIZE = {"cpu": 24, "cuda": len(PUBLISHED_TREE)}
+
+
+def parse_tree(tree: str, device_type: str = "cpu") -> tuple[str, ...]:
+    """``"published"`` (80 nodes), ``"auto"`` (a size suited to the device) or a node count (the best subtree
+    of the published template of that size)."""
+    if tree == "published":
+        return tuple(PUBLISHED_TREE)
+    if tree == "auto":
+        return subtree(AUTO_TREE_SIZE.get(device_type, len(PUBLISHED_TREE)))
+    try:
+        size = int(tree)
+    except ValueError:
+        raise InvalidParameter(f"unknown recycling tree {tree!r}: use 'auto', 'published' or a node count") from None
+    return subtree(size)
+
+
+class TokenRecycling:
+    """Drafts from an adjacency matrix of the model's own recent top-k predictions.
+
+    ``k``: columns of the matrix (candidates kept per token). ``tree``: see :func:`parse_tree`.
+    ``seed_prompt``: also fill the matrix from the prompt's logits at the start of each request.
+    """
+
+    def __init__(self, target: TargetInfo, k: int = 8, tree: str = "auto", seed_prompt: bool = False) -> None:
+        if k < 1:
+            raise InvalidParameter(f"recycling k must be >= 1, got {k}")
+        self.k = k
+        self.template = TemplateTree(parse_tree(tree, target.device_type))
+        if self.template.max_rank >= k:
+            raise InvalidParameter(f"tree uses rank {self.template.max_rank} but k={k}; raise k or shrink the tree")
+        self.adjacency = torch.zeros(target.vocab_size, k, dtype=torch.int32)
+        self.wants_prompt_logits = seed_prompt
+
+    @property
+    def matrix_bytes(self) -> int:
+        return self.adjacency.numel() * self.adjacency.element_size()
+
+    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
+        if prompt_logits is not None and len(prompt_logits):
+            self._record(prompt[: len(prompt_logits)], prompt_logits)
+
+    def propose(self, sequence: torch.Tensor) -> Draft:
+        tokens = torch.empty(self.template.tree.size, dtype=torch.int64)
+        tokens[0] = sequence[-1]
+        for nodes, parents, ranks in self.template.levels:
+            tokens[nodes] = self.adjacency[tokens[parents], ranks].long()
+        return Draft(tokens, self.template.tree)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        self._record(outcome.draft.tokens, outcome.logits)
+
+    def _record(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Overwrite the rows of ``tokens`` ``[n]`` with the top-k of their ``logits`` ``[n, vocab]``."""
+        top = logits.topk(self.k, dim=-1).indices.to(device="cpu", dtype=torch.int32)
+        self.adjacency[tokens.cpu()] = top

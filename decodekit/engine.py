@@ -1,0 +1,205 @@
+"""The decode loop every method shares.
+
+prefill the prompt (all but its last token) -> repeat: the drafter proposes a tree rooted at the last committed
+token -> one forward scores every node -> greedy verification picks the accepted path -> the cache keeps that
+path's entries -> the drafter observes the outcome -> the committed tokens are cut at EOS, a stop string or the
+token budget and handed out. Plain decoding (``ar``) is the same loop with a one-node tree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from decodekit.drafters import Drafter, StepOutcome, TargetInfo, make_drafter
+from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
+from decodekit.runtime.kv_cache import KVCache
+from decodekit.runtime.loader import LoadedModel
+from decodekit.text import TextStream, find_stop
+from decodekit.verify import verify_greedy
+
+MAX_DRAFT_NODES = 256  # the largest tree a drafter may propose; reserved in the KV cache
+
+
+@dataclass
+class GenerationStats:
+    method: str
+    prompt_tokens: int
+    new_tokens: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens committed by each verification step
+    prefill_s: float = 0.0
+    wall_s: float = 0.0  # prefill included
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length" (token budget or context window)
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted_lengths)
+
+    @property
+    def mean_accepted(self) -> float:
+        """MAT: tokens committed per verification step, the bonus token included (plain decoding = 1.0)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"steps": self.steps, "mean_accepted": self.mean_accepted, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: GenerationStats
+
+
+@dataclass
+class Chunk:
+    """What one step adds: the committed token ids and the text that became certain."""
+
+    token_ids: list[int]
+    text: str
+
+
+class GenerationStream:
+    """An iterator of :class:`Chunk`; ``result`` holds the :class:`Generation` once iteration ends."""
+
+    def __init__(self, steps: Iterator[Chunk]) -> None:
+        self._steps = steps
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        self.result = yield from self._steps
+
+
+class Engine:
+    """Generates with one model and one speculative method; the drafter's state lives as long as the engine."""
+
+    def __init__(self, model: LoadedModel, method: str = "recycling") -> None:
+        self.model = model
+        self.method = method
+        self.drafter: Drafter = make_drafter(method, TargetInfo(model.cfg.vocab_size, model.device.type))
+        self._cache: KVCache | None = None
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of ``prompt``, wrapped in the checkpoint's chat template when ``chat`` and it has one."""
+        if not prompt or not prompt.strip():
+            raise InvalidParameter("the prompt is empty")
+        tokenizer = self.model.tokenizer
+        if chat and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(prompt)["input_ids"]
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 256,
+        stop: list[str] | tuple[str, ...] = (),
+        chat: bool = True,
+    ) -> GenerationStream:
+        """Generate lazily: iterate the returned stream for chunks, then read ``.result``."""
+        prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        self._check(prompt_ids, max_new_tokens)
+        return GenerationStream(self._decode(prompt_ids, max_new_tokens, list(stop)))
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 256,
+        stop: list[str] | tuple[str, ...] = (),
+        chat: bool = True,
+        on_chunk: Callable[[Chunk], None] | None = None,
+    ) -> Generation:
+        stream = self.stream(prompt, max_new_tokens, stop, chat)
+        for chunk in stream:
+            if on_chunk is not None:
+                on_chunk(chunk)
+        assert stream.result is not None
+        return stream.result
+
+    def _check(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        window = self.model.cfg.context_window
+        if not prompt_ids:
+            raise InvalidParameter("the prompt is empty")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidParameter(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if max_new_tokens > window:
+            raise InvalidParameter(f"max_new_tokens {max_new_tokens} exceeds the context window of {window} tokens")
+        if len(prompt_ids) >= window:
+            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the context window holds {window}")
+        if not all(isinstance(t, int) and 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
+            raise InvalidParameter("prompt token ids must be integers in [0, vocab_size)")
+
+    def _cache_for(self, capacity: int) -> KVCache:
+        if self._cache is None or self._cache.capacity < capacity:
+            self._cache = self.model.transformer.new_cache(capacity)
+        self._cache.reset()
+        return self._cache
+
+    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop: list[str]) -> Iterator[Chunk]:
+        model, device, eos = self.model.transformer, self.model.device, self.model.eos_token_ids
+        budget = min(max_new_tokens, self.model.cfg.context_window - len(prompt_ids))
+        stats = GenerationStats(self.method, len(prompt_ids))
+        sequence = torch.empty(len(prompt_ids) + budget + 1, dtype=torch.int64)
+        sequence[: len(prompt_ids)] = torch.tensor(prompt_ids)
+        length = len(prompt_ids)
+        text = TextStream(self.model.tokenizer, stop)
+        out: list[int] = []
+
+        start = time.perf_counter()
+        cache = self._cache_for(length + budget + MAX_DRAFT_NODES)
+        prompt_logits = None
+        if length > 1:
+            want = self.drafter.wants_prompt_logits
+            logits = model(sequence[None, : length - 1].to(device), cache, logits_at=None if want else slice(0, 0))
+            cache.commit(0, length - 1)
+            prompt_logits = logits[0] if want else None
+        self.drafter.begin(sequence[:length], prompt_logits)
+        stats.prefill_s = time.perf_counter() - start
+
+        while True:
+            draft = self.drafter.propose(sequence[:length])
+            if draft.tokens[0] != sequence[length - 1] or draft.tree.size > MAX_DRAFT_NODES:
+                raise DecodekitError(f"drafter {self.method} proposed an invalid tree (wrong root or > {MAX_DRAFT_NODES} nodes)")
+            logits = model(draft.tokens[None].to(device), cache, draft.tree)[0]
+            path, bonus = verify_greedy(draft.tokens, draft.tree, logits.argmax(dim=-1).cpu())
+            cache.commit(0, path)
+            committed = draft.tokens[path[1:]].tolist() + [bonus]
+            committed, finish = _cut(committed, eos, budget - len(out))
+            delta, keep = text.push(committed)
+            if keep is not None:
+                committed, finish = committed[:keep], "stop"
+            self.drafter.observe(StepOutcome(draft, logits, path, committed))
+            out.extend(committed)
+            sequence[length : length + len(committed)] = torch.tensor(committed)
+            length += len(committed)
+            stats.accepted_lengths.append(len(committed))
+            if finish is not None:
+                stats.finish_reason = finish
+                yield Chunk(committed, delta + text.finish())
+                break
+            yield Chunk(committed, delta)
+
+        stats.new_tokens = len(out)
+        stats.wall_s = time.perf_counter() - start
+        final = text.decode(out)
+        if text.stopped:
+            final = final[: find_stop(final, stop)]
+        return Generation(final, out, prompt_ids, stats)
+
+
+def _cut(tokens: list[int], eos: frozenset[int], room: int) -> tuple[list[int], str | None]:
+    """Cut committed tokens after the first EOS (kept) or at the remaining budget ``room``."""
+    for i, token in enumerate(tokens[:room]):
+        if token in eos:
+            return tokens[: i + 1], "stop"
+    if len(tokens) >= room:
+        return tokens[:room], "length"
+    return tokens, None

@@ -1,0 +1,25 @@
+"""Typed errors. Every failure a user can cause raises a subclass of DecodekitError with a one-line message."""
+
+
+class DecodekitError(Exception):
+    """Base class: the CLI prints ``str(err)`` on one line and exits non-zero."""
+
+
+class InvalidParameter(DecodekitError, ValueError):
+    """A bad argument: empty prompt, non-positive max_new_tokens, unknown method or option."""
+
+
+class ModelFileError(DecodekitError):
+    """A model path that is missing, unreadable or corrupt."""
+
+
+class UnsupportedArchitecture(DecodekitError):
+    """A checkpoint whose architecture the runtime does not implement."""
+
+
+class PromptTooLong(InvalidParameter):
+    """A prompt that leaves no room in the context window."""
+
+
+class DeviceUnavailable(DecodekitError):
+    """A device (e.g. cuda) was asked for but is not present."""

@@ -1,0 +1,72 @@
+"""A preallocated key/value cache with a committed length per sequence.
+
+Layout: one tensor ``[layers, 2, B, kv_heads, capacity, head_dim]`` (2 = keys, values). Row ``b`` holds its
+committed tokens in slots ``[0, lengths[b])``. A forward writes its ``n`` new tokens to the scratch slots
+``[lengths[b], lengths[b] + n)`` without changing ``lengths``; :meth:`commit` then keeps a chosen subset of
+them (the accepted path) by moving their entries into place, so nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decodekit.errors import PromptTooLong
+
+
+class KVCache:
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.kv = torch.zeros(layers, 2, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.lengths = [0] * batch
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[2]
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.batch
+
+    def check_room(self, n: int) -> None:
+        """Raise PromptTooLong unless every row has ``n`` free scratch slots."""
+        if max(self.lengths) + n > self.capacity:
+            raise PromptTooLong(f"sequence would need {max(self.lengths) + n} cache slots, capacity is {self.capacity}")
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store new entries ``[B, kv_heads, n, head_dim]`` in each row's scratch slots."""
+        n = keys.shape[2]
+        for b, length in enumerate(self.lengths):
+            self.kv[layer, 0, b, :, length : length + n] = keys[b]
+            self.kv[layer, 1, b, :, length : length + n] = values[b]
+
+    def view(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``width`` slots: two ``[B, kv_heads, width, head_dim]`` views."""
+        return self.kv[layer, 0, :, :, :width], self.kv[layer, 1, :, :, :width]
+
+    def commit(self, row: int, kept: torch.Tensor | int) -> None:
+        """Append scratch entries to row ``row``'s committed prefix.
+
+        ``kept``: either a count ``m`` (keep the first m scratch slots, as after a prefill or a chain), or
+        int64 ``[m]`` increasing scratch indices (the accepted path of a tree, root first), moved to
+        ``[length, length + m)`` for every layer at once.
+        """
+        length = self.lengths[row]
+        if isinstance(kept, int):
+            self.lengths[row] = length + kept
+            return
+        m = kept.numel()
+        if not bool((kept == torch.arange(m, device=kept.device)).all()):
+            entries = self.kv[:, :, row]
+            entries[:, :, :, length : length + m] = entries.index_select(3, length + kept.to(self.kv.device))
+        self.lengths[row] = length + m

