@@ -48,7 +48,8 @@ class GenerationStats:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"steps": self.steps, "mean_accepted": self.mean_accepted, "tokens_per_s": self.tokens_per_s}
+        derived = {"steps": self.steps, "mean_accepted": self.mean_accepted, "tokens_per_s": self.tokens_per_s}
+        return asdict(self) | derived
 
 
 @dataclass
@@ -81,10 +82,14 @@ class GenerationStream:
 class Engine:
     """Generates with one model and one speculative method; the drafter's state lives as long as the engine."""
 
-    def __init__(self, model: LoadedModel, method: str = "recycling") -> None:
+    def __init__(self, model: LoadedModel, method: str | Drafter = "recycling") -> None:
+        """``method``: a spec such as ``"recycling:tree=16"``, or any object implementing the Drafter protocol."""
         self.model = model
-        self.method = method
-        self.drafter: Drafter = make_drafter(method, TargetInfo(model.cfg.vocab_size, model.device.type))
+        if isinstance(method, str):
+            self.method = method
+            self.drafter: Drafter = make_drafter(method, TargetInfo(model.cfg.vocab_size, model.device.type))
+        else:
+            self.method, self.drafter = type(method).__name__, method
         self._cache: KVCache | None = None
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
@@ -93,7 +98,8 @@ class Engine:
             raise InvalidParameter("the prompt is empty")
         tokenizer = self.model.tokenizer
         if chat and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            messages = [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         return tokenizer(prompt)["input_ids"]
 
@@ -106,7 +112,7 @@ class Engine:
     ) -> GenerationStream:
         """Generate lazily: iterate the returned stream for chunks, then read ``.result``."""
         prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        self._check(prompt_ids, max_new_tokens)
+        self.validate(prompt_ids, max_new_tokens)
         return GenerationStream(self._decode(prompt_ids, max_new_tokens, list(stop)))
 
     def generate(
@@ -124,7 +130,7 @@ class Engine:
         assert stream.result is not None
         return stream.result
 
-    def _check(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+    def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         window = self.model.cfg.context_window
         if not prompt_ids:
             raise InvalidParameter("the prompt is empty")
@@ -167,11 +173,11 @@ class Engine:
         while True:
             draft = self.drafter.propose(sequence[:length])
             if draft.tokens[0] != sequence[length - 1] or draft.tree.size > MAX_DRAFT_NODES:
-                raise DecodekitError(f"drafter {self.method} proposed an invalid tree (wrong root or > {MAX_DRAFT_NODES} nodes)")
+                raise DecodekitError(f"{self.method} proposed a tree with a wrong root or > {MAX_DRAFT_NODES} nodes")
             logits = model(draft.tokens[None].to(device), cache, draft.tree)[0]
             path, bonus = verify_greedy(draft.tokens, draft.tree, logits.argmax(dim=-1).cpu())
             cache.commit(0, path)
-            committed = draft.tokens[path[1:]].tolist() + [bonus]
+            committed = [*draft.tokens[path[1:]].tolist(), bonus]
             committed, finish = _cut(committed, eos, budget - len(out))
             delta, keep = text.push(committed)
             if keep is not None:

@@ -44,7 +44,9 @@ class TextStream:
             hit = find_stop(text, self.stops, self.emitted)  # what was emitted holds no stop string, not even a start
             if hit is not None:
                 keep = next(
-                    k for k in range(1, len(new_ids) + 1) if find_stop(self.decode(self.ids[: start + k]), self.stops) is not None
+                    k
+                    for k in range(1, len(new_ids) + 1)
+                    if find_stop(self.decode(self.ids[: start + k]), self.stops) is not None
                 )
                 del self.ids[start + keep :]
                 self.stopped = True

@@ -9,7 +9,7 @@ as the drafter, so it carries over between requests of one engine.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -19,14 +19,16 @@ from decodekit.runtime.tree import Tree
 
 # The published "2.2.2" template: 80 nodes below the root, depth 6. Each string is one node's path of child
 # ranks from the root ("01" = rank 1 under rank 0 under the root), listed breadth-first.
-PUBLISHED_TREE = (
-    "0 1 2 3 4 5 6 7 "
-    "00 01 02 03 04 05 06 07 10 11 12 13 20 21 22 30 31 40 50 60 70 "
-    "000 001 002 003 004 005 006 007 010 011 012 020 021 030 040 050 060 070 100 101 110 200 300 400 500 "
-    "0000 0001 0002 0003 0004 0010 0011 0020 0030 0040 0100 0200 1000 2000 3000 "
-    "00000 00001 00002 00010 00020 00100 01000 10000 "
-    "000000 000001 000100"
-).split()
+PUBLISHED_TREE: tuple[str, ...] = tuple(
+    """
+    0 1 2 3 4 5 6 7
+    00 01 02 03 04 05 06 07 10 11 12 13 20 21 22 30 31 40 50 60 70
+    000 001 002 003 004 005 006 007 010 011 012 020 021 030 040 050 060 070 100 101 110 200 300 400 500
+    0000 0001 0002 0003 0004 0010 0011 0020 0030 0040 0100 0200 1000 2000 3000
+    00000 00001 00002 00010 00020 00100 01000 10000
+    000000 000001 000100
+    """.split()
+)
 
 # Probability that the draft at each rank is accepted given its parent was: what selects the best subtree
 # of the published template for a smaller node budget (measured on the default model, see BENCHMARKS.md).
@@ -41,7 +43,7 @@ def path_score(path: str) -> float:
     return score
 
 
-@lru_cache(maxsize=None)
+@cache
 def subtree(size: int) -> tuple[str, ...]:
     """The ``size`` most probable nodes of the published template (closed under parents), breadth-first."""
     if not 1 <= size <= len(PUBLISHED_TREE):
@@ -83,7 +85,7 @@ def parse_tree(tree: str, device_type: str = "cpu") -> tuple[str, ...]:
     """``"published"`` (80 nodes), ``"auto"`` (a size suited to the device) or a node count (the best subtree
     of the published template of that size)."""
     if tree == "published":
-        return tuple(PUBLISHED_TREE)
+        return PUBLISHED_TREE
     if tree == "auto":
         return subtree(AUTO_TREE_SIZE.get(device_type, len(PUBLISHED_TREE)))
     try:

@@ -111,7 +111,7 @@ def convert_gguf(path: Path, root: Path) -> Path:
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitecture(
-            f"unsupported architecture {arch!r} in {path.name}: decodekit runs {', '.join(GGUF_ARCHITECTURES)} GGUF files"
+            f"unsupported architecture {arch!r} in {path.name}: decodekit runs {', '.join(GGUF_ARCHITECTURES)} GGUF"
         )
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -89,7 +89,8 @@ class Block(nn.Module):
         qkv = self.wqkv(self.attn_norm(x)).view(B, n, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
         q = qk[:, :, : self.heads].transpose(1, 2)
-        cache.write(self.layer, qk[:, :, self.heads :].transpose(1, 2), qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2))
+        keys, values = qk[:, :, self.heads :], qkv[:, :, self.heads + self.kv_heads :]
+        cache.write(self.layer, keys.transpose(1, 2), values.transpose(1, 2))
         keys, values = cache.view(self.layer, width)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         x = x + self.wo(attn.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
         Writes their key/value entries to the cache's scratch slots; the caller commits what it keeps.
         Returns float logits ``[B, m, vocab]`` for the nodes selected by ``logits_at`` (all when None).
         """
-        B, n = tokens.shape
+        n = tokens.shape[1]
         tree = tree if tree is not None else Tree.chain(n)
         cache.check_room(n)
         lengths = cache.lengths
@@ -170,7 +171,7 @@ class Transformer(nn.Module):
             else:
                 masks[window] = attention_mask(lengths, tree, window).to(self.device)
         x = self.embed(tokens)
-        for block, window in zip(self.blocks, self.cfg.layer_windows):
+        for block, window in zip(self.blocks, self.cfg.layer_windows, strict=True):
             x = block(x, cos, sin, cache, width, masks[window])
         if logits_at is not None:
             x = x[:, logits_at]

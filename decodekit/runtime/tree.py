@@ -86,7 +86,7 @@ def attention_mask(prefix_lengths: list[int], tree: Tree, window: int | None = N
 
     Row ``b`` holds its committed prefix in slots ``[0, L_b)`` and the tree in ``[L_b, L_b + n)``: a node
     sees the whole prefix and its own ancestors (itself included). With a sliding ``window``, a node at
-    position ``p`` sees prefix slot ``j`` only when ``p - j < window``.
+    position ``p`` sees a key at position ``q`` only when ``p - q < window``.
     """
     n = tree.size
     width = max(prefix_lengths) + n
@@ -95,9 +95,9 @@ def attention_mask(prefix_lengths: list[int], tree: Tree, window: int | None = N
         mask[b, 0, :, :length] = True
         mask[b, 0, :, length : length + n] = tree.ancestors
     if window is not None:
-        query_pos = positions(prefix_lengths, tree)[:, None, :, None]
-        slot = torch.arange(width)
-        in_prefix = slot[None, :] < torch.tensor(prefix_lengths)[:, None]
-        too_old = (query_pos - slot >= window) & in_prefix[:, None, None, :]
-        mask &= ~too_old
+        query_pos = positions(prefix_lengths, tree)  # [B, n]
+        key_pos = torch.arange(width).repeat(len(prefix_lengths), 1)  # a prefix slot's position is its index
+        for b, length in enumerate(prefix_lengths):
+            key_pos[b, length : length + n] = query_pos[b]
+        mask &= (query_pos[:, None, :, None] - key_pos[:, None, None, :]) < window
     return mask

@@ -1,0 +1,125 @@
+"""Command line: ``decodekit generate``.
+
+Every user error ends as one line on stderr and exit status 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from decodekit.errors import DecodekitError
+
+DEFAULT_PROMPT = (
+    "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
+    "Then list three tips for using a refrigerator efficiently."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decodekit", description="Lossless speculative decoding for local LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin; default: a built-in prompt)")
+    gen.add_argument("--method", default="recycling", help="ar, recycling, or name:key=value,... (default: recycling)")
+    gen.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
+    gen.add_argument("--stream", action="store_true", help="print text as it is committed")
+    gen.add_argument("--compare", action="store_true", help="also run plain decoding (ar) and report the speedup")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and statistics")
+    gen.add_argument(
+        "--cache-dir", help="where converted GGUF weights are kept (default: $DECODEKIT_CACHE or ~/.cache/decodekit)"
+    )
+    return parser
+
+
+def _read_prompt(arg: str | None) -> str:
+    if arg is None:
+        return DEFAULT_PROMPT
+    if arg == "-":
+        return sys.stdin.read()
+    return arg
+
+
+def _stats_table(rows: list[tuple[str, dict]]) -> str:
+    lines = [f"{'method':<24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'MAT':>7}"]
+    for name, s in rows:
+        lines.append(
+            f"{name:<24}{s['new_tokens']:>8}{s['wall_s']:>10.2f}{s['tokens_per_s']:>10.2f}{s['mean_accepted']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from decodekit.drafters import parse_method
+    from decodekit.engine import Engine
+    from decodekit.runtime.loader import load_model
+
+    parse_method(args.method)  # reject a bad method before the model loads
+    prompt = _read_prompt(args.prompt)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    engine = Engine(model, args.method)
+    prompt_ids = engine.encode(prompt, chat=not args.no_chat)
+    engine.validate(prompt_ids, args.max_new_tokens)
+
+    baseline = None
+    if args.compare:
+        plain = Engine(model, "ar")
+        plain.generate(prompt_ids, max_new_tokens=4)  # warm the runtime (allocator, oneDNN) for both sides
+        baseline = plain.generate(prompt_ids, max_new_tokens=args.max_new_tokens, stop=args.stop)
+
+    def show(chunk) -> None:
+        print(chunk.text, end="", flush=True)
+
+    streaming = args.stream and not args.json
+    result = engine.generate(
+        prompt_ids, max_new_tokens=args.max_new_tokens, stop=args.stop, on_chunk=show if streaming else None
+    )
+
+    if args.json:
+        out = {
+            "method": args.method,
+            "model": model.name,
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "stats": result.stats.to_dict(),
+        }
+        if baseline is not None:
+            out["baseline"] = {"method": "ar", "token_ids": baseline.token_ids, "stats": baseline.stats.to_dict()}
+            out["speedup"] = result.stats.tokens_per_s / baseline.stats.tokens_per_s
+            out["identical"] = result.token_ids == baseline.token_ids
+        print(json.dumps(out))
+        return 0
+
+    print("" if streaming else result.text)
+    rows = [("ar", baseline.stats.to_dict())] if baseline is not None else []
+    rows.append((args.method, result.stats.to_dict()))
+    print("\n" + _stats_table(rows), file=sys.stderr)
+    if baseline is not None:
+        speedup = result.stats.tokens_per_s / baseline.stats.tokens_per_s
+        same = "yes" if result.token_ids == baseline.token_ids else "NO"
+        print(f"speedup {speedup:.2f}x over ar; identical token ids: {same}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="decodekit: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except DecodekitError as err:
+        print(f"decodekit: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

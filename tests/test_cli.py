@@ -1,0 +1,143 @@
+"""The command line: output formats, and one clear error line with exit status 1 for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+from decodekit.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_with_compare(capsys, tiny_dir):
+    code, out, err = run_cli(
+        capsys, "the quick brown fox", "--model", str(tiny_dir), "--max-new-tokens", "12", "--compare", "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["identical"] is True and result["token_ids"] == result["baseline"]["token_ids"]
+    assert result["stats"]["new_tokens"] == len(result["token_ids"]) <= 12
+    assert result["speedup"] == pytest.approx(
+        result["stats"]["tokens_per_s"] / result["baseline"]["stats"]["tokens_per_s"]
+    )
+
+
+def test_human_output_and_stream(capsys, tiny_dir):
+    code, out, err = run_cli(
+        capsys,
+        "foxes",
+        "--model",
+        str(tiny_dir),
+        "--max-new-tokens",
+        "8",
+        "--stream",
+        "--compare",
+        "--method",
+        "recycling:tree=8",
+    )
+    assert code == 0
+    assert "identical token ids: yes" in err and "tokens/s" in err
+
+
+def test_entry_point_runs_as_a_program(tiny_dir):
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "decodekit.cli",
+            "generate",
+            "hello",
+            "--model",
+            str(tiny_dir),
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--no-chat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["token_ids"]) <= 4
+    bad = subprocess.run(
+        [sys.executable, "-m", "decodekit.cli", "generate", "hello", "--model", str(tiny_dir), "--method", "warp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == ["decodekit: error: unknown method 'warp'; available: ar, recycling"]
+
+
+def write_gguf(path, architecture: str) -> None:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-models")
+    corrupt = root / "corrupt.gguf"
+    corrupt.write_bytes(b"this is not a gguf file" * 10)
+    gemma = root / "gemma.gguf"
+    write_gguf(gemma, "gemma3")
+    gpt2 = root / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
+    no_weights = root / "no-weights"
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=2).save_pretrained(
+        no_weights
+    )
+    return {"corrupt": corrupt, "gemma": gemma, "gpt2": gpt2, "no-weights": no_weights, "missing": root / "nope.gguf"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["", "--model", "{tiny}"], "the prompt is empty"),
+        (["hi", "--model", "{tiny}", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+        (["hi", "--model", "{tiny}", "--max-new-tokens", "-5"], "max_new_tokens must be a positive integer"),
+        (["hi", "--model", "{tiny}", "--max-new-tokens", "100000000"], "exceeds the context window"),
+        (["hi", "--model", "{tiny}", "--method", "medusa"], "unknown method 'medusa'"),
+        (["hi", "--model", "{tiny}", "--method", "recycling:k=banana"], "expects a int"),
+        (["hi", "--model", "{tiny}", "--method", "recycling:depth=2"], "bad option"),
+        (["fox " * 400, "--model", "{tiny}"], "context window holds 256"),
+        (["hi", "--model", "{missing}"], "model path not found"),
+        (["hi", "--model", "{corrupt}"], "cannot read GGUF file"),
+        (["hi", "--model", "{gemma}"], "unsupported architecture 'gemma3'"),
+        (["hi", "--model", "{gpt2}"], "unsupported architecture 'gpt2'"),
+        (["hi", "--model", "{no-weights}"], "no .safetensors weights"),
+        (["hi", "--model", "{tiny}", "--device", "tpu"], "device"),
+    ],
+)
+def test_bad_input_gives_one_error_line(capsys, tiny_dir, bad_models, args, message):
+    paths = {f"{{{k}}}": str(v) for k, v in bad_models.items()} | {"{tiny}": str(tiny_dir)}
+    code, out, err = run_cli(capsys, *[paths.get(a, a) for a in args])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decodekit: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, "hi", "--model", str(tiny_dir), "--device", "cuda")
+    assert code == 1 and err.strip() == "decodekit: error: CUDA was asked for but no CUDA device is available"

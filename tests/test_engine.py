@@ -1,0 +1,163 @@
+"""The decode loop on a tiny random Llama: cut points inside accepted paths, streaming, limits, errors."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from decodekit import Engine, InvalidParameter, PromptTooLong
+from decodekit.drafters.base import Draft, StepOutcome
+from decodekit.runtime.tree import Tree
+
+PROMPT = "the quick brown fox"
+
+
+class Oracle:
+    """Proposes the next ``depth`` tokens of a known greedy output as a chain, plus one wrong sibling branch, so
+    every step accepts ``depth`` drafts and commits ``depth + 1`` tokens."""
+
+    wants_prompt_logits = False
+
+    def __init__(self, reference: list[int], prompt_len: int, depth: int = 4) -> None:
+        self.reference, self.prompt_len, self.depth = reference, prompt_len, depth
+        self.outcomes: list[StepOutcome] = []
+
+    def begin(self, prompt, prompt_logits):
+        pass
+
+    def propose(self, sequence):
+        done = len(sequence) - self.prompt_len
+        chain = self.reference[done : done + self.depth]
+        wrong = (int(sequence[-1]) + 1) % 300
+        tokens = [int(sequence[-1]), *chain, wrong]
+        parents = [-1, *range(len(chain)), 0]
+        return Draft(torch.tensor(tokens), Tree.from_parents(parents))
+
+    def observe(self, outcome):
+        self.outcomes.append(outcome)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """Plain greedy output: 40 tokens, no EOS allowed to end it early."""
+    model = replace(tiny_model, eos_token_ids=frozenset())
+    engine = Engine(model, "ar")
+    return engine.encode(PROMPT), engine.generate(PROMPT, max_new_tokens=40)
+
+
+def oracle_engine(model, reference, depth=4):
+    prompt_ids, gen = reference
+    oracle = Oracle(gen.token_ids, len(prompt_ids), depth)
+    return Engine(model, oracle), oracle
+
+
+def test_oracle_commits_whole_paths_and_matches_plain(tiny_model, reference):
+    model = replace(tiny_model, eos_token_ids=frozenset())
+    engine, oracle = oracle_engine(model, reference)
+    out = engine.generate(PROMPT, max_new_tokens=40)
+    assert out.token_ids == reference[1].token_ids
+    assert out.stats.accepted_lengths == [5] * 8
+    assert out.stats.mean_accepted == 5.0
+    assert all(o.logits.shape == (6, len(model.tokenizer)) for o in oracle.outcomes)
+
+
+def test_eos_inside_an_accepted_path(tiny_model, reference):
+    tokens = reference[1].token_ids
+    # the first token that first appears at output index >= 6 and index % 5 not in {4} (not a bonus token)
+    index = next(i for i in range(6, 40) if i % 5 != 4 and tokens[i] not in tokens[:i])
+    model = replace(tiny_model, eos_token_ids=frozenset({tokens[index]}))
+    engine, oracle = oracle_engine(model, reference)
+    out = engine.generate(PROMPT, max_new_tokens=40)
+    assert out.token_ids == tokens[: index + 1]  # EOS kept, nothing after it
+    assert out.stats.finish_reason == "stop"
+    assert out.stats.accepted_lengths[-1] < len(oracle.outcomes[-1].accepted)  # the accepted path was cut
+
+
+def test_max_new_tokens_reached_mid_path(tiny_model, reference):
+    model = replace(tiny_model, eos_token_ids=frozenset())
+    engine, _ = oracle_engine(model, reference)
+    out = engine.generate(PROMPT, max_new_tokens=7)  # steps commit 5 tokens: the second is cut to 2
+    assert out.token_ids == reference[1].token_ids[:7]
+    assert out.stats.accepted_lengths == [5, 2] and out.stats.finish_reason == "length"
+
+
+def test_stop_string_inside_an_accepted_path(tiny_model, reference):
+    model = replace(tiny_model, eos_token_ids=frozenset())
+    tok = model.tokenizer
+    tokens = reference[1].token_ids
+    full = tok.decode(tokens)
+    # a stop string made of the text of tokens 6..7 (inside the second step), first occurring there
+    start_text = tok.decode(tokens[:6])
+    stop = tok.decode(tokens[:8])[len(start_text) :]
+    assert stop and full.find(stop) == len(start_text), "fixture text changed; pick another span"
+    engine, _ = oracle_engine(model, reference)
+    chunks = []
+    out = engine.generate(PROMPT, max_new_tokens=40, stop=[stop], on_chunk=chunks.append)
+    assert out.text == full[: len(start_text)]
+    assert out.token_ids == tokens[:8]  # through the token that completed the stop string
+    assert out.stats.finish_reason == "stop"
+    assert "".join(c.text for c in chunks) == out.text
+
+
+@pytest.mark.parametrize("method", ["ar", "recycling", "recycling:tree=published", "recycling:tree=5,k=6"])
+def test_streamed_text_equals_returned_text(tiny_model, method):
+    engine = Engine(tiny_model, method)
+    stream = engine.stream(PROMPT, max_new_tokens=30)
+    pieces = [chunk.text for chunk in stream]
+    assert stream.result is not None
+    assert (
+        "".join(pieces)
+        == stream.result.text
+        == tiny_model.tokenizer.decode(stream.result.token_ids, skip_special_tokens=True)
+    )
+    assert sum(len(c) for c in [stream.result.token_ids]) == stream.result.stats.new_tokens
+
+
+@pytest.mark.parametrize(
+    "method", ["recycling", "recycling:tree=published", "recycling:tree=1", "recycling:seed_prompt=1"]
+)
+def test_recycling_equals_plain_on_tiny_model(tiny_model, method):
+    plain = Engine(tiny_model, "ar")
+    spec = Engine(tiny_model, method)
+    for prompt in [PROMPT, "it is sunny today", "foxes and dogs"]:
+        for _ in range(2):  # the second request starts from the matrix the first one left
+            a, b = plain.generate(prompt, max_new_tokens=48), spec.generate(prompt, max_new_tokens=48)
+            assert a.token_ids == b.token_ids
+
+
+def test_prompt_that_fills_the_context_window(tiny_model):
+    window = tiny_model.cfg.context_window
+    engine = Engine(tiny_model, "recycling")
+    prompt = [5] * (window - 3)
+    out = engine.generate(prompt, max_new_tokens=10)
+    assert len(out.token_ids) <= 3
+    assert out.stats.finish_reason in ("length", "stop")
+    assert len(out.token_ids) == 3 or out.token_ids[-1] in tiny_model.eos_token_ids
+    with pytest.raises(PromptTooLong):
+        engine.generate([5] * window, max_new_tokens=1)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_new", "error"),
+    [
+        ("", 5, InvalidParameter),
+        ("   ", 5, InvalidParameter),
+        ("hi", 0, InvalidParameter),
+        ("hi", -3, InvalidParameter),
+        ("hi", 10**9, InvalidParameter),
+        ([], 5, InvalidParameter),
+        ([10**6], 5, InvalidParameter),
+    ],
+)
+def test_bad_requests_raise_typed_errors(tiny_model, prompt, max_new, error):
+    with pytest.raises(error):
+        Engine(tiny_model, "ar").generate(prompt, max_new_tokens=max_new)
+
+
+def test_statistics_are_consistent(tiny_model):
+    out = Engine(tiny_model, "recycling").generate(PROMPT, max_new_tokens=32)
+    s = out.stats
+    assert s.new_tokens == len(out.token_ids) == sum(s.accepted_lengths)
+    assert s.steps == len(s.accepted_lengths) and s.mean_accepted == s.new_tokens / s.steps
+    assert 0 < s.prefill_s <= s.wall_s and s.tokens_per_s == pytest.approx(s.new_tokens / s.wall_s)
+    assert s.prompt_tokens == len(out.prompt_ids)

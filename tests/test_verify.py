@@ -1,0 +1,44 @@
+import torch
+
+from decodekit.runtime.tree import Tree
+from decodekit.verify import verify_greedy
+
+PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # see test_tree.py
+
+
+def test_longest_accepted_path_and_bonus():
+    tree = Tree.from_parents(PARENTS)
+    tokens = torch.tensor([5, 7, 8, 9, 4, 1, 2])
+    # argmax after each node: root -> 7 (node 1 ok, node 2 wrong), node 1 -> 4 (node 4 ok, node 3 wrong)
+    target = torch.tensor([7, 4, 0, 0, 6, 0, 0])
+    path, bonus = verify_greedy(tokens, tree, target)
+    assert path.tolist() == [0, 1, 4]
+    assert bonus == 6  # the target's token after node 4
+
+
+def test_child_of_rejected_node_is_never_accepted():
+    tree = Tree.from_parents(PARENTS)
+    tokens = torch.tensor([5, 7, 8, 9, 4, 1, 2])
+    target = torch.tensor([3, 9, 0, 2, 0, 0, 0])  # node 3 and 6 match their parents but node 1 does not
+    path, bonus = verify_greedy(tokens, tree, target)
+    assert path.tolist() == [0]
+    assert bonus == 3
+
+
+def test_full_chain_accepted():
+    tree = Tree.chain(4)
+    tokens = torch.tensor([1, 2, 3, 4])
+    path, bonus = verify_greedy(tokens, tree, torch.tensor([2, 3, 4, 5]))
+    assert path.tolist() == [0, 1, 2, 3] and bonus == 5
+
+
+def test_tie_between_equal_depths_takes_lowest_index():
+    tree = Tree.from_parents([-1, 0, 0])
+    tokens = torch.tensor([1, 2, 2])  # duplicate siblings, both correct
+    path, bonus = verify_greedy(tokens, tree, torch.tensor([2, 8, 9]))
+    assert path.tolist() == [0, 1] and bonus == 8
+
+
+def test_root_only_tree_is_plain_greedy():
+    path, bonus = verify_greedy(torch.tensor([3]), Tree.chain(1), torch.tensor([11]))
+    assert path.tolist() == [0] and bonus == 11
