@@ -19,7 +19,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_json_output_with_compare(capsys, tiny_dir):
-    code, out, err = run_cli(
+    code, out, _err = run_cli(
         capsys, "the quick brown fox", "--model", str(tiny_dir), "--max-new-tokens", "12", "--compare", "--json"
     )
     assert code == 0
@@ -32,7 +32,7 @@ def test_json_output_with_compare(capsys, tiny_dir):
 
 
 def test_human_output_and_stream(capsys, tiny_dir):
-    code, out, err = run_cli(
+    code, _out, err = run_cli(
         capsys,
         "foxes",
         "--model",
@@ -100,7 +100,6 @@ def bad_models(tmp_path_factory):
     gpt2 = root / "gpt2"
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
     no_weights = root / "no-weights"
-    from transformers import LlamaConfig
 
     LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=2).save_pretrained(
         no_weights
