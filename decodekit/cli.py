@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
+import time
 
-from decodekit.errors import DecodekitError
+from decodekit.errors import DecodekitError, InvalidParameter
 
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
@@ -37,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--cache-dir", help="where converted GGUF weights are kept (default: $DECODEKIT_CACHE or ~/.cache/decodekit)"
     )
+    bench = commands.add_parser("bench", help="measure methods and peers side by side on a question set")
+    bench.add_argument("--methods", nargs="+", default=["ar", "recycling"], metavar="SPEC", help="decodekit methods")
+    bench.add_argument("--peers", nargs="*", default=["hf"], metavar="PEER", help="hf, hf-lookup (default: hf)")
+    bench.add_argument("--baseline", help="runner the speedups divide by (default: hf if run, else the first method)")
+    bench.add_argument("--dataset", help="a Spec-Bench question.jsonl file (default: the built-in prompts)")
+    bench.add_argument("--categories", nargs="+", metavar="NAME", help="tasks or categories to keep")
+    bench.add_argument("--per-category", type=int, metavar="N", help="first N questions of each task")
+    bench.add_argument("--limit", type=int, metavar="N", help="first N questions after the other filters")
+    bench.add_argument("--first-turn-only", action="store_true", help="run only the first turn of each question")
+    bench.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    bench.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--cache-dir", help="where converted GGUF weights are kept")
+    bench.add_argument("--output", default="bench-out", help="directory for result.json and speedup.png")
+    bench.add_argument("--report", metavar="RESULT.json", help="re-render table and chart from a saved run")
     return parser
 
 
@@ -109,11 +127,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from decodekit import bench
+
+    if args.report:
+        try:
+            saved = json.loads(Path(args.report).read_text())
+            records, meta = saved["records"], saved["meta"]
+        except (OSError, ValueError, KeyError) as err:
+            raise InvalidParameter(f"cannot read bench result {args.report}: {err}") from None
+        summary = bench.summarize(records, meta["baseline"])
+        print(bench.render_table(summary))
+        chart = Path(args.report).with_name("speedup.png")
+        bench.plot(summary, meta["baseline"], chart, _chart_title(meta))
+        print(f"chart: {chart}", file=sys.stderr)
+        return 0
+
+    from tqdm import tqdm
+
+    from decodekit.drafters import parse_method
+    from decodekit.prompts import load_questions
+    from decodekit.runtime.loader import load_model
+
+    for method in args.methods:
+        parse_method(method)
+    for name, value in (
+        ("--per-category", args.per_category),
+        ("--limit", args.limit),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if value is not None and value < 1:
+            raise InvalidParameter(f"{name} must be a positive integer, got {value}")
+    questions = bench.select(load_questions(args.dataset), args.categories, args.per_category, args.limit)
+    baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
+    model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    runners = bench.make_runners(model, args.methods, args.peers)
+    if baseline not in [r.name for r in runners]:
+        raise InvalidParameter(f"baseline {baseline!r} is not among the methods and peers")
+    records = bench.run_bench(
+        model, runners, questions, args.max_new_tokens, not args.first_turn_only, lambda qs: tqdm(qs, desc="questions")
+    )
+    meta = {
+        "command": shlex.join(["decodekit", *sys.argv[1:]]),
+        "model": model.name,
+        "dtype": args.dtype,
+        "device": model.device.type,
+        "dataset": args.dataset or "built-in",
+        "questions": len(questions),
+        "max_new_tokens": args.max_new_tokens,
+        "first_turn_only": args.first_turn_only,
+        "baseline": baseline,
+        "reference": runners[0].name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": bench.machine(),
+    }
+    skipped = [r for r in records if "skipped" in r]
+    if skipped:
+        print(f"skipped {len(skipped)} turns whose prompt left no room in the context window", file=sys.stderr)
+    summary = bench.summarize(records, baseline)
+    path = bench.save({"meta": meta, "summary": summary, "records": records}, Path(args.output))
+    print(bench.render_table(summary))
+    bench.plot(summary, baseline, path.with_name("speedup.png"), _chart_title(meta))
+    print(f"results: {path}  chart: {path.with_name('speedup.png')}", file=sys.stderr)
+    return 0
+
+
+def _chart_title(meta: dict) -> str:
+    where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
+    return f"{meta['model']}, {meta['dtype']}, {meta['questions']} questions, {meta['max_new_tokens']} tokens - {where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="decodekit: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
     except DecodekitError as err:
         print(f"decodekit: error: {err}", file=sys.stderr)
         return 1

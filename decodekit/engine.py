@@ -30,6 +30,8 @@ class GenerationStats:
     prompt_tokens: int
     new_tokens: int = 0
     accepted_lengths: list[int] = field(default_factory=list)  # tokens committed by each verification step
+    draft_sizes: list[int] = field(default_factory=list)  # draft nodes proposed by each step (root excluded)
+    accepted_drafts: list[int] = field(default_factory=list)  # depth of each step's accepted path, before cuts
     prefill_s: float = 0.0
     wall_s: float = 0.0  # prefill included
     finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length" (token budget or context window)
@@ -44,11 +46,22 @@ class GenerationStats:
         return self.new_tokens / self.steps if self.steps else 0.0
 
     @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens over proposed draft tokens (0 for plain decoding)."""
+        proposed = sum(self.draft_sizes)
+        return sum(self.accepted_drafts) / proposed if proposed else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        derived = {"steps": self.steps, "mean_accepted": self.mean_accepted, "tokens_per_s": self.tokens_per_s}
+        derived = {
+            "steps": self.steps,
+            "mean_accepted": self.mean_accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_s": self.tokens_per_s,
+        }
         return asdict(self) | derived
 
 
@@ -187,6 +200,8 @@ class Engine:
             sequence[length : length + len(committed)] = torch.tensor(committed)
             length += len(committed)
             stats.accepted_lengths.append(len(committed))
+            stats.draft_sizes.append(draft.tree.size - 1)
+            stats.accepted_drafts.append(len(path) - 1)
             if finish is not None:
                 stats.finish_reason = finish
                 yield Chunk(committed, delta + text.finish())

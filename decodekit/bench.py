@@ -1,0 +1,325 @@
+"""``decodekit bench``: every method and peer on the same prompt token ids, interleaved, in one run.
+
+Per question the runners take turns (A B C, A B C, ...) so drift of the machine hits all of them alike. A
+multi-turn question runs turn by turn, each runner's own answer carried into its next turn. Only the generation
+call is timed: templating and tokenization happen before the clock starts, bookkeeping after it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+from decodekit.engine import Engine
+from decodekit.errors import InvalidParameter
+from decodekit.prompts import Question
+from decodekit.runtime.loader import LoadedModel
+
+# Spec-Bench's MT-Bench categories all belong to the multi-turn conversation task
+CONVERSATION = {
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "stem",
+    "humanities",
+    "conversation",
+}
+PEERS = ("hf", "hf-lookup")
+
+
+def task_of(category: str) -> str:
+    return "conversation" if category in CONVERSATION else category
+
+
+@dataclass
+class Run:
+    """One generation of one turn by one runner, as measured."""
+
+    token_ids: list[int]
+    wall_s: float
+    prefill_s: float | None = None
+    accepted_lengths: list[int] = field(default_factory=list)
+    draft_sizes: list[int] = field(default_factory=list)
+    accepted_drafts: list[int] = field(default_factory=list)
+
+
+class EngineRunner:
+    """A decodekit method."""
+
+    def __init__(self, model: LoadedModel, method: str) -> None:
+        self.name = method
+        self.engine = Engine(model, method)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        s = g.stats
+        return Run(g.token_ids, s.wall_s, s.prefill_s, s.accepted_lengths, s.draft_sizes, s.accepted_drafts)
+
+
+class HFRunner:
+    """transformers' own ``generate`` on the same weights: greedy, or with its prompt-lookup drafting."""
+
+    def __init__(self, model: LoadedModel, prompt_lookup: int | None = None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.name = "hf" if prompt_lookup is None else "hf-lookup"
+        self.hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=model.dtype).to(model.device).eval()
+        self.device, self.eos = model.device, sorted(model.eos_token_ids)
+        self.options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        ids = torch.tensor([prompt_ids], device=self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[0],
+                **self.options,
+            )
+        _sync(self.device)
+        wall = time.perf_counter() - start
+        return Run(out[0, len(prompt_ids) :].tolist(), wall)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_runners(model: LoadedModel, methods: list[str], peers: list[str]) -> list:
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
+    runners = [EngineRunner(model, m) for m in methods]
+    for peer in peers:
+        runners.append(HFRunner(model, prompt_lookup=10 if peer == "hf-lookup" else None))
+    names = [r.name for r in runners]
+    if len(set(names)) != len(names):
+        raise InvalidParameter("a method or peer is listed twice")
+    return runners
+
+
+def select(
+    questions: list[Question], categories: list[str] | None, per_category: int | None, limit: int | None
+) -> list[Question]:
+    """Filter by task or category name, keep the first ``per_category`` of each task, then the first ``limit``."""
+    chosen = [q for q in questions if not categories or q.category in categories or task_of(q.category) in categories]
+    if per_category is not None:
+        seen: dict[str, int] = defaultdict(int)
+        kept = []
+        for q in chosen:
+            if seen[task_of(q.category)] < per_category:
+                seen[task_of(q.category)] += 1
+                kept.append(q)
+        chosen = kept
+    chosen = chosen[:limit] if limit is not None else chosen
+    if not chosen:
+        raise InvalidParameter("the selection holds no questions (check --categories, --per-category, --limit)")
+    return chosen
+
+
+def run_bench(
+    model: LoadedModel,
+    runners: list,
+    questions: list[Question],
+    max_new_tokens: int,
+    all_turns: bool = True,
+    progress: Callable | None = None,
+) -> list[dict]:
+    """Run every runner on every question, interleaved; return one record per question, turn and runner.
+
+    A turn whose prompt would not leave room for ``max_new_tokens`` in the context window ends its question with a
+    ``skipped`` record (the question's earlier turns stay counted).
+    """
+    tokenizer = model.tokenizer
+    warm = _chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    for runner in runners:
+        runner.run(warm, 8)
+    records = []
+    reference = runners[0].name
+    window = model.cfg.context_window
+    for question in progress(questions) if progress else questions:
+        turns = question.turns if all_turns else question.turns[:1]
+        history: dict[str, list[dict]] = {r.name: [] for r in runners}
+        outputs: dict[tuple[int, str], list[int]] = {}
+        for turn, text in enumerate(turns):
+            prompts = {}
+            for runner in runners:
+                history[runner.name].append({"role": "user", "content": text})
+                prompts[runner.name] = _chat(tokenizer, history[runner.name])
+            if max(map(len, prompts.values())) + max_new_tokens > window:
+                records.append(
+                    {
+                        "question_id": question.question_id,
+                        "task": task_of(question.category),
+                        "turn": turn,
+                        "skipped": f"prompt + {max_new_tokens} tokens exceed the window",
+                    }
+                )
+                break
+            for runner in runners:
+                prompt_ids = prompts[runner.name]
+                run = runner.run(prompt_ids, max_new_tokens)
+                answer = tokenizer.decode(run.token_ids, skip_special_tokens=True)
+                history[runner.name].append({"role": "assistant", "content": answer})
+                outputs[turn, runner.name] = run.token_ids
+                row = asdict(run)
+                row.pop("token_ids")
+                records.append(
+                    {
+                        "question_id": question.question_id,
+                        "category": question.category,
+                        "task": task_of(question.category),
+                        "turn": turn,
+                        "runner": runner.name,
+                        "prompt_tokens": len(prompt_ids),
+                        "new_tokens": len(run.token_ids),
+                        "identical": run.token_ids == outputs[turn, reference],
+                        "rss_mb": _rss_mb(),
+                        **row,
+                    }
+                )
+    return records
+
+
+def _chat(tokenizer, messages: list[dict]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return 0.0
+
+
+def summarize(records: list[dict], baseline: str) -> dict:
+    """Per runner and task (and ``overall``): Spec-Bench speedup, tokens/s, MAT, acceptance, identical share.
+
+    A question's tokens/s is its new tokens over its wall time, summed over its turns; speedup is the mean of a
+    runner's question tokens/s over the baseline's mean, on the same questions.
+    """
+    per_question: dict[tuple[str, str, int], dict] = {}
+    records = [r for r in records if "skipped" not in r]
+    if not records:
+        raise InvalidParameter("no turn was run: every selected prompt leaves too little room in the context window")
+    for r in records:
+        q = per_question.setdefault((r["runner"], r["task"], r["question_id"]), {"tokens": 0, "wall": 0.0, "runs": []})
+        q["tokens"] += r["new_tokens"]
+        q["wall"] += r["wall_s"]
+        q["runs"].append(r)
+    runners = list(dict.fromkeys(r["runner"] for r in records))
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    if baseline not in runners:
+        raise InvalidParameter(f"baseline {baseline!r} is not among the runners: {', '.join(runners)}")
+    summary: dict[str, dict] = {}
+    for runner in runners:
+        summary[runner] = {}
+        for task in [*tasks, "overall"]:
+            keys = [k for k in per_question if k[0] == runner and (task == "overall" or k[1] == task)]
+            base_keys = [(baseline, k[1], k[2]) for k in keys]
+            tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in keys)
+            base_tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in base_keys)
+            runs = [run for k in keys for run in per_question[k]["runs"]]
+            summary[runner][task] = {"questions": len(keys), "tokens_per_s": tps, "speedup": tps / base_tps} | (
+                _acceptance(runs)
+            )
+    return summary
+
+
+def _acceptance(runs: list[dict]) -> dict:
+    lengths = [n for r in runs for n in r["accepted_lengths"]]
+    sizes = [n for r in runs for n in r["draft_sizes"]]
+    accepted = [n for r in runs for n in r["accepted_drafts"]]
+    out = {"identical_share": mean(r["identical"] for r in runs)}
+    if lengths:
+        out["mat"] = sum(lengths) / len(lengths)
+        out["acceptance_rate"] = sum(accepted) / sum(sizes) if sum(sizes) else 0.0
+        depth = max(accepted, default=0)
+        out["per_position"] = [sum(a > p for a in accepted) / len(accepted) for p in range(depth)]
+    return out
+
+
+def render_table(summary: dict) -> str:
+    runners = list(summary)
+    tasks = list(next(iter(summary.values())))
+    lines = ["speedup (tokens/s) [MAT]", f"{'task':<16}" + "".join(f"{r[:22]:>24}" for r in runners)]
+    for task in tasks:
+        cells = []
+        for r in runners:
+            s = summary[r][task]
+            mat = f" [{s['mat']:.2f}]" if "mat" in s else ""
+            cells.append(f"{s['speedup']:.2f}x ({s['tokens_per_s']:.1f}){mat}")
+        lines.append(f"{task:<16}" + "".join(f"{c:>24}" for c in cells))
+    share = "  ".join(f"{r}: {summary[r]['overall']['identical_share']:.0%}" for r in runners)
+    lines.append(f"identical to {runners[0]}: {share}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, baseline: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runners = [r for r in summary if r != baseline]
+    tasks = list(next(iter(summary.values())))
+    width = 0.8 / max(1, len(runners))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(tasks) * max(1, len(runners)) ** 0.5), 4.2))
+    for i, runner in enumerate(runners):
+        xs = [t + (i - (len(runners) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, [summary[runner][t]["speedup"] for t in tasks], width, label=runner)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+    ax.set_ylabel(f"speedup over {baseline}")
+    ax.set_title(title, fontsize=10)
+    if runners:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor()
+    info = {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save(result: dict, output: Path) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "result.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path

@@ -1,0 +1,160 @@
+"""`decodekit bench` on a tiny model: schema, speedup arithmetic, identical-output share, bad input."""
+
+import json
+from statistics import mean
+
+import pytest
+from helpers import write_tiny_llama
+
+from decodekit.bench import select, summarize, task_of
+from decodekit.cli import main
+from decodekit.prompts import builtin_questions, load_questions
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """The tiny model with room for the built-in conversations (its byte-level tokenizer makes long prompts)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-wide"), max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def result(wide_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(wide_dir),
+            "--methods",
+            "ar",
+            "recycling",
+            "recycling:tree=4",
+            "--peers",
+            "hf",
+            "--categories",
+            "conversation",
+            "qa",
+            "--per-category",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out, json.loads((out / "result.json").read_text())
+
+
+def test_result_schema_and_chart(result):
+    out, data = result
+    assert set(data) == {"meta", "summary", "records"}
+    assert data["meta"]["baseline"] == "hf" and data["meta"]["questions"] == 2
+    assert (out / "speedup.png").stat().st_size > 1000
+    # conversation questions have two turns, qa one; four runners each
+    assert len(data["records"]) == (2 + 1) * 4
+    for r in data["records"]:
+        assert {"question_id", "task", "turn", "runner", "new_tokens", "wall_s", "identical"} <= set(r)
+        assert 0 < r["new_tokens"] <= 12 and r["wall_s"] > 0
+
+
+def test_speedup_is_ratio_of_mean_question_tokens_per_s(result):
+    _, data = result
+
+    def question_tps(runner):
+        per_q = {}
+        for r in data["records"]:
+            if r["runner"] == runner:
+                tokens, wall = per_q.get(r["question_id"], (0, 0.0))
+                per_q[r["question_id"]] = (tokens + r["new_tokens"], wall + r["wall_s"])
+        return mean(t / w for t, w in per_q.values())
+
+    for runner in ("ar", "recycling", "recycling:tree=4", "hf"):
+        assert data["summary"][runner]["overall"]["speedup"] == pytest.approx(question_tps(runner) / question_tps("hf"))
+    assert data["summary"]["hf"]["overall"]["speedup"] == pytest.approx(1.0)
+
+
+def test_lossless_methods_are_identical_to_reference(result):
+    _, data = result
+    for runner in ("recycling", "recycling:tree=4"):
+        assert data["summary"][runner]["overall"]["identical_share"] == 1.0
+        assert data["summary"][runner]["overall"]["mat"] >= 1.0
+    assert data["summary"]["ar"]["overall"]["mat"] == 1.0
+
+
+def test_report_rerenders_a_saved_run(result, capsys):
+    out, data = result
+    (out / "speedup.png").unlink()
+    assert main(["bench", "--report", str(out / "result.json")]) == 0
+    assert "recycling" in capsys.readouterr().out
+    assert (out / "speedup.png").exists()
+    rerun = summarize(data["records"], "hf")
+    assert rerun["recycling"]["overall"]["speedup"] == pytest.approx(data["summary"]["recycling"]["overall"]["speedup"])
+
+
+def test_turns_that_do_not_fit_are_skipped(tiny_dir, tmp_path):
+    """The tiny model's 256-token window holds a conversation's first turn, not its second."""
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_dir),
+            "--methods",
+            "ar",
+            "--peers",
+            "--categories",
+            "conversation",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "16",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0
+    assert [r["turn"] for r in data["records"]] == [0, 1] and "skipped" in data["records"][1]
+
+
+def test_selection_by_task_per_category_and_limit():
+    questions = builtin_questions()
+    assert len(select(questions, None, 2, None)) == 12
+    assert len(select(questions, ["rag"], None, None)) == 8
+    assert len(select(questions, None, None, 5)) == 5
+    assert {task_of(q.category) for q in select(questions, ["conversation", "math_reasoning"], 1, None)} == {
+        "conversation",
+        "math_reasoning",
+    }
+
+
+def test_spec_bench_file_format(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(
+        '{"question_id": 81, "category": "writing", "turns": ["a", "b"]}\n'
+        '{"question_id": 161, "category": "translation", "turns": ["c"]}\n'
+    )
+    qs = load_questions(path)
+    assert [task_of(q.category) for q in qs] == ["conversation", "translation"] and qs[0].turns == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "/nonexistent.jsonl"], "cannot read dataset"),
+        (["--dataset", "{bad}"], "not a Spec-Bench question"),
+        (["--methods", "ar", "warp"], "unknown method 'warp'"),
+        (["--methods", "recycling:x=1"], "bad option"),
+        (["--peers", "vllm"], "unknown peer 'vllm'"),
+        (["--categories", "poetry"], "selection holds no questions"),
+        (["--per-category", "0"], "--per-category must be a positive integer"),
+        (["--report", "/nonexistent/result.json"], "cannot read bench result"),
+    ],
+)
+def test_bad_input_gives_one_error_line(tiny_dir, tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": "not a list"}\n')
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    code = main(["bench", "--model", str(tiny_dir), "--max-new-tokens", "4", "--output", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0], err
