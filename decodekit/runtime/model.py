@@ -7,10 +7,14 @@ scratch slots and returns logits. Projections are fused (q|k|v and gate|up) so a
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decodekit.errors import InvalidParameter
+from decodekit.runtime import fastlinear
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.tree import Tree, attention_mask, positions
@@ -23,22 +27,47 @@ def onednn_available() -> bool:
         return False
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that can hand its weight to oneDNN in a prepacked layout (CPU, float32).
+def cpu_linear_backend() -> str:
+    """The packed backend for CPU float32 linears: ``$DECODEKIT_LINEAR`` if set (small_gemm, onednn, torch),
+    else our AVX2 kernel where it builds, else oneDNN where present, else plain torch."""
+    choice = os.environ.get("DECODEKIT_LINEAR")
+    if choice:
+        if choice not in ("small_gemm", "onednn", "torch"):
+            raise InvalidParameter(f"DECODEKIT_LINEAR must be small_gemm, onednn or torch, not {choice!r}")
+        return choice
+    if fastlinear.available():
+        return "small_gemm"
+    return "onednn" if onednn_available() else "torch"
 
-    Packed, a row's output does not depend on how many rows are in the batch, and small batches run ~1.5-2x
-    faster than through the default BLAS on AVX2 machines (BENCHMARKS.md).
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can hand its weight to a packed CPU float32 backend.
+
+    Both packed backends compute a row's output the same way whatever the number of rows, so a token scored in
+    a tree gets bitwise the logits it gets alone. One backend serves every call of a model: the two sum in
+    different orders. ``small_gemm`` (kernels/small_gemm.cpp) streams the cold weights at close to memory
+    bandwidth for the few rows of a decode step (BENCHMARKS.md).
     """
 
-    packed: torch.Tensor | None = None
+    backend = "torch"
+    packed: object = None
 
-    def pack(self, keep_weight: bool) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+    def pack(self, backend: str, keep_weight: bool) -> None:
+        weight = self.weight.detach()
+        if backend == "small_gemm":
+            self.packed = fastlinear.pack(weight)
+        elif backend == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        else:
+            return
+        self.backend = backend
         if not keep_weight:
             self.weight = None  # the packed copy replaces it; the module is inference-only from here on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.backend == "small_gemm":
+            return fastlinear.linear(x, self.packed, self.bias)
+        if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -119,11 +148,12 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def prepare(self) -> Transformer:
-        """Final step after loading: prepack linear weights for oneDNN on CPU in float32."""
-        if self.device.type == "cpu" and self.dtype == torch.float32 and onednn_available():
+        """Final step after loading: on CPU in float32, pack every linear weight for the fastest backend."""
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            backend = cpu_linear_backend()
             for module in self.modules():
                 if isinstance(module, Linear):
-                    module.pack(keep_weight=module is self.lm_head and self.cfg.tie_embeddings)
+                    module.pack(backend, keep_weight=module is self.lm_head and self.cfg.tie_embeddings)
         return self
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:

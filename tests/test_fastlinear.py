@@ -1,0 +1,134 @@
+"""The small-M AVX2 kernel (decodekit.runtime.fastlinear): agrees with F.linear, and each output row is bitwise
+independent of the other rows, of M, and of the thread count (plain decoding vs tree verification)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decodekit.runtime import fastlinear
+
+needs_kernel = pytest.mark.skipif(not fastlinear.available(), reason="AVX2/FMA kernel unavailable here")
+
+MS = (1, 2, 3, 7, 8, 9, 24, 81, 130)
+KS = (576, 1536, 13, 64)
+NS = (1, 7, 576, 1728, 3000)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize(("k", "n"), list(itertools.product(KS, NS)))
+def test_matches_f_linear(k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(k * 10_000 + n)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    packed = fastlinear.pack(w)
+    for m in MS:
+        x = torch.randn(m, k, generator=g)
+        for bias in (None, b):
+            y = fastlinear.linear(x, packed, bias)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            # float32 sums of K unit-variance products (outputs ~ sqrt(K)): rounding error grows like sqrt(K)
+            atol = 5e-6 * k**0.5
+            torch.testing.assert_close(y.double(), reference(x, w, bias), rtol=1e-5, atol=atol)
+            torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-4, atol=2 * atol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", (576, 1536, 13))
+@pytest.mark.parametrize("bias", (False, True))
+def test_rows_are_bitwise_independent_of_the_batch(k: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(k)
+    n = 1000  # not a multiple of the 16-row panel: the last panel is partial
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    packed = fastlinear.pack(w)
+    big = torch.randn(130, k, generator=g)
+    singles = [fastlinear.linear(big[i : i + 1], packed, b)[0] for i in range(big.shape[0])]
+    for m in (1, 2, 5, 6, 7, 12, 13, 24, 81, 130):
+        y = fastlinear.linear(big[:m], packed, b)
+        for i in range(m):
+            assert torch.equal(y[i], singles[i]), (m, i)
+    # the same row among different neighbours, at a different position
+    other = torch.randn(24, k, generator=g)
+    other[17] = big[3]
+    assert torch.equal(fastlinear.linear(other, packed, b)[17], singles[3])
+    # prepacked and pack-on-the-fly are the same kernel
+    assert torch.equal(fastlinear.linear(big[:9], w, b), fastlinear.linear(big[:9], packed, b))
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_the_thread_count() -> None:
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(3072, 576, generator=g)
+    x = torch.randn(24, 576, generator=g)
+    packed = fastlinear.pack(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastlinear.linear(x, packed)
+        torch.set_num_threads(max(2, threads))
+        many = fastlinear.linear(x, packed)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@needs_kernel
+def test_leading_dims_and_edge_shapes() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g)
+    x = torch.randn(2, 3, 24, generator=g)
+    y = fastlinear.linear(x, fastlinear.pack(w), b)
+    assert y.shape == (2, 3, 40)
+    assert torch.equal(y.reshape(6, 40), fastlinear.linear(x.reshape(6, 24), w, b))
+    assert fastlinear.linear(torch.empty(0, 24), w).shape == (0, 40)
+    # non-contiguous x is accepted (copied)
+    xt = torch.randn(24, 5, generator=g).t()
+    assert torch.equal(fastlinear.linear(xt, w), fastlinear.linear(xt.contiguous(), w))
+
+
+@needs_kernel
+def test_rejects_other_dtypes() -> None:
+    w = torch.randn(16, 8)
+    with pytest.raises(ValueError):
+        fastlinear.linear(torch.randn(2, 8, dtype=torch.float64), w)
+    with pytest.raises(ValueError):
+        fastlinear.pack(w.half())
+    with pytest.raises(ValueError):
+        fastlinear.linear(torch.randn(2, 9), w)
+
+
+def test_unavailable_without_avx2(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(fastlinear, "_state", None)
+    monkeypatch.setattr(fastlinear, "cpu_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=fastlinear.__name__):
+        assert fastlinear.available() is False
+        assert fastlinear.available() is False
+    assert len(caplog.records) == 1
+    with pytest.raises(RuntimeError):
+        fastlinear.pack(torch.randn(4, 4))
+
+
+def test_unavailable_when_the_build_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    bad = tmp_path / "broken.cpp"
+    bad.write_text('#error "does not compile"\n')
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(fastlinear, "_state", None)
+    monkeypatch.setattr(fastlinear, "cpu_supported", lambda: True)
+    monkeypatch.setattr(fastlinear, "SOURCE", bad)
+    monkeypatch.setattr(fastlinear, "NAME", "decodekit_small_gemm_broken_test")
+    with caplog.at_level(logging.WARNING, logger=fastlinear.__name__):
+        assert fastlinear.available() is False
+    assert len(caplog.records) == 1 and "could not build" in caplog.records[0].getMessage()
