@@ -100,7 +100,9 @@ class Engine:
         self.model = model
         if isinstance(method, str):
             self.method = method
-            self.drafter: Drafter = make_drafter(method, TargetInfo(model.cfg.vocab_size, model.device.type))
+            dtype = str(model.dtype).removeprefix("torch.")
+            target = TargetInfo(model.cfg.vocab_size, model.device.type, dtype)
+            self.drafter: Drafter = make_drafter(method, target)
         else:
             self.method, self.drafter = type(method).__name__, method
         self._cache: KVCache | None = None

@@ -3,7 +3,7 @@ import torch
 
 from decodekit.drafters import TargetInfo, make_drafter, parse_method
 from decodekit.drafters.base import StepOutcome
-from decodekit.drafters.recycling import PUBLISHED_TREE, TemplateTree, TokenRecycling, subtree
+from decodekit.drafters.recycling import PUBLISHED_TREE, TemplateTree, TokenRecycling, path_score, subtree
 from decodekit.errors import InvalidParameter
 
 VOCAB = 50
@@ -26,13 +26,16 @@ def test_subtrees_are_closed_under_parents(size):
     TemplateTree(nodes)  # compiles
 
 
-def test_small_subtree_prefers_the_top_chain():
-    # with rank 0 accepted more than half the time, a 3-node budget is best spent on one deep chain
-    assert subtree(3) == ("0", "00", "000")
+@pytest.mark.parametrize("size", [2, 3, 8, 24])
+def test_subtree_keeps_the_most_probable_nodes(size):
+    chosen = subtree(size)
+    left_out = [p for p in PUBLISHED_TREE if p not in chosen]
+    assert min(map(path_score, chosen)) >= max(map(path_score, left_out))
+    assert chosen[:2] == ("0", "1") or chosen[:2] == ("0", "00")  # the top-ranked guess always comes first
 
 
 def test_propose_walks_the_adjacency_matrix_breadth_first():
-    drafter = TokenRecycling(TargetInfo(VOCAB), k=2, tree="3")
+    drafter = TokenRecycling(TargetInfo(VOCAB), k=2, tree="3", seed_prompt=False)
     # hand-fill: after 7 comes [8, 9]; after 8 comes [10, 11]
     drafter.adjacency[7] = torch.tensor([8, 9])
     drafter.adjacency[8] = torch.tensor([10, 11])

@@ -20,6 +20,7 @@ class TargetInfo:
 
     vocab_size: int
     device_type: str = "cpu"
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)

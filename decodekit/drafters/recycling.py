@@ -30,9 +30,10 @@ PUBLISHED_TREE: tuple[str, ...] = tuple(
     """.split()
 )
 
-# Probability that the draft at each rank is accepted given its parent was: what selects the best subtree
-# of the published template for a smaller node budget (measured on the default model, see BENCHMARKS.md).
-RANK_ACCEPTANCE = (0.55, 0.14, 0.06, 0.035, 0.025, 0.02, 0.015, 0.012)
+# Probability that the draft at each rank is accepted given its parent was: what selects the best subtree of the
+# published template for a smaller node budget. Measured on the default model (published tree, seed_prompt, 18
+# Spec-Bench first turns, 3 per task, 128 tokens; pooled over depths 1-6; BENCHMARKS.md).
+RANK_ACCEPTANCE = (0.435, 0.089, 0.053, 0.025, 0.020, 0.016, 0.011, 0.009)
 
 
 def path_score(path: str) -> float:
@@ -76,18 +77,19 @@ class TemplateTree:
         ]
 
 
-# node budget of the "auto" tree per device: a CPU step costs ~2.5 ms more per node (BENCHMARKS.md), a GPU step
-# costs the same for any tree of this size
-AUTO_TREE_SIZE = {"cpu": 24, "cuda": len(PUBLISHED_TREE)}
+# Node budget of the "auto" tree by device and dtype, measured with `decodekit bench` (BENCHMARKS.md): on a CPU
+# every extra node costs compute (~1.5 ms each in float32 on the 2-core AVX2 test machine), on a GPU a tree of
+# this size costs about what one token does.
+AUTO_TREE_SIZE = {("cpu", "float32"): 9, ("cpu", "bfloat16"): 9}
 
 
-def parse_tree(tree: str, device_type: str = "cpu") -> tuple[str, ...]:
-    """``"published"`` (80 nodes), ``"auto"`` (a size suited to the device) or a node count (the best subtree
-    of the published template of that size)."""
+def parse_tree(tree: str, target: TargetInfo) -> tuple[str, ...]:
+    """``"published"`` (80 nodes), ``"auto"`` (a size suited to the device and dtype) or a node count (the best
+    subtree of the published template of that size)."""
     if tree == "published":
         return PUBLISHED_TREE
     if tree == "auto":
-        return subtree(AUTO_TREE_SIZE.get(device_type, len(PUBLISHED_TREE)))
+        return subtree(AUTO_TREE_SIZE.get((target.device_type, target.dtype), len(PUBLISHED_TREE)))
     try:
         size = int(tree)
     except ValueError:
@@ -99,14 +101,15 @@ class TokenRecycling:
     """Drafts from an adjacency matrix of the model's own recent top-k predictions.
 
     ``k``: columns of the matrix (candidates kept per token). ``tree``: see :func:`parse_tree`.
-    ``seed_prompt``: also fill the matrix from the prompt's logits at the start of each request.
+    ``seed_prompt``: also fill the matrix from the prompt's logits at the start of each request (one lm_head pass
+    over the prompt; on by default: +0.15 MAT and +5% tokens/s on Spec-Bench, BENCHMARKS.md).
     """
 
-    def __init__(self, target: TargetInfo, k: int = 8, tree: str = "auto", seed_prompt: bool = False) -> None:
+    def __init__(self, target: TargetInfo, k: int = 8, tree: str = "auto", seed_prompt: bool = True) -> None:
         if k < 1:
             raise InvalidParameter(f"recycling k must be >= 1, got {k}")
         self.k = k
-        self.template = TemplateTree(parse_tree(tree, target.device_type))
+        self.template = TemplateTree(parse_tree(tree, target))
         if self.template.max_rank >= k:
             raise InvalidParameter(f"tree uses rank {self.template.max_rank} but k={k}; raise k or shrink the tree")
         self.adjacency = torch.zeros(target.vocab_size, k, dtype=torch.int32)
