@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench = commands.add_parser("bench", help="measure methods and peers side by side on a question set")
     bench.add_argument("--methods", nargs="+", default=["ar", "recycling"], metavar="SPEC", help="decodekit methods")
-    bench.add_argument("--peers", nargs="*", default=["hf"], metavar="PEER", help="hf, hf-lookup (default: hf)")
+    bench.add_argument(
+        "--peers",
+        nargs="*",
+        default=["hf"],
+        metavar="PEER",
+        help="hf, hf-lookup, llamacpp, llamacpp-lookup (default: hf)",
+    )
     bench.add_argument("--baseline", help="runner the speedups divide by (default: hf if run, else the first method)")
     bench.add_argument("--dataset", help="a Spec-Bench question.jsonl file (default: the built-in prompts)")
     bench.add_argument("--categories", nargs="+", metavar="NAME", help="tasks or categories to keep")
@@ -163,12 +169,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     questions = bench.select(load_questions(args.dataset), args.categories, args.per_category, args.limit)
     baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    runners = bench.make_runners(model, args.methods, args.peers)
+    runners, notes = bench.make_runners(model, args.methods, args.peers)
+    for note in notes:
+        print(f"decodekit: {note}", file=sys.stderr)
     if baseline not in [r.name for r in runners]:
-        raise InvalidParameter(f"baseline {baseline!r} is not among the methods and peers")
-    records = bench.run_bench(
-        model, runners, questions, args.max_new_tokens, not args.first_turn_only, lambda qs: tqdm(qs, desc="questions")
-    )
+        raise InvalidParameter(f"baseline {baseline!r} is not among the methods and peers that can run")
+    try:
+        records = bench.run_bench(
+            model,
+            runners,
+            questions,
+            args.max_new_tokens,
+            not args.first_turn_only,
+            lambda qs: tqdm(qs, desc="questions"),
+        )
+    finally:
+        for runner in runners:
+            getattr(runner, "close", lambda: None)()
     meta = {
         "command": shlex.join(["decodekit", *sys.argv[1:]]),
         "model": model.name,
@@ -186,6 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     skipped = [r for r in records if "skipped" in r]
     if skipped:
         print(f"skipped {len(skipped)} turns whose prompt left no room in the context window", file=sys.stderr)
+    meta["notes"] = notes
     summary = bench.summarize(records, baseline)
     path = bench.save({"meta": meta, "summary": summary, "records": records}, Path(args.output))
     print(bench.render_table(summary))

@@ -158,3 +158,68 @@ def test_bad_input_gives_one_error_line(tiny_dir, tmp_path, capsys, args, messag
     code = main(["bench", "--model", str(tiny_dir), "--max-new-tokens", "4", "--output", str(tmp_path), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_missing_peer_is_skipped_with_a_note(wide_dir, tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(wide_dir),
+            "--methods",
+            "ar",
+            "--peers",
+            "llamacpp",
+            "--categories",
+            "qa",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0 and "decodekit: llamacpp skipped:" in err
+    assert json.loads((tmp_path / "result.json").read_text())["meta"]["notes"][0].startswith("llamacpp skipped")
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(wide_dir),
+            "--methods",
+            "ar",
+            "--peers",
+            "llamacpp",
+            "--baseline",
+            "llamacpp",
+            "--limit",
+            "1",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert code == 1 and "baseline 'llamacpp' is not among" in capsys.readouterr().err
+
+
+def test_a_failing_peer_is_recorded_and_the_run_goes_on(tiny_model):
+    from decodekit.bench import run_bench
+    from decodekit.bench.runners import EngineRunner, PeerError, Run
+
+    class Flaky:
+        name = "flaky"
+        calls = 0
+
+        def run(self, prompt_ids, max_new_tokens):
+            self.calls += 1
+            if self.calls == 2:  # the warm-up is call 1: fail on the first question only
+                raise PeerError("flaky crashed (exit status -11)")
+            return Run([1] * max_new_tokens, 0.5)
+
+    questions = [q for q in builtin_questions() if q.category == "qa"][:2]
+    records = run_bench(tiny_model, [EngineRunner(tiny_model, "ar"), Flaky()], questions, 4)
+    errors = [r for r in records if "error" in r]
+    assert len(errors) == 1 and errors[0]["runner"] == "flaky" and "exit status -11" in errors[0]["error"]
+    summary = summarize(records, "ar")
+    assert summary["flaky"]["overall"]["questions"] == 1 and summary["flaky"]["overall"]["errors"] == 1

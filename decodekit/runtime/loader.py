@@ -34,7 +34,8 @@ class LoadedModel:
     """A runtime model with its tokenizer and the facts the engine needs."""
 
     name: str
-    path: Path  # the Hugging Face checkpoint directory the weights came from
+    source: Path  # what the user named: a checkpoint directory or a .gguf file
+    path: Path  # the Hugging Face checkpoint directory the weights were read from (a conversion of a GGUF)
     transformer: Transformer
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
@@ -244,5 +245,6 @@ def load_model(
         eos_ids = hf_config.eos_token_id
     for ids in (eos_ids, tokenizer.eos_token_id):
         eos.update([ids] if isinstance(ids, int) else (ids or []))
-    name = Path(model).name if model is not None else DEFAULT_MODEL_FILE.removesuffix(".gguf")
-    return LoadedModel(name, directory, transformer, tokenizer, frozenset(eos))
+    source = Path(model).expanduser() if model is not None else default_model_file()
+    name = source.stem if source.suffix == ".gguf" else source.name
+    return LoadedModel(name, source, directory, transformer, tokenizer, frozenset(eos))

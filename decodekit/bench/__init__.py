@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
 
 import torch
 
-from decodekit.engine import Engine
+from decodekit.bench.runners import PeerError, make_runners
 from decodekit.errors import InvalidParameter
 from decodekit.prompts import Question
 from decodekit.runtime.loader import LoadedModel
@@ -35,84 +34,11 @@ CONVERSATION = {
     "humanities",
     "conversation",
 }
-PEERS = ("hf", "hf-lookup")
+__all__ = ["make_runners", "plot", "render_table", "run_bench", "select", "summarize", "task_of"]
 
 
 def task_of(category: str) -> str:
     return "conversation" if category in CONVERSATION else category
-
-
-@dataclass
-class Run:
-    """One generation of one turn by one runner, as measured."""
-
-    token_ids: list[int]
-    wall_s: float
-    prefill_s: float | None = None
-    accepted_lengths: list[int] = field(default_factory=list)
-    draft_sizes: list[int] = field(default_factory=list)
-    accepted_drafts: list[int] = field(default_factory=list)
-
-
-class EngineRunner:
-    """A decodekit method."""
-
-    def __init__(self, model: LoadedModel, method: str) -> None:
-        self.name = method
-        self.engine = Engine(model, method)
-
-    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
-        g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
-        s = g.stats
-        return Run(g.token_ids, s.wall_s, s.prefill_s, s.accepted_lengths, s.draft_sizes, s.accepted_drafts)
-
-
-class HFRunner:
-    """transformers' own ``generate`` on the same weights: greedy, or with its prompt-lookup drafting."""
-
-    def __init__(self, model: LoadedModel, prompt_lookup: int | None = None) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.name = "hf" if prompt_lookup is None else "hf-lookup"
-        self.hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=model.dtype).to(model.device).eval()
-        self.device, self.eos = model.device, sorted(model.eos_token_ids)
-        self.options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
-
-    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
-        ids = torch.tensor([prompt_ids], device=self.device)
-        _sync(self.device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = self.hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.eos,
-                pad_token_id=self.eos[0],
-                **self.options,
-            )
-        _sync(self.device)
-        wall = time.perf_counter() - start
-        return Run(out[0, len(prompt_ids) :].tolist(), wall)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def make_runners(model: LoadedModel, methods: list[str], peers: list[str]) -> list:
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown:
-        raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
-    runners = [EngineRunner(model, m) for m in methods]
-    for peer in peers:
-        runners.append(HFRunner(model, prompt_lookup=10 if peer == "hf-lookup" else None))
-    names = [r.name for r in runners]
-    if len(set(names)) != len(names):
-        raise InvalidParameter("a method or peer is listed twice")
-    return runners
 
 
 def select(
@@ -145,7 +71,8 @@ def run_bench(
     """Run every runner on every question, interleaved; return one record per question, turn and runner.
 
     A turn whose prompt would not leave room for ``max_new_tokens`` in the context window ends its question with a
-    ``skipped`` record (the question's earlier turns stay counted).
+    ``skipped`` record (the question's earlier turns stay counted). A peer that fails on a turn gets an ``error``
+    record and sits out the rest of that question.
     """
     tokenizer = model.tokenizer
     warm = _chat(tokenizer, [{"role": "user", "content": "Say hello."}])
@@ -158,6 +85,7 @@ def run_bench(
         turns = question.turns if all_turns else question.turns[:1]
         history: dict[str, list[dict]] = {r.name: [] for r in runners}
         outputs: dict[tuple[int, str], list[int]] = {}
+        failed: set[str] = set()
         for turn, text in enumerate(turns):
             prompts = {}
             for runner in runners:
@@ -174,8 +102,23 @@ def run_bench(
                 )
                 break
             for runner in runners:
+                if runner.name in failed:
+                    continue
                 prompt_ids = prompts[runner.name]
-                run = runner.run(prompt_ids, max_new_tokens)
+                try:
+                    run = runner.run(prompt_ids, max_new_tokens)
+                except PeerError as err:
+                    failed.add(runner.name)  # its later turns would need this answer
+                    records.append(
+                        {
+                            "question_id": question.question_id,
+                            "task": task_of(question.category),
+                            "turn": turn,
+                            "runner": runner.name,
+                            "error": str(err),
+                        }
+                    )
+                    continue
                 answer = tokenizer.decode(run.token_ids, skip_special_tokens=True)
                 history[runner.name].append({"role": "assistant", "content": answer})
                 outputs[turn, runner.name] = run.token_ids
@@ -190,7 +133,7 @@ def run_bench(
                         "runner": runner.name,
                         "prompt_tokens": len(prompt_ids),
                         "new_tokens": len(run.token_ids),
-                        "identical": run.token_ids == outputs[turn, reference],
+                        "identical": run.token_ids == outputs.get((turn, reference)),
                         "rss_mb": _rss_mb(),
                         **row,
                     }
@@ -220,7 +163,8 @@ def summarize(records: list[dict], baseline: str) -> dict:
     runner's question tokens/s over the baseline's mean, on the same questions.
     """
     per_question: dict[tuple[str, str, int], dict] = {}
-    records = [r for r in records if "skipped" not in r]
+    errors = [r for r in records if "error" in r]
+    records = [r for r in records if "skipped" not in r and "error" not in r]
     if not records:
         raise InvalidParameter("no turn was run: every selected prompt leaves too little room in the context window")
     for r in records:
@@ -241,9 +185,13 @@ def summarize(records: list[dict], baseline: str) -> dict:
             tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in keys)
             base_tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in base_keys)
             runs = [run for k in keys for run in per_question[k]["runs"]]
-            summary[runner][task] = {"questions": len(keys), "tokens_per_s": tps, "speedup": tps / base_tps} | (
-                _acceptance(runs)
-            )
+            failures = sum(1 for e in errors if e["runner"] == runner and task in ("overall", e["task"]))
+            summary[runner][task] = {
+                "questions": len(keys),
+                "errors": failures,
+                "tokens_per_s": tps,
+                "speedup": tps / base_tps,
+            } | _acceptance(runs)
     return summary
 
 

@@ -1,0 +1,52 @@
+"""llama.cpp peer for ``decodekit bench``, run as its own process (llama_cpp next to torch has crashed).
+
+Started as a script (not ``-m``, which would import the decodekit package and torch). Protocol, one JSON object
+per line: it prints ``{"ready": true}`` once the model is loaded; then for each request
+``{"prompt_ids": [...], "max_new_tokens": N, "eos": [...]}`` on stdin it prints
+``{"token_ids": [...], "wall_s": s}`` (greedy; EOS kept, as decodekit does) or ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--lookup", type=int, default=0, help="prompt-lookup draft tokens (0 = plain greedy)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-ctx", type=int, default=8192)
+    args = parser.parse_args()
+
+    from llama_cpp import Llama
+
+    draft = None
+    if args.lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=args.lookup)
+    llm = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, draft_model=draft, verbose=False)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        eos = set(request["eos"])
+        out: list[int] = []
+        try:
+            start = time.perf_counter()
+            for token in llm.generate(request["prompt_ids"], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                out.append(int(token))
+                if token in eos or len(out) >= request["max_new_tokens"]:
+                    break
+            reply = {"token_ids": out, "wall_s": time.perf_counter() - start}
+        except Exception as err:  # report, keep serving: one bad request must not end the peer
+            reply = {"error": f"{type(err).__name__}: {err}"}
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""What ``decodekit bench`` runs: decodekit methods in this process, and peer tools on the same prompt ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from decodekit.engine import Engine
+from decodekit.errors import InvalidParameter
+from decodekit.runtime.loader import LoadedModel
+
+PEERS = ("hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
+
+
+@dataclass
+class Run:
+    """One generation of one turn by one runner, as measured."""
+
+    token_ids: list[int]
+    wall_s: float
+    prefill_s: float | None = None
+    accepted_lengths: list[int] = field(default_factory=list)
+    draft_sizes: list[int] = field(default_factory=list)
+    accepted_drafts: list[int] = field(default_factory=list)
+
+
+class EngineRunner:
+    """A decodekit method."""
+
+    def __init__(self, model: LoadedModel, method: str) -> None:
+        self.name = method
+        self.engine = Engine(model, method)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        s = g.stats
+        return Run(g.token_ids, s.wall_s, s.prefill_s, s.accepted_lengths, s.draft_sizes, s.accepted_drafts)
+
+
+class HFRunner:
+    """transformers' own ``generate`` on the same weights: greedy, or with its prompt-lookup drafting."""
+
+    def __init__(self, model: LoadedModel, prompt_lookup: int | None = None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.name = "hf" if prompt_lookup is None else "hf-lookup"
+        self.hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=model.dtype).to(model.device).eval()
+        self.device, self.eos = model.device, sorted(model.eos_token_ids)
+        self.options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        ids = torch.tensor([prompt_ids], device=self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[0],
+                **self.options,
+            )
+        _sync(self.device)
+        wall = time.perf_counter() - start
+        return Run(out[0, len(prompt_ids) :].tolist(), wall)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeerError(Exception):
+    """A peer failed on one request (the harness records it and goes on)."""
+
+
+class LlamaCppRunner:
+    """llama.cpp (llama-cpp-python) on the same GGUF file, in a worker process of its own.
+
+    Its weights stay quantized, so its outputs need not match decodekit's de-quantized float model.
+    """
+
+    WORKER = Path(__file__).with_name("llamacpp_worker.py")
+
+    def __init__(self, gguf: Path, eos: frozenset[int], lookup: int | None = None) -> None:
+        self.name = "llamacpp" if lookup is None else "llamacpp-lookup"
+        self.command = [sys.executable, str(self.WORKER), str(gguf), "--threads", str(torch.get_num_threads())]
+        if lookup:
+            self.command += ["--lookup", str(lookup)]
+        self.eos = sorted(eos)
+        self._start()
+
+    def _start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        line = self.process.stdout.readline()
+        if not line.startswith('{"ready"'):
+            raise PeerError(f"{self.name} did not start (exit status {self.process.wait()})")
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        if self.process.poll() is not None:
+            self._start()  # the last request crashed it
+        request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos": self.eos}
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise PeerError(f"{self.name} crashed (exit status {self.process.wait()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise PeerError(f"{self.name}: {reply['error']}")
+        return Run(reply["token_ids"], reply["wall_s"])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+def make_runners(model: LoadedModel, methods: list[str], peers: list[str]) -> tuple[list, list[str]]:
+    """Build the runners; peers that cannot run here are left out, each with a one-line note."""
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
+    runners: list = [EngineRunner(model, m) for m in methods]
+    notes = []
+    for peer in peers:
+        if peer.startswith("hf"):
+            runners.append(HFRunner(model, prompt_lookup=10 if peer == "hf-lookup" else None))
+        elif importlib.util.find_spec("llama_cpp") is None:
+            notes.append(f"{peer} skipped: llama-cpp-python is not installed (BENCHMARKS.md says how to build it)")
+        elif model.source.suffix != ".gguf":
+            notes.append(f"{peer} skipped: it needs a .gguf model, not {model.source}")
+        else:
+            try:
+                runners.append(
+                    LlamaCppRunner(model.source, model.eos_token_ids, 10 if peer.endswith("lookup") else None)
+                )
+            except PeerError as err:
+                notes.append(f"{peer} skipped: {err}")
+    names = [r.name for r in runners]
+    if len(set(names)) != len(names):
+        raise InvalidParameter("a method or peer is listed twice")
+    return runners, notes
