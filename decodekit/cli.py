@@ -204,8 +204,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped {len(skipped)} turns whose prompt left no room in the context window", file=sys.stderr)
     meta["notes"] = notes
+    path = bench.save({"meta": meta, "records": records}, Path(args.output))  # raw numbers first, whatever follows
+    for error in (r for r in records if "error" in r):
+        print(f"decodekit: question {error['question_id']}: {error['error']}", file=sys.stderr)
     summary = bench.summarize(records, baseline)
-    path = bench.save({"meta": meta, "summary": summary, "records": records}, Path(args.output))
+    bench.save({"meta": meta, "summary": summary, "records": records}, Path(args.output))
     print(bench.render_table(summary))
     bench.plot(summary, baseline, path.with_name("speedup.png"), _chart_title(meta))
     print(f"results: {path}  chart: {path.with_name('speedup.png')}", file=sys.stderr)

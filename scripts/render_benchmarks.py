@@ -43,7 +43,12 @@ def run_section(name: str) -> str:
     lines.append("| runner | " + " | ".join(tasks) + " |")
     lines.append("|---" * (len(tasks) + 1) + "|")
     for r in runners:
-        cells = [f"{summary[r][t]['speedup']:.2f}x ({summary[r][t]['tokens_per_s']:.1f})" for t in tasks]
+        cells = [
+            f"{summary[r][t]['speedup']:.2f}x ({summary[r][t]['tokens_per_s']:.1f})"
+            if "speedup" in summary[r][t]
+            else f"failed ({summary[r][t]['errors']})"
+            for t in tasks
+        ]
         lines.append(f"| `{r}` | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -58,7 +63,8 @@ def run_section(name: str) -> str:
         pos = " ".join(f"{p:.2f}" for p in s.get("per_position", [])[:8]) or "-"
         mat = f"{s['mat']:.2f}" if "mat" in s else "-"
         acc = f"{s['acceptance_rate']:.3f}" if "acceptance_rate" in s else "-"
-        lines.append(f"| `{r}` | {mat} | {acc} | {s['identical_share']:.0%} | {pos} |")
+        same = f"{s['identical_share']:.0%}" if "identical_share" in s else "-"
+        lines.append(f"| `{r}` | {mat} | {acc} | {same} | {pos} |")
     lines += ["", f"![speedup per task](benchmarks/{name}/speedup.png)", ""]
     return "\n".join(lines)
 

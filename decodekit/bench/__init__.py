@@ -181,17 +181,16 @@ def summarize(records: list[dict], baseline: str) -> dict:
         summary[runner] = {}
         for task in [*tasks, "overall"]:
             keys = [k for k in per_question if k[0] == runner and (task == "overall" or k[1] == task)]
-            base_keys = [(baseline, k[1], k[2]) for k in keys]
-            tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in keys)
-            base_tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in base_keys)
-            runs = [run for k in keys for run in per_question[k]["runs"]]
+            base_keys = [(baseline, k[1], k[2]) for k in keys if (baseline, k[1], k[2]) in per_question]
+            keys = [k for k in keys if (baseline, k[1], k[2]) in per_question]  # questions both sides finished
             failures = sum(1 for e in errors if e["runner"] == runner and task in ("overall", e["task"]))
-            summary[runner][task] = {
-                "questions": len(keys),
-                "errors": failures,
-                "tokens_per_s": tps,
-                "speedup": tps / base_tps,
-            } | _acceptance(runs)
+            entry: dict = {"questions": len(keys), "errors": failures}
+            if keys:
+                tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in keys)
+                base_tps = mean(per_question[k]["tokens"] / per_question[k]["wall"] for k in base_keys)
+                runs = [run for k in keys for run in per_question[k]["runs"]]
+                entry |= {"tokens_per_s": tps, "speedup": tps / base_tps} | _acceptance(runs)
+            summary[runner][task] = entry
     return summary
 
 
@@ -217,9 +216,9 @@ def render_table(summary: dict) -> str:
         for r in runners:
             s = summary[r][task]
             mat = f" [{s['mat']:.2f}]" if "mat" in s else ""
-            cells.append(f"{s['speedup']:.2f}x ({s['tokens_per_s']:.1f}){mat}")
+            cells.append(f"{s['speedup']:.2f}x ({s['tokens_per_s']:.1f}){mat}" if "speedup" in s else "failed")
         lines.append(f"{task:<16}" + "".join(f"{c:>24}" for c in cells))
-    share = "  ".join(f"{r}: {summary[r]['overall']['identical_share']:.0%}" for r in runners)
+    share = "  ".join(f"{r}: {summary[r]['overall'].get('identical_share', 0):.0%}" for r in runners)
     lines.append(f"identical to {runners[0]}: {share}")
     return "\n".join(lines)
 
@@ -236,7 +235,7 @@ def plot(summary: dict, baseline: str, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(tasks) * max(1, len(runners)) ** 0.5), 4.2))
     for i, runner in enumerate(runners):
         xs = [t + (i - (len(runners) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [summary[runner][t]["speedup"] for t in tasks], width, label=runner)
+        ax.bar(xs, [summary[runner][t].get("speedup", 0.0) for t in tasks], width, label=runner)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(tasks)), tasks, rotation=20)
     ax.set_ylabel(f"speedup over {baseline}")
