@@ -18,7 +18,7 @@ from decodekit.drafters import Drafter, StepOutcome, TargetInfo, make_drafter
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
-from decodekit.text import TextStream, find_stop
+from decodekit.text import TextStream, encode_chat, find_stop
 from decodekit.verify import verify_greedy
 
 MAX_DRAFT_NODES = 256  # the largest tree a drafter may propose; reserved in the KV cache
@@ -111,12 +111,9 @@ class Engine:
         """Token ids of ``prompt``, wrapped in the checkpoint's chat template when ``chat`` and it has one."""
         if not prompt or not prompt.strip():
             raise InvalidParameter("the prompt is empty")
-        tokenizer = self.model.tokenizer
-        if chat and getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer(prompt)["input_ids"]
+        if chat:
+            return encode_chat(self.model.tokenizer, [{"role": "user", "content": prompt}])
+        return self.model.tokenizer(prompt)["input_ids"]
 
     def stream(
         self,

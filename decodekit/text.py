@@ -5,6 +5,17 @@ from __future__ import annotations
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 
 
+def encode_chat(tokenizer: object, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) ready for the assistant's turn.
+
+    Uses the checkpoint's chat template; without one, the turns' contents joined by blank lines.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
 def find_stop(text: str, stops: list[str], start: int = 0) -> int | None:
     """Index of the earliest occurrence at or after ``start`` of any stop string, or None."""
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]

@@ -55,7 +55,7 @@ def test_result_schema_and_chart(result):
     assert len(data["records"]) == (2 + 1) * 4
     for r in data["records"]:
         assert {"question_id", "task", "turn", "runner", "new_tokens", "wall_s", "identical"} <= set(r)
-        assert 0 < r["new_tokens"] <= 12 and r["wall_s"] > 0
+        assert 0 < r["new_tokens"] <= 12 and r["wall_s"] > 0 and r["peak_rss_mb"] > 100
 
 
 def test_speedup_is_ratio_of_mean_question_tokens_per_s(result):

@@ -8,7 +8,9 @@ call is timed: templating and tokenization happen before the clock starts, bookk
 from __future__ import annotations
 
 import json
+import os
 import platform
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,6 +23,7 @@ from decodekit.bench.runners import PeerError, make_runners
 from decodekit.errors import InvalidParameter
 from decodekit.prompts import Question
 from decodekit.runtime.loader import LoadedModel
+from decodekit.text import encode_chat
 
 # Spec-Bench's MT-Bench categories all belong to the multi-turn conversation task
 CONVERSATION = {
@@ -75,7 +78,7 @@ def run_bench(
     record and sits out the rest of that question.
     """
     tokenizer = model.tokenizer
-    warm = _chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for runner in runners:
         runner.run(warm, 8)
     records = []
@@ -90,7 +93,7 @@ def run_bench(
             prompts = {}
             for runner in runners:
                 history[runner.name].append({"role": "user", "content": text})
-                prompts[runner.name] = _chat(tokenizer, history[runner.name])
+                prompts[runner.name] = encode_chat(tokenizer, history[runner.name])
             if max(map(len, prompts.values())) + max_new_tokens > window:
                 records.append(
                     {
@@ -106,7 +109,8 @@ def run_bench(
                     continue
                 prompt_ids = prompts[runner.name]
                 try:
-                    run = runner.run(prompt_ids, max_new_tokens)
+                    with PeakMemory(getattr(runner, "pid", "self")) as memory:
+                        run = runner.run(prompt_ids, max_new_tokens)
                 except PeerError as err:
                     failed.add(runner.name)  # its later turns would need this answer
                     records.append(
@@ -134,26 +138,42 @@ def run_bench(
                         "prompt_tokens": len(prompt_ids),
                         "new_tokens": len(run.token_ids),
                         "identical": run.token_ids == outputs.get((turn, reference)),
-                        "rss_mb": _rss_mb(),
+                        "peak_rss_mb": memory.peak_mb,
                         **row,
                     }
                 )
     return records
 
 
-def _chat(tokenizer, messages: list[dict]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
-
-
-def _rss_mb() -> float:
+def _rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process in MiB (0 where /proc is missing)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20
-    except OSError:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
         return 0.0
+
+
+class PeakMemory:
+    """Samples a process's resident memory every 10 ms while in use; ``peak_mb`` is the highest seen."""
+
+    def __init__(self, pid: int | str = "self") -> None:
+        self.pid, self.peak_mb = pid, _rss_mb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_mb = max(self.peak_mb, _rss_mb(self.pid))
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb(self.pid))
 
 
 def summarize(records: list[dict], baseline: str) -> dict:

@@ -99,6 +99,11 @@ class LlamaCppRunner:
         self.eos = sorted(eos)
         self._start()
 
+    @property
+    def pid(self) -> int:
+        """The worker's process id: its memory is what this peer uses."""
+        return self.process.pid
+
     def _start(self) -> None:
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
