@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument(
+        "--chat-file", metavar="JSON", help="continue a conversation: OpenAI-style messages (a list or {messages})"
+    )
     gen.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
     gen.add_argument("--stream", action="store_true", help="print text as it is committed")
     gen.add_argument("--compare", action="store_true", help="also run plain decoding (ar) and report the speedup")
@@ -72,6 +75,20 @@ def _read_prompt(arg: str | None) -> str:
     return arg
 
 
+def _read_conversation(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as err:
+        raise InvalidParameter(f"cannot read chat file {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise InvalidParameter(f"chat file {path} is not JSON: {err}") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list):
+        raise InvalidParameter(f"chat file {path} must hold a list of messages or an object with 'messages'")
+    return messages
+
+
 def _stats_table(rows: list[tuple[str, dict]]) -> str:
     lines = [f"{'method':<24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'MAT':>7}"]
     for name, s in rows:
@@ -83,11 +100,13 @@ def _stats_table(rows: list[tuple[str, dict]]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from decodekit.drafters import parse_method
-    from decodekit.engine import Engine
+    from decodekit.engine import Engine, check_messages
     from decodekit.runtime.loader import load_model
 
     parse_method(args.method)  # reject a bad method before the model loads
-    prompt = _read_prompt(args.prompt)
+    if args.chat_file and (args.prompt is not None or args.no_chat):
+        raise InvalidParameter("--chat-file takes the whole conversation: give no prompt and no --no-chat")
+    prompt = check_messages(_read_conversation(args.chat_file)) if args.chat_file else _read_prompt(args.prompt)
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     engine = Engine(model, args.method)
     prompt_ids = engine.encode(prompt, chat=not args.no_chat)

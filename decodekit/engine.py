@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from decodekit.drafters import Drafter, StepOutcome, TargetInfo, make_drafter
+from decodekit.drafters.base import MAX_DRAFT_NODES
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
 from decodekit.text import TextStream, encode_chat, find_stop
 from decodekit.verify import verify_greedy
-
-MAX_DRAFT_NODES = 256  # the largest tree a drafter may propose; reserved in the KV cache
 
 
 @dataclass
@@ -107,9 +106,12 @@ class Engine:
             self.method, self.drafter = type(method).__name__, method
         self._cache: KVCache | None = None
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids of ``prompt``, wrapped in the checkpoint's chat template when ``chat`` and it has one."""
-        if not prompt or not prompt.strip():
+    def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of ``prompt``: a user message, or a conversation (OpenAI-style ``[{"role", "content"}]``
+        ending with a user turn). Wrapped in the checkpoint's chat template when ``chat`` and it has one."""
+        if isinstance(prompt, list):
+            return encode_chat(self.model.tokenizer, check_messages(prompt))
+        if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidParameter("the prompt is empty")
         if chat:
             return encode_chat(self.model.tokenizer, [{"role": "user", "content": prompt}])
@@ -117,19 +119,19 @@ class Engine:
 
     def stream(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict[str, str]],
         max_new_tokens: int = 256,
         stop: list[str] | tuple[str, ...] = (),
         chat: bool = True,
     ) -> GenerationStream:
         """Generate lazily: iterate the returned stream for chunks, then read ``.result``."""
-        prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = list(prompt) if _is_token_ids(prompt) else self.encode(prompt, chat)
         self.validate(prompt_ids, max_new_tokens)
         return GenerationStream(self._decode(prompt_ids, max_new_tokens, list(stop)))
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict[str, str]],
         max_new_tokens: int = 256,
         stop: list[str] | tuple[str, ...] = (),
         chat: bool = True,
@@ -213,6 +215,27 @@ class Engine:
         if text.stopped:
             final = final[: find_stop(final, stop)]
         return Generation(final, out, prompt_ids, stats)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: list) -> list[dict[str, str]]:
+    """Validate an OpenAI-style conversation: roles from ROLES, text contents, the last turn the user's."""
+    if not messages:
+        raise InvalidParameter("the conversation is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise InvalidParameter(f"message {i} needs a role among {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise InvalidParameter(f"message {i} needs a text content")
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise InvalidParameter("the conversation must end with a non-empty user message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _is_token_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
 def _cut(tokens: list[int], eos: frozenset[int], room: int) -> tuple[list[int], str | None]:

@@ -48,6 +48,20 @@ def test_human_output_and_stream(capsys, tiny_dir):
     assert "identical token ids: yes" in err and "tokens/s" in err
 
 
+def test_chat_file_continues_the_conversation(capsys, tiny_dir, tmp_path):
+    conversation = [
+        {"role": "user", "content": "the quick brown fox"},
+        {"role": "assistant", "content": "jumps over the lazy dog."},
+        {"role": "user", "content": "and then?"},
+    ]
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": conversation}))
+    args = ["--model", str(tiny_dir), "--max-new-tokens", "8", "--json", "--method", "copyspec", "--compare"]
+    code, out, _ = run_cli(capsys, "--chat-file", str(tmp_path / "chat.json"), *args)
+    assert code == 0
+    result = json.loads(out)
+    assert result["identical"] is True and result["stats"]["prompt_tokens"] > 20
+
+
 def test_entry_point_runs_as_a_program(tiny_dir):
     ok = subprocess.run(
         [
@@ -76,7 +90,8 @@ def test_entry_point_runs_as_a_program(tiny_dir):
         timeout=300,
     )
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == ["decodekit: error: unknown method 'warp'; available: ar, recycling"]
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("decodekit: error: unknown method 'warp'; available: ar, recycling, ")
 
 
 def write_gguf(path, architecture: str) -> None:
@@ -100,11 +115,21 @@ def bad_models(tmp_path_factory):
     gpt2 = root / "gpt2"
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
     no_weights = root / "no-weights"
+    (root / "chat-bad.json").write_text('{"messages": [{"role": "assistant", "content": "hi"}]}')
+    (root / "chat-broken.json").write_text("[{")
 
     LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=2).save_pretrained(
         no_weights
     )
-    return {"corrupt": corrupt, "gemma": gemma, "gpt2": gpt2, "no-weights": no_weights, "missing": root / "nope.gguf"}
+    return {
+        "chat-bad": root / "chat-bad.json",
+        "chat-broken": root / "chat-broken.json",
+        "corrupt": corrupt,
+        "gemma": gemma,
+        "gpt2": gpt2,
+        "no-weights": no_weights,
+        "missing": root / "nope.gguf",
+    }
 
 
 @pytest.mark.parametrize(
@@ -124,6 +149,10 @@ def bad_models(tmp_path_factory):
         (["hi", "--model", "{gpt2}"], "unsupported architecture 'gpt2'"),
         (["hi", "--model", "{no-weights}"], "no .safetensors weights"),
         (["hi", "--model", "{tiny}", "--device", "tpu"], "device"),
+        (["--chat-file", "{missing}", "--model", "{tiny}"], "cannot read chat file"),
+        (["--chat-file", "{chat-broken}", "--model", "{tiny}"], "is not JSON"),
+        (["--chat-file", "{chat-bad}", "--model", "{tiny}"], "must end with a non-empty user message"),
+        (["hi", "--chat-file", "{chat-bad}", "--model", "{tiny}"], "give no prompt"),
     ],
 )
 def test_bad_input_gives_one_error_line(capsys, tiny_dir, bad_models, args, message):

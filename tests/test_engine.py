@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from decodekit import Engine, InvalidParameter, PromptTooLong
+from decodekit.drafters import METHODS
 from decodekit.drafters.base import Draft, StepOutcome
 from decodekit.runtime.tree import Tree
 
@@ -113,16 +114,49 @@ def test_streamed_text_equals_returned_text(tiny_model, method):
     assert sum(len(c) for c in [stream.result.token_ids]) == stream.result.stats.new_tokens
 
 
-@pytest.mark.parametrize(
-    "method", ["recycling", "recycling:tree=published", "recycling:tree=1", "recycling:seed_prompt=0"]
-)
-def test_recycling_equals_plain_on_tiny_model(tiny_model, method):
+EXTRA_SPECS = [
+    "recycling:tree=published",
+    "recycling:tree=1",
+    "recycling:seed_prompt=0",
+    "lookup:branches=3,num_tokens=4",
+    "copyspec:gamma=1",
+    "hybrid:parts=recycling+copyspec+lookup,budget=24",
+]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS) + EXTRA_SPECS)
+def test_every_method_equals_plain_on_tiny_model(tiny_model, method):
     plain = Engine(tiny_model, "ar")
     spec = Engine(tiny_model, method)
     for prompt in [PROMPT, "it is sunny today", "foxes and dogs"]:
-        for _ in range(2):  # the second request starts from the matrix the first one left
+        for _ in range(2):  # the second request starts from the state the first one left
             a, b = plain.generate(prompt, max_new_tokens=48), spec.generate(prompt, max_new_tokens=48)
             assert a.token_ids == b.token_ids
+
+
+def test_a_conversation_continues_with_its_history(tiny_model):
+    engine = Engine(tiny_model, "copyspec")
+    first = engine.generate(PROMPT, max_new_tokens=12)
+    history = [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "and then?"},
+    ]
+    ids = engine.encode(history)
+    assert ids[: len(first.prompt_ids)] == first.prompt_ids  # the first turn's prompt opens the conversation
+    assert (
+        engine.generate(history, max_new_tokens=16).token_ids
+        == Engine(tiny_model, "ar").generate(ids, max_new_tokens=16).token_ids
+    )
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], [{"role": "user"}], [{"role": "robot", "content": "hi"}], [{"role": "assistant", "content": "hi"}]],
+)
+def test_bad_conversations_raise(tiny_model, messages):
+    with pytest.raises(InvalidParameter):
+        Engine(tiny_model, "ar").generate(messages, max_new_tokens=4)
 
 
 def test_prompt_that_fills_the_context_window(tiny_model):

@@ -5,10 +5,19 @@ from __future__ import annotations
 import inspect
 
 from decodekit.drafters.base import Autoregressive, Draft, Drafter, StepOutcome, TargetInfo
+from decodekit.drafters.copyspec import CopySpec
+from decodekit.drafters.hybrid import Hybrid
+from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.errors import InvalidParameter
 
-METHODS: dict[str, type] = {"ar": Autoregressive, "recycling": TokenRecycling}
+METHODS: dict[str, type] = {
+    "ar": Autoregressive,
+    "recycling": TokenRecycling,
+    "lookup": PromptLookup,
+    "copyspec": CopySpec,
+    "hybrid": Hybrid,
+}
 
 __all__ = ["METHODS", "Draft", "Drafter", "StepOutcome", "TargetInfo", "make_drafter", "parse_method"]
 

@@ -13,6 +13,8 @@ import torch
 
 from decodekit.runtime.tree import Tree
 
+MAX_DRAFT_NODES = 256  # the largest tree (root included) a drafter may propose; the engine reserves cache for it
+
 
 @dataclass(frozen=True)
 class TargetInfo:
