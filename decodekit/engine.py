@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from decodekit.drafters import Drafter, StepOutcome, TargetInfo, make_drafter
-from decodekit.drafters.base import MAX_DRAFT_NODES
+from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
@@ -186,10 +186,9 @@ class Engine:
 
         while True:
             draft = self.drafter.propose(sequence[:length])
-            if draft.tokens[0] != sequence[length - 1] or draft.tree.size > MAX_DRAFT_NODES:
-                raise DecodekitError(f"{self.method} proposed a tree with a wrong root or > {MAX_DRAFT_NODES} nodes")
+            _check(draft, int(sequence[length - 1]), self.method)
             logits = model(draft.tokens[None].to(device), cache, draft.tree)[0]
-            path, bonus = verify_greedy(draft.tokens, draft.tree, logits.argmax(dim=-1).cpu())
+            path, bonus = verify_greedy(draft.tokens, draft.tree, logits.argmax(dim=-1).cpu(), draft.candidates)
             cache.commit(0, path)
             committed = [*draft.tokens[path[1:]].tolist(), bonus]
             committed, finish = _cut(committed, eos, budget - len(out))
@@ -201,7 +200,7 @@ class Engine:
             sequence[length : length + len(committed)] = torch.tensor(committed)
             length += len(committed)
             stats.accepted_lengths.append(len(committed))
-            stats.draft_sizes.append(draft.tree.size - 1)
+            stats.draft_sizes.append(draft.num_candidates)
             stats.accepted_drafts.append(len(path) - 1)
             if finish is not None:
                 stats.finish_reason = finish
@@ -232,6 +231,16 @@ def check_messages(messages: list) -> list[dict[str, str]]:
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise InvalidParameter("the conversation must end with a non-empty user message")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _check(draft: Draft, root: int, method: str) -> None:
+    """A drafter bug must not corrupt the output: refuse a malformed draft."""
+    if draft.tree.size > MAX_DRAFT_NODES or draft.tokens.shape != (draft.tree.size,):
+        raise DecodekitError(f"{method} proposed a draft of {draft.tokens.shape} tokens (at most {MAX_DRAFT_NODES})")
+    if int(draft.tokens[0]) != root:
+        raise DecodekitError(f"{method} proposed a tree whose root is not the last committed token")
+    if draft.candidates is not None and (draft.candidates.shape != draft.tokens.shape or not draft.candidates[0]):
+        raise DecodekitError(f"{method} proposed a candidate mask of the wrong shape or without the root")
 
 
 def _is_token_ids(prompt: object) -> bool:

@@ -42,3 +42,14 @@ def test_tie_between_equal_depths_takes_lowest_index():
 def test_root_only_tree_is_plain_greedy():
     path, bonus = verify_greedy(torch.tensor([3]), Tree.chain(1), torch.tensor([11]))
     assert path.tolist() == [0] and bonus == 11
+
+
+def test_side_tokens_and_their_descendants_are_never_accepted():
+    tree = Tree.from_parents(PARENTS)
+    tokens = torch.tensor([5, 7, 8, 9, 4, 1, 2])
+    target = torch.tensor([7, 4, 0, 0, 6, 0, 0])  # as in the first test: path 0 -> 1 -> 4 would win
+    side = torch.tensor([True, True, True, True, False, True, True])  # node 4 rides along only
+    path, bonus = verify_greedy(tokens, tree, target, side)
+    assert path.tolist() == [0, 1]
+    assert bonus == 4
+    assert verify_greedy(tokens, tree, target, torch.tensor([True] + [False] * 6))[0].tolist() == [0]

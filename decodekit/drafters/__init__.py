@@ -7,6 +7,7 @@ import inspect
 from decodekit.drafters.base import Autoregressive, Draft, Drafter, StepOutcome, TargetInfo
 from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.hybrid import Hybrid
+from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.errors import InvalidParameter
@@ -16,6 +17,7 @@ METHODS: dict[str, type] = {
     "recycling": TokenRecycling,
     "lookup": PromptLookup,
     "copyspec": CopySpec,
+    "lookahead": Lookahead,
     "hybrid": Hybrid,
 }
 

@@ -28,10 +28,21 @@ class TargetInfo:
 @dataclass(frozen=True)
 class Draft:
     """A token tree to verify. ``tokens`` int64 ``[n]`` laid out as ``tree``; ``tokens[0]`` is the root, the last
-    committed token (the engine checks this)."""
+    committed token (the engine checks this).
+
+    ``candidates`` bool ``[n]`` (None: every node): the nodes that may be accepted. The others are side tokens
+    that ride in the same forward (a Jacobi window, say): their logits come back in ``observe``, and neither
+    they nor their descendants are ever committed. The root is always a candidate.
+    """
 
     tokens: torch.Tensor
     tree: Tree
+    candidates: torch.Tensor | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        """Draft nodes that may be accepted, the root excluded."""
+        return (self.tree.size if self.candidates is None else int(self.candidates.sum())) - 1
 
 
 @dataclass(frozen=True)
