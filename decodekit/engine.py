@@ -32,6 +32,8 @@ class GenerationStats:
     draft_sizes: list[int] = field(default_factory=list)  # draft nodes proposed by each step (root excluded)
     accepted_drafts: list[int] = field(default_factory=list)  # depth of each step's accepted path, before cuts
     prefill_s: float = 0.0
+    draft_s: float = 0.0  # in the drafter (propose and observe)
+    forward_s: float = 0.0  # in the model's forward over the drafts and their verification
     wall_s: float = 0.0  # prefill included
     finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length" (token budget or context window)
 
@@ -185,17 +187,22 @@ class Engine:
         stats.prefill_s = time.perf_counter() - start
 
         while True:
+            t0 = time.perf_counter()
             draft = self.drafter.propose(sequence[:length])
             _check(draft, int(sequence[length - 1]), self.method)
+            t1 = time.perf_counter()
             logits = model(draft.tokens[None].to(device), cache, draft.tree)[0]
             path, bonus = verify_greedy(draft.tokens, draft.tree, logits.argmax(dim=-1).cpu(), draft.candidates)
             cache.commit(0, path)
+            t2 = time.perf_counter()
             committed = [*draft.tokens[path[1:]].tolist(), bonus]
             committed, finish = _cut(committed, eos, budget - len(out))
             delta, keep = text.push(committed)
             if keep is not None:
                 committed, finish = committed[:keep], "stop"
             self.drafter.observe(StepOutcome(draft, logits, path, committed))
+            stats.draft_s += time.perf_counter() - t2 + t1 - t0
+            stats.forward_s += t2 - t1
             out.extend(committed)
             sequence[length : length + len(committed)] = torch.tensor(committed)
             length += len(committed)

@@ -53,18 +53,21 @@ def run_section(name: str) -> str:
     lines += [
         "",
         "Mean accepted tokens per step (MAT), acceptance rate, outputs identical to "
-        f"`{meta['reference']}`, per-position acceptance (overall):",
+        f"`{meta['reference']}`, milliseconds per step in the drafter and in forward + verification, per-position "
+        "acceptance (overall):",
         "",
     ]
-    lines.append("| runner | MAT | acceptance | identical | per-position acceptance |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| runner | MAT | acceptance | identical | draft ms | forward ms | per-position acceptance |")
+    lines.append("|---|---|---|---|---|---|---|")
     for r in runners:
         s = summary[r]["overall"]
         pos = " ".join(f"{p:.2f}" for p in s.get("per_position", [])[:8]) or "-"
         mat = f"{s['mat']:.2f}" if "mat" in s else "-"
         acc = f"{s['acceptance_rate']:.3f}" if "acceptance_rate" in s else "-"
         same = f"{s['identical_share']:.0%}" if "identical_share" in s else "-"
-        lines.append(f"| `{r}` | {mat} | {acc} | {same} | {pos} |")
+        draft = f"{s['draft_ms_per_step']:.2f}" if "draft_ms_per_step" in s else "-"
+        forward = f"{s['forward_ms_per_step']:.1f}" if "forward_ms_per_step" in s else "-"
+        lines.append(f"| `{r}` | {mat} | {acc} | {same} | {draft} | {forward} | {pos} |")
     lines += ["", f"![speedup per task](benchmarks/{name}/speedup.png)", ""]
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
-"""Lossless on the real default model (float32): recycling == plain greedy == transformers' greedy.
+"""Lossless on the real default model (float32): every method == plain greedy == transformers' greedy.
 
-These run SmolLM2-135M for 128 tokens on 24 prompts and take several minutes on a 2-core CPU.
+These run SmolLM2-135M for 128 tokens on 24 prompts per method and take a few minutes each on a 2-core CPU.
 """
 
 from collections import defaultdict
@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from decodekit import Engine
+from decodekit.drafters import METHODS
 from decodekit.prompts import builtin_questions
 
 pytestmark = pytest.mark.slow
@@ -25,12 +26,20 @@ def first_turns(per_category: int) -> list[str]:
 
 
 PROMPTS = first_turns(4)
+EDIT_PROMPTS = [  # edit-like requests, where copy drafters (aggressive decoding above all) should shine
+    "Correct the grammar and spelling of this text and return only the corrected text: Yesterday me and my "
+    "freind goes to the market for buy some apple and orange. The seller were very kind and he give us a "
+    "discount becuase we was buying alot. After that we walks to the park and eated our fruits under a big tree.",
+    "Rewrite the following paragraph in the past tense, changing nothing else: The committee meets every Monday "
+    "at nine. Each member brings a short report, and the chair reads the minutes of the last meeting aloud. "
+    "Then the group votes on new proposals and plans the work for the coming week.",
+]
 
 
 @pytest.fixture(scope="module")
 def plain(default_model):
     engine = Engine(default_model, "ar")
-    return {p: engine.generate(p, max_new_tokens=NEW_TOKENS) for p in PROMPTS}
+    return {p: engine.generate(p, max_new_tokens=NEW_TOKENS) for p in PROMPTS + EDIT_PROMPTS}
 
 
 def test_prompt_set_covers_six_tasks():
@@ -45,11 +54,35 @@ def test_prompt_set_covers_six_tasks():
     }
 
 
-def test_recycling_equals_plain_greedy(default_model, plain):
-    engine = Engine(default_model, "recycling")  # one engine: the matrix carries over between prompts
-    for prompt in PROMPTS:
-        assert engine.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids == plain[prompt].token_ids, prompt
-    assert sum(len(g.token_ids) for g in plain.values()) >= 24 * 100  # most answers are long, not early EOS
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar"}))
+def test_every_method_equals_plain_greedy(default_model, plain, method):
+    engine = Engine(default_model, method)  # one engine: drafter state carries over between prompts
+    steps = 0
+    for prompt in PROMPTS + EDIT_PROMPTS:
+        out = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
+        assert out.token_ids == plain[prompt].token_ids, prompt
+        steps += out.stats.steps
+    new_tokens = sum(len(g.token_ids) for g in plain.values())
+    assert new_tokens >= 26 * 100  # most answers are long, not early EOS
+    assert steps < 0.95 * new_tokens  # drafts were accepted, not only tried
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar"}))
+def test_second_turns_equal_plain_greedy(default_model, method):
+    """A multi-turn conversation: the second turn carries the model's own first answer in its prompt."""
+    conversations = [q.turns for q in builtin_questions() if len(q.turns) > 1][:2]
+    engines = {name: Engine(default_model, name) for name in ("ar", method)}
+    for turns in conversations:
+        outputs = {}
+        for name, engine in engines.items():
+            first = engine.generate(turns[0], max_new_tokens=64)
+            history = [
+                {"role": "user", "content": turns[0]},
+                {"role": "assistant", "content": first.text},
+                {"role": "user", "content": turns[1]},
+            ]
+            outputs[name] = (first.token_ids, engine.generate(history, max_new_tokens=NEW_TOKENS).token_ids)
+        assert outputs[method] == outputs["ar"]
 
 
 @pytest.mark.parametrize("method", ["recycling:tree=published", "recycling:seed_prompt=0,tree=8,k=4"])

@@ -219,6 +219,9 @@ def _acceptance(runs: list[dict]) -> dict:
     sizes = [n for r in runs for n in r["draft_sizes"]]
     accepted = [n for r in runs for n in r["accepted_drafts"]]
     out = {"identical_share": mean(r["identical"] for r in runs)}
+    if lengths and all(r.get("draft_s") is not None for r in runs):  # our engine's runs: where a step's time went
+        out["draft_ms_per_step"] = 1000 * sum(r["draft_s"] for r in runs) / len(lengths)
+        out["forward_ms_per_step"] = 1000 * sum(r["forward_s"] for r in runs) / len(lengths)
     if lengths:
         out["mat"] = sum(lengths) / len(lengths)
         out["acceptance_rate"] = sum(accepted) / sum(sizes) if sum(sizes) else 0.0

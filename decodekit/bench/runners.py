@@ -29,6 +29,8 @@ class Run:
     accepted_lengths: list[int] = field(default_factory=list)
     draft_sizes: list[int] = field(default_factory=list)
     accepted_drafts: list[int] = field(default_factory=list)
+    draft_s: float | None = None  # our engine only: time in the drafter, and in forward + verification
+    forward_s: float | None = None
 
 
 class EngineRunner:
@@ -41,7 +43,16 @@ class EngineRunner:
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
         g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
         s = g.stats
-        return Run(g.token_ids, s.wall_s, s.prefill_s, s.accepted_lengths, s.draft_sizes, s.accepted_drafts)
+        return Run(
+            g.token_ids,
+            s.wall_s,
+            s.prefill_s,
+            s.accepted_lengths,
+            s.draft_sizes,
+            s.accepted_drafts,
+            s.draft_s,
+            s.forward_s,
+        )
 
 
 class HFRunner:
