@@ -56,14 +56,15 @@ def test_prompt_set_covers_six_tasks():
 
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar"}))
 def test_every_method_equals_plain_greedy(default_model, plain, method):
+    """Token Recycling on all 24 prompts; the other methods on every other one (two per task) to keep CI short."""
     engine = Engine(default_model, method)  # one engine: drafter state carries over between prompts
-    steps = 0
-    for prompt in PROMPTS + EDIT_PROMPTS:
+    prompts = (PROMPTS if method == "recycling" else PROMPTS[::2]) + EDIT_PROMPTS
+    steps = new_tokens = 0
+    for prompt in prompts:
         out = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
         assert out.token_ids == plain[prompt].token_ids, prompt
-        steps += out.stats.steps
-    new_tokens = sum(len(g.token_ids) for g in plain.values())
-    assert new_tokens >= 26 * 100  # most answers are long, not early EOS
+        steps, new_tokens = steps + out.stats.steps, new_tokens + out.stats.new_tokens
+    assert new_tokens >= len(prompts) * 100  # most answers are long, not early EOS
     assert steps < 0.95 * new_tokens  # drafts were accepted, not only tried
 
 
