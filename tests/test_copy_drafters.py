@@ -6,7 +6,7 @@ import torch
 from decodekit.drafters import TargetInfo, make_drafter
 from decodekit.drafters.base import Draft, StepOutcome
 from decodekit.drafters.copyspec import CopySpec
-from decodekit.drafters.hybrid import Hybrid
+from decodekit.drafters.hybrid import PRIOR_HITS, PRIOR_TRIALS, Hybrid
 from decodekit.drafters.lookup import NgramIndex, PromptLookup
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
@@ -173,3 +173,17 @@ def test_hybrid_learns_which_parts_nodes_get_accepted():
 def test_bad_options_raise(spec):
     with pytest.raises(InvalidParameter):
         make_drafter(spec, TARGET)
+
+
+def test_hybrid_scores_nodes_it_cut_from_the_committed_text():
+    hybrid = Hybrid(TARGET, parts="lookup+recycling", budget=1, min_score=0.0)
+    first, second = Fixed([0, 1], [-1, 0]), Fixed([0, 2, 3], [-1, 0, 1])
+    hybrid.parts = [first, second]
+    merged = hybrid.propose(torch.tensor([0]))
+    assert merged.tokens.tolist() == [0, 1]  # budget 1: the second part's chain 2 -> 3 is cut
+    hybrid.observe(StepOutcome(merged, torch.zeros(2, TARGET.vocab_size), torch.tensor([0]), [2]))
+    # the target said 2: the cut node 2 would have been accepted, node 1 was not; node 3 was not tested
+    assert hybrid._hits[1, 1] - PRIOR_HITS == 1 and hybrid._trials[1, 1] - PRIOR_TRIALS == 1
+    assert hybrid._trials[1, 2] == PRIOR_TRIALS
+    assert hybrid._hits[0, 1] == PRIOR_HITS and hybrid._trials[0, 1] - PRIOR_TRIALS == 1
+    assert hybrid.propose(torch.tensor([0])).tokens.tolist() == [0, 2]

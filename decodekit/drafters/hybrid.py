@@ -1,11 +1,13 @@
 """Hybrid: several drafters propose at once; their trees merge into one under a node budget.
 
 Every part drafts its own tree from the same sequence. A part's node ``i`` is scored by the product, along its
-path, of how often the part's node at that index was accepted when its parent was (a running estimate per part
-and node index, from a neutral prior). Static trees (recycling) are thereby calibrated node by node, and chains
-(lookup, copy) depth by depth. The merged trie keeps the ``budget`` best-scored nodes at or above ``min_score``;
-nodes two parts agree on are verified once. Each part then observes its own kept nodes as if it had drafted
-alone (its rows of the target logits, its part of the accepted path).
+path, of how often the part's node at that index matched the committed text when its parent did (a running
+estimate per part and node index, from a neutral prior). Static trees (recycling) are thereby calibrated node by
+node, and chains (lookup, copy) depth by depth. The committed tokens say what every node would have met, so nodes
+cut from the merged tree are scored too, and a part that starts badly is not shut out for good. The merged trie
+keeps the ``budget`` best-scored nodes at or above ``min_score``; nodes two parts agree on are verified once.
+Each part then observes its own kept nodes as if it had drafted alone (its rows of the target logits, its part
+of the accepted path).
 """
 
 from __future__ import annotations
@@ -68,17 +70,26 @@ class Hybrid:
         return merged
 
     def observe(self, outcome: StepOutcome) -> None:
-        on_path = torch.zeros(outcome.draft.tree.size, dtype=torch.bool)
-        on_path[outcome.accepted] = True
         for p, (part, draft, kept) in enumerate(zip(self.parts, self._drafts, self._kept, strict=True)):
+            tried, matched = _matches(draft, outcome.committed)
+            self._trials[p, : draft.tree.size] += tried
+            self._hits[p, : draft.tree.size] += matched
             index = torch.tensor(kept)
-            keep = index >= 0
-            parents = draft.tree.parents.clamp(min=0)
-            tried = keep & on_path[index[parents]]
-            tried[0] = False
-            self._trials[p, : len(kept)] += tried
-            self._hits[p, : len(kept)] += tried & on_path[index.clamp(min=0)]
-            part.observe(_restrict(outcome, draft, index, keep))
+            part.observe(_restrict(outcome, draft, index, index >= 0))
+
+
+def _matches(draft: Draft, committed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which nodes of ``draft`` the committed tokens tested (their parent matched and the text reaches their
+    depth), and which of those matched, root excluded. Both bool ``[n]``."""
+    depth, parents = draft.tree.depth.tolist(), draft.tree.parents.tolist()
+    tokens = draft.tokens.tolist()
+    matched, tried = [True] + [False] * (len(tokens) - 1), [False] * len(tokens)
+    for i in range(1, len(tokens)):
+        if matched[parents[i]] and depth[i] <= len(committed):
+            tried[i] = True
+            matched[i] = tokens[i] == committed[depth[i] - 1]
+    matched[0] = False
+    return torch.tensor(tried), torch.tensor(matched)
 
 
 def _restrict(outcome: StepOutcome, draft: Draft, index: torch.Tensor, keep: torch.Tensor) -> StepOutcome:
