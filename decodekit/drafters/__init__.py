@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 
+from decodekit.drafters.aded import AdaptiveNgram
+from decodekit.drafters.aggressive import AggressiveDecoding
 from decodekit.drafters.base import Autoregressive, Draft, Drafter, StepOutcome, TargetInfo
 from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.recycling import TokenRecycling
+from decodekit.drafters.suffix import SuffixDrafter
 from decodekit.errors import InvalidParameter
 
 METHODS: dict[str, type] = {
@@ -17,6 +20,9 @@ METHODS: dict[str, type] = {
     "recycling": TokenRecycling,
     "lookup": PromptLookup,
     "copyspec": CopySpec,
+    "aggressive": AggressiveDecoding,
+    "suffix": SuffixDrafter,
+    "aded": AdaptiveNgram,
     "lookahead": Lookahead,
     "hybrid": Hybrid,
 }

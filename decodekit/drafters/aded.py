@@ -1,0 +1,185 @@
+"""Adaptive n-gram drafting in the style of ADED (Liu et al., 2024, arXiv 2407.12021).
+
+State: a trigram table, two-token context -> decayed counts of the tokens that followed it, and a bigram table,
+one token -> counts, consulted when the trigram context is unseen. Both learn online from
+
+- the prompt, added at ``begin``;
+- the target's verdict after every draft node: ``argmax(logits[i])`` is the token the model emits after node i,
+  a fact for the context (parent token, node token). Along the accepted path these facts are the committed
+  tokens; on rejected branches they are what the model would have said there;
+- optionally the prompt's logits (``seed_logits``) and a corpus of token ids (``corpus``, loaded once).
+
+Counts decay by ``decay`` per token of text seen (prompt or committed): recent text weighs more, and a context
+last seen long ago is trusted less. The table lives as long as the drafter, so it carries over between requests.
+
+The estimate that the model emits x after context c is ``count(c, x) / (total(c) + prior)`` (counts in units of
+one fresh observation). A draft is a best-first search from the root: a node's score is the product of the
+estimates along its path; the ``max_nodes`` best nodes scoring at least ``min_prob`` become the tree.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.drafters.trie import DraftTrie
+from decodekit.errors import InvalidParameter
+
+MAX_NODES = 255  # the engine's MAX_DRAFT_NODES less the root
+RESCALE_AT = 1e30  # lazy decay: counts grow by 1/decay per token and are scaled back to ~1 past this
+CORPUS_MASS = 4.0  # a corpus context's counts are scaled to total at most this many fresh observations
+
+Row = dict[int, float]  # next token -> decayed count
+
+
+class AdaptiveNgram:
+    """Method ``aded``. Drafts a tree from decayed trigram/bigram counts of the model's own behaviour.
+
+    Options: ``max_nodes`` (tree budget, root excluded), ``min_prob`` (smallest path score drafted), ``decay``
+    (count factor per token seen, 1 = no decay), ``prior`` (pseudo-count added to every context's total, in
+    fresh observations), ``max_contexts`` (trigram and bigram contexts kept each; least recently used evicted),
+    ``max_next`` (next tokens kept per context; the smallest count is replaced), ``seed_logits`` (also learn
+    the model's predictions over the prompt: one lm_head pass at ``begin``), ``corpus`` (path of a file of
+    whitespace-separated token ids learned at construction; empty = none).
+
+    Defaults (CPU float32: a step costs ~41 ms + ~1.5 ms per node, so a node pays once its acceptance chance
+    is above ~0.05 at MAT ~1.5): see the measurements noted at each default.
+
+    Memory: at most ``max_contexts`` trigram rows + ``max_contexts`` bigram rows of ``max_next`` counts each,
+    i.e. ``2 * max_contexts * max_next`` counts however much text is seen.
+    """
+
+    def __init__(
+        self,
+        target: TargetInfo,
+        max_nodes: int = 16,
+        min_prob: float = 0.1,
+        decay: float = 0.999,
+        prior: float = 1.0,
+        max_contexts: int = 32768,
+        max_next: int = 8,
+        seed_logits: bool = False,
+        corpus: str = "",
+    ) -> None:
+        if not 0 <= max_nodes <= MAX_NODES:
+            raise InvalidParameter(f"aded max_nodes must be between 0 and {MAX_NODES}, got {max_nodes}")
+        if not 0 < decay <= 1:
+            raise InvalidParameter(f"aded decay must be in (0, 1], got {decay}")
+        if prior <= 0 or min_prob < 0:
+            raise InvalidParameter(f"aded needs prior > 0 and min_prob >= 0, got {prior}, {min_prob}")
+        if max_contexts < 1 or max_next < 1:
+            raise InvalidParameter(f"aded needs max_contexts, max_next >= 1, got {max_contexts}, {max_next}")
+        self.vocab = target.vocab_size
+        self.max_nodes, self.min_prob, self.decay, self.prior = max_nodes, min_prob, decay, prior
+        self.max_contexts, self.max_next = max_contexts, max_next
+        self.wants_prompt_logits = seed_logits
+        self.trigrams: OrderedDict[int, Row] = OrderedDict()  # key prev * vocab + token, oldest use first
+        self.bigrams: OrderedDict[int, Row] = OrderedDict()
+        self._unit = 1.0  # the weight of one fresh observation
+        self._before_root: int | None = None  # the token before the last proposed root
+        if corpus:
+            self._load_corpus(Path(corpus))
+
+    @property
+    def num_counts(self) -> int:
+        """Counts stored in both tables (the quantity the memory bound caps)."""
+        return sum(map(len, self.trigrams.values())) + sum(map(len, self.bigrams.values()))
+
+    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
+        tokens = prompt.tolist()
+        for j in range(1, len(tokens)):
+            self._tick(1)
+            self._add(tokens[j - 2] if j >= 2 else None, tokens[j - 1], tokens[j])
+        if prompt_logits is not None:
+            for i, predicted in enumerate(prompt_logits.argmax(dim=-1).tolist()):
+                self._add(tokens[i - 1] if i else None, tokens[i], predicted)
+
+    def propose(self, sequence: torch.Tensor) -> Draft:
+        *before, root = sequence[-2:].tolist()
+        self._before_root = before[0] if before else None
+        trie = DraftTrie()
+        # entries: (-score, insertion order, token before, token, path below the root, scores along it)
+        heap: list[tuple[float, int, int | None, int, tuple[int, ...], tuple[float, ...]]] = [
+            (-1.0, 0, self._before_root, root, (), ())
+        ]
+        pushed = 1
+        while heap and len(trie) < self.max_nodes:
+            neg, _, prev, token, path, scores = heapq.heappop(heap)
+            if path:
+                trie.add(path, scores)
+            for nxt, p in self._estimates(prev, token):
+                score = -neg * p
+                if score < self.min_prob:
+                    break
+                heapq.heappush(heap, (-score, pushed, token, nxt, (*path, nxt), (*scores, score)))
+                pushed += 1
+        return trie.build(root, self.max_nodes)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        tokens = outcome.draft.tokens.tolist()
+        parents = outcome.draft.tree.parents.tolist()
+        self._tick(len(outcome.committed))
+        for i, predicted in enumerate(outcome.logits.argmax(dim=-1).tolist()):
+            self._add(tokens[parents[i]] if i else self._before_root, tokens[i], predicted)
+
+    def _estimates(self, prev: int | None, token: int) -> list[tuple[int, float]]:
+        """(next token, estimated probability) after the context ``(prev, token)``, most probable first."""
+        row = None if prev is None else self.trigrams.get(prev * self.vocab + token)
+        if row is None:
+            row = self.bigrams.get(token)
+            if row is None:
+                return []
+            self.bigrams.move_to_end(token)
+        else:
+            self.trigrams.move_to_end(prev * self.vocab + token)
+        norm = sum(row.values()) + self.prior * self._unit
+        return sorted(((t, c / norm) for t, c in row.items()), key=lambda item: -item[1])
+
+    def _add(self, prev: int | None, token: int, nxt: int, weight: float = 1.0) -> None:
+        """Count one observation of ``nxt`` after ``(prev, token)`` (and after ``token`` alone)."""
+        if prev is not None:
+            self._count(self.trigrams, prev * self.vocab + token, nxt, weight)
+        self._count(self.bigrams, token, nxt, weight)
+
+    def _count(self, table: OrderedDict[int, Row], key: int, nxt: int, weight: float) -> None:
+        row = table.get(key)
+        if row is None:
+            row = table[key] = {}
+            if len(table) > self.max_contexts:
+                table.popitem(last=False)
+        else:
+            table.move_to_end(key)
+        if nxt not in row and len(row) >= self.max_next:
+            del row[min(row, key=row.__getitem__)]
+        row[nxt] = row.get(nxt, 0.0) + weight * self._unit
+
+    def _tick(self, tokens: int) -> None:
+        """Advance time by ``tokens`` tokens: every stored count decays by ``decay ** tokens``."""
+        self._unit /= self.decay**tokens
+        if self._unit > RESCALE_AT:
+            for table in (self.trigrams, self.bigrams):
+                for row in table.values():
+                    for t in row:
+                        row[t] /= self._unit
+            self._unit = 1.0
+
+    def _load_corpus(self, path: Path) -> None:
+        """Learn the trigrams of a file of whitespace-separated token ids, each context's counts scaled to total
+        at most ``CORPUS_MASS`` so that the model's own behaviour soon outweighs the corpus."""
+        try:
+            tokens = [int(t) for t in path.read_text().split()]
+        except (OSError, ValueError) as err:
+            raise InvalidParameter(f"aded corpus {str(path)!r} is not a readable file of token ids: {err}") from None
+        if not all(0 <= t < self.vocab for t in tokens):
+            raise InvalidParameter(f"aded corpus {str(path)!r} holds token ids outside [0, {self.vocab})")
+        for j in range(1, len(tokens)):
+            self._add(tokens[j - 2] if j >= 2 else None, tokens[j - 1], tokens[j])
+        for table in (self.trigrams, self.bigrams):
+            for row in table.values():
+                scale = min(1.0, CORPUS_MASS / sum(row.values()))
+                for t in row:
+                    row[t] *= scale
