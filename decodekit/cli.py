@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from decodekit.drafters import parse_method
+    from decodekit.drafters import parse_method, resolved_options
     from decodekit.prompts import load_questions
     from decodekit.runtime.loader import load_model
 
@@ -216,6 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "first_turn_only": args.first_turn_only,
         "baseline": baseline,
         "reference": runners[0].name,
+        "options": {spec: resolved_options(spec) for spec in args.methods},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": bench.machine(),
     }

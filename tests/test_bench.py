@@ -50,6 +50,8 @@ def test_result_schema_and_chart(result):
     out, data = result
     assert set(data) == {"meta", "summary", "records"}
     assert data["meta"]["baseline"] == "hf" and data["meta"]["questions"] == 2
+    assert "decodekit_commit" in data["meta"]["machine"]
+    assert data["meta"]["options"]["recycling:tree=4"] == {"k": 8, "tree": "4", "seed_prompt": True}
     assert (out / "speedup.png").stat().st_size > 1000
     # conversation questions have two turns, qa one; four runners each
     assert len(data["records"]) == (2 + 1) * 4

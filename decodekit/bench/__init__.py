@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -285,7 +286,22 @@ def machine() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    info["decodekit_commit"] = _commit()
     return info
+
+
+def _commit() -> str | None:
+    """The source checkout's commit ("+dirty" with uncommitted changes), or None outside a git checkout."""
+    root = str(Path(__file__).resolve().parents[2])
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if head.returncode:
+            return None
+        status = ["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "decodekit"]
+        dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def save(result: dict, output: Path) -> Path:

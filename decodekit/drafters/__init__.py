@@ -27,7 +27,16 @@ METHODS: dict[str, type] = {
     "hybrid": Hybrid,
 }
 
-__all__ = ["METHODS", "Draft", "Drafter", "StepOutcome", "TargetInfo", "make_drafter", "parse_method"]
+__all__ = [
+    "METHODS",
+    "Draft",
+    "Drafter",
+    "StepOutcome",
+    "TargetInfo",
+    "make_drafter",
+    "parse_method",
+    "resolved_options",
+]
 
 
 def _convert(method: str, key: str, raw: str, default: object) -> object:
@@ -67,6 +76,13 @@ def parse_method(spec: str) -> tuple[type, dict[str, object]]:
             raise InvalidParameter(f"bad option {item!r} for method {name} (options: {allowed})")
         kwargs[key] = _convert(name, key, raw.strip(), params[key])
     return cls, kwargs
+
+
+def resolved_options(spec: str) -> dict[str, object]:
+    """Every option of a method spec, defaults filled in: what a benchmark records to be rerun exactly."""
+    cls, kwargs = parse_method(spec)
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]
+    return {p.name: p.default for p in params} | kwargs
 
 
 def make_drafter(spec: str, target: TargetInfo) -> Drafter:
