@@ -32,7 +32,7 @@ def nodes_of(draft) -> dict[tuple[int, ...], int]:
 
 
 def test_prompt_trigrams_and_bigrams_are_counted():
-    d = drafter(decay=1.0)
+    d = drafter(decay=1.0, prior=1.0)
     d.begin(torch.tensor([1, 2, 3, 1, 2, 4]), None)
     assert d.trigrams[1 * VOCAB + 2] == {3: 1.0, 4: 1.0}
     assert d.trigrams[2 * VOCAB + 3] == {1: 1.0}
@@ -52,7 +52,7 @@ def test_counts_decay_so_recent_text_weighs_more():
 
 
 def test_lazy_decay_rescales_without_changing_estimates():
-    d = drafter(decay=0.5)
+    d = drafter(decay=0.5, prior=1.0)
     d.begin(torch.tensor([1, 2, 3, 1, 2, 4]), None)
     before = dict(d._estimates(1, 2))
     d._tick(120)  # the unit 2**125 passes RESCALE_AT: every count is scaled back
@@ -74,8 +74,8 @@ def test_bigram_fallback_only_when_the_trigram_context_is_unseen():
 def test_observe_learns_the_verdict_after_every_node_rejected_ones_included():
     d = drafter(decay=1.0)
     d.begin(torch.tensor([5, 6, 7, 8]), None)  # (6, 7) -> 8 and (7, 8) -> nothing yet
-    d._count(d.trigrams, 7 * VOCAB + 8, 9, 1.0)
-    d._count(d.trigrams, 8 * VOCAB + 9, 10, 1.0)
+    d._count(d.trigrams, 7 * VOCAB + 8, 9)
+    d._count(d.trigrams, 8 * VOCAB + 9, 10)
     draft = d.propose(torch.tensor([5, 6, 7, 8]))
     assert draft.tokens.tolist() == [8, 9, 10]
     # the target agrees with 9 after the root, then says 11 (not 10) after 9, and 12 after the rejected 10
@@ -89,7 +89,8 @@ def test_best_first_tree_keeps_the_most_probable_nodes_under_budget():
     d = drafter(decay=1.0, prior=1.0, min_prob=0.0, max_nodes=4)
     # after (0, 1): 2 (p 3/5) or 3 (p 1/5); after (1, 2): 4 (p 3/4); after (2, 4): 5 (p 1/2); after (1, 3): 6
     for key, nxt, count in [(1, 2, 3), (1, 3, 1), (1 * VOCAB + 2, 4, 3), (2 * VOCAB + 4, 5, 1), (1 * VOCAB + 3, 6, 9)]:
-        d._count(d.trigrams, key, nxt, count)
+        for _ in range(count):
+            d._count(d.trigrams, key, nxt)
     draft = d.propose(torch.tensor([0, 1]))
     nodes = nodes_of(draft)
     # scores: 2: .6, 2-4: .45, 2-4-5: .225, 3: .2, 3-6: .18
@@ -126,18 +127,17 @@ def test_memory_stays_bounded_on_a_long_stream():
 
 def test_least_recently_used_context_is_evicted():
     d = drafter(max_contexts=2)
-    d._count(d.trigrams, 1, 5, 1.0)
-    d._count(d.trigrams, 2, 5, 1.0)
+    d._count(d.trigrams, 1, 5)
+    d._count(d.trigrams, 2, 5)
     d._estimates(0, 1)  # reading context 1 (key 0 * VOCAB + 1) makes it recent
-    d._count(d.trigrams, 3, 5, 1.0)
+    d._count(d.trigrams, 3, 5)
     assert list(d.trigrams) == [1, 3]
 
 
 def test_full_row_replaces_its_smallest_count():
     d = drafter(max_next=2)
-    d._count(d.bigrams, 1, 5, 3.0)
-    d._count(d.bigrams, 1, 6, 1.0)
-    d._count(d.bigrams, 1, 7, 1.0)
+    for nxt in [5, 5, 5, 6, 7]:
+        d._count(d.bigrams, 1, nxt)
     assert d.bigrams[1] == {5: 3.0, 7: 1.0}
 
 

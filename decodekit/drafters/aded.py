@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
 
-MAX_NODES = 255  # the engine's MAX_DRAFT_NODES less the root
+MAX_NODES = MAX_DRAFT_NODES - 1  # the root is not counted
 RESCALE_AT = 1e30  # lazy decay: counts grow by 1/decay per token and are scaled back to ~1 past this
 CORPUS_MASS = 4.0  # a corpus context's counts are scaled to total at most this many fresh observations
 
@@ -46,21 +46,30 @@ class AdaptiveNgram:
     the model's predictions over the prompt: one lm_head pass at ``begin``), ``corpus`` (path of a file of
     whitespace-separated token ids learned at construction; empty = none).
 
-    Defaults (CPU float32: a step costs ~41 ms + ~1.5 ms per node, so a node pays once its acceptance chance
-    is above ~0.05 at MAT ~1.5): see the measurements noted at each default.
+    Defaults, for CPU float32 where a step costs ~41 ms + ~1.5 ms per node: a node pays when its chance of
+    acceptance q exceeds ~MAT * 1.5 / (41 + 1.5 * nodes), about 0.06. Path scores are calibrated (prior 1:
+    nodes scored 0.1-0.2 were accepted 15% of the time, 0.2-0.3 26%, 0.4-0.5 58%), so ``min_prob`` sits near
+    that break-even. On the default model (12 built-in prompts, 2 per task, 128 tokens, one engine) the
+    modelled cost per token (41 ms * steps + 1.5 ms * nodes) / tokens was flat at 23.8-24.7 ms over min_prob
+    0.04-0.15 and prior 0.5-1; the defaults gave MAT 2.10 at 5.9 nodes per step (23.8 ms). ``max_nodes`` 16
+    rarely binds (min_prob 0.05: 8 nodes MAT -0.06, 32 +0.00). decay 0.999, 0.9999 and 1 tied on MAT, 0.99
+    lost 0.4 MAT; 0.999 lets stale contexts fade, which bounds what is worth storing (below). ``seed_logits``:
+    MAT -0.005.
 
     Memory: at most ``max_contexts`` trigram rows + ``max_contexts`` bigram rows of ``max_next`` counts each,
-    i.e. ``2 * max_contexts * max_next`` counts however much text is seen.
+    i.e. ``2 * max_contexts * max_next`` counts however much text is seen (~110 bytes per count in CPython:
+    ~28 MB when full at the defaults). With decay 0.999 a context seen once falls under ``min_prob`` after
+    ~3300 tokens, and a request touches ~3 contexts per token, so 16384 rows hold what can still be drafted.
     """
 
     def __init__(
         self,
         target: TargetInfo,
         max_nodes: int = 16,
-        min_prob: float = 0.1,
+        min_prob: float = 0.07,
         decay: float = 0.999,
-        prior: float = 1.0,
-        max_contexts: int = 32768,
+        prior: float = 0.5,
+        max_contexts: int = 16384,
         max_next: int = 8,
         seed_logits: bool = False,
         corpus: str = "",
@@ -139,13 +148,14 @@ class AdaptiveNgram:
         norm = sum(row.values()) + self.prior * self._unit
         return sorted(((t, c / norm) for t, c in row.items()), key=lambda item: -item[1])
 
-    def _add(self, prev: int | None, token: int, nxt: int, weight: float = 1.0) -> None:
+    def _add(self, prev: int | None, token: int, nxt: int) -> None:
         """Count one observation of ``nxt`` after ``(prev, token)`` (and after ``token`` alone)."""
         if prev is not None:
-            self._count(self.trigrams, prev * self.vocab + token, nxt, weight)
-        self._count(self.bigrams, token, nxt, weight)
+            self._count(self.trigrams, prev * self.vocab + token, nxt)
+        self._count(self.bigrams, token, nxt)
 
-    def _count(self, table: OrderedDict[int, Row], key: int, nxt: int, weight: float) -> None:
+    def _count(self, table: OrderedDict[int, Row], key: int, nxt: int) -> None:
+        """Add one fresh observation to row ``key`` of ``table``, evicting as the caps require."""
         row = table.get(key)
         if row is None:
             row = table[key] = {}
@@ -155,7 +165,7 @@ class AdaptiveNgram:
             table.move_to_end(key)
         if nxt not in row and len(row) >= self.max_next:
             del row[min(row, key=row.__getitem__)]
-        row[nxt] = row.get(nxt, 0.0) + weight * self._unit
+        row[nxt] = row.get(nxt, 0.0) + self._unit
 
     def _tick(self, tokens: int) -> None:
         """Advance time by ``tokens`` tokens: every stored count decays by ``decay ** tokens``."""
