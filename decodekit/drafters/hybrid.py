@@ -70,12 +70,13 @@ class Hybrid:
         return merged
 
     def observe(self, outcome: StepOutcome) -> None:
+        on_path = torch.zeros(outcome.draft.tree.size, dtype=torch.bool)
+        on_path[outcome.accepted] = True
         for p, (part, draft, kept) in enumerate(zip(self.parts, self._drafts, self._kept, strict=True)):
             tried, matched = _matches(draft, outcome.committed)
             self._trials[p, : draft.tree.size] += tried
             self._hits[p, : draft.tree.size] += matched
-            index = torch.tensor(kept)
-            part.observe(_restrict(outcome, draft, index, index >= 0))
+            part.observe(_restrict(outcome, on_path, draft, torch.tensor(kept)))
 
 
 def _matches(draft: Draft, committed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,16 +93,15 @@ def _matches(draft: Draft, committed: list[int]) -> tuple[torch.Tensor, torch.Te
     return torch.tensor(tried), torch.tensor(matched)
 
 
-def _restrict(outcome: StepOutcome, draft: Draft, index: torch.Tensor, keep: torch.Tensor) -> StepOutcome:
+def _restrict(outcome: StepOutcome, on_path: torch.Tensor, draft: Draft, index: torch.Tensor) -> StepOutcome:
     """The outcome as one part sees it: its nodes that made it into the merged draft (``index``: merged index of
-    each part node, ``keep``: which did), renumbered, with their logits and its share of the accepted path."""
-    own = keep.nonzero().flatten()  # closed under parents: a kept trie node's parent is kept
+    each part node, -1 if cut), renumbered, with their logits and its share of the accepted path (``on_path``:
+    bool over the merged draft)."""
+    own = (index >= 0).nonzero().flatten()  # closed under parents: a kept trie node's parent is kept
     renumber = torch.full((draft.tree.size,), -1, dtype=torch.int64)
     renumber[own] = torch.arange(own.numel())
     parents = torch.where(own == 0, -1, renumber[draft.tree.parents[own].clamp(min=0)])
     merged_rows = index[own]
-    on_path = torch.zeros(outcome.draft.tree.size, dtype=torch.bool)
-    on_path[outcome.accepted] = True
     return StepOutcome(
         Draft(draft.tokens[own], Tree(parents)),
         outcome.logits[merged_rows],
