@@ -10,6 +10,7 @@ from decodekit.errors import (
     UnsupportedArchitecture,
 )
 from decodekit.runtime.loader import LoadedModel, load_model
+from decodekit.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "LoadedModel",
     "ModelFileError",
     "PromptTooLong",
+    "SamplingParams",
     "UnsupportedArchitecture",
     "load_model",
 ]

@@ -19,8 +19,8 @@ from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
+from decodekit.sampling import GREEDY, Sampler, SamplingParams
 from decodekit.text import TextStream, encode_chat, find_stop
-from decodekit.verify import verify_greedy
 
 
 @dataclass
@@ -31,6 +31,7 @@ class GenerationStats:
     accepted_lengths: list[int] = field(default_factory=list)  # tokens committed by each verification step
     draft_sizes: list[int] = field(default_factory=list)  # draft nodes proposed by each step (root excluded)
     accepted_drafts: list[int] = field(default_factory=list)  # depth of each step's accepted path, before cuts
+    seed: int | None = None  # the random seed a sampled request used (None: greedy)
     prefill_s: float = 0.0
     draft_s: float = 0.0  # in the drafter (propose and observe)
     forward_s: float = 0.0  # in the model's forward over the drafts and their verification
@@ -125,11 +126,14 @@ class Engine:
         max_new_tokens: int = 256,
         stop: list[str] | tuple[str, ...] = (),
         chat: bool = True,
+        sampling: SamplingParams = GREEDY,
     ) -> GenerationStream:
         """Generate lazily: iterate the returned stream for chunks, then read ``.result``."""
         prompt_ids = list(prompt) if _is_token_ids(prompt) else self.encode(prompt, chat)
         self.validate(prompt_ids, max_new_tokens)
-        return GenerationStream(self._decode(prompt_ids, max_new_tokens, list(stop)))
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidParameter("sampling must be a SamplingParams")
+        return GenerationStream(self._decode(prompt_ids, max_new_tokens, list(stop), sampling))
 
     def generate(
         self,
@@ -138,8 +142,10 @@ class Engine:
         stop: list[str] | tuple[str, ...] = (),
         chat: bool = True,
         on_chunk: Callable[[Chunk], None] | None = None,
+        sampling: SamplingParams = GREEDY,
     ) -> Generation:
-        stream = self.stream(prompt, max_new_tokens, stop, chat)
+        """Generate greedily, or by ``sampling``; the method never changes the output's distribution."""
+        stream = self.stream(prompt, max_new_tokens, stop, chat, sampling)
         for chunk in stream:
             if on_chunk is not None:
                 on_chunk(chunk)
@@ -165,10 +171,13 @@ class Engine:
         self._cache.reset()
         return self._cache
 
-    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop: list[str]) -> Iterator[Chunk]:
+    def _decode(
+        self, prompt_ids: list[int], max_new_tokens: int, stop: list[str], sampling: SamplingParams
+    ) -> Iterator[Chunk]:
         model, device, eos = self.model.transformer, self.model.device, self.model.eos_token_ids
         budget = min(max_new_tokens, self.model.cfg.context_window - len(prompt_ids))
-        stats = GenerationStats(self.method, len(prompt_ids))
+        sampler = Sampler(sampling, self.model.cfg.vocab_size, prompt_ids)
+        stats = GenerationStats(self.method, len(prompt_ids), seed=None if sampling.greedy else sampler.seed)
         sequence = torch.empty(len(prompt_ids) + budget + 1, dtype=torch.int64)
         sequence[: len(prompt_ids)] = torch.tensor(prompt_ids)
         length = len(prompt_ids)
@@ -192,7 +201,7 @@ class Engine:
             _check(draft, int(sequence[length - 1]), self.method)
             t1 = time.perf_counter()
             logits = model(draft.tokens[None].to(device), cache, draft.tree)[0]
-            path, bonus = verify_greedy(draft.tokens, draft.tree, logits.argmax(dim=-1).cpu(), draft.candidates)
+            path, bonus = sampler.verify(draft.tokens, draft.tree, logits, draft.candidates, draft.draft_probs)
             cache.commit(0, path)
             t2 = time.perf_counter()
             committed = [*draft.tokens[path[1:]].tolist(), bonus]
@@ -200,7 +209,8 @@ class Engine:
             delta, keep = text.push(committed)
             if keep is not None:
                 committed, finish = committed[:keep], "stop"
-            self.drafter.observe(StepOutcome(draft, logits, path, committed))
+            self.drafter.observe(StepOutcome(draft, logits, path, committed, sampler))
+            sampler.advance(committed)
             stats.draft_s += time.perf_counter() - t2 + t1 - t0
             stats.forward_s += t2 - t1
             out.extend(committed)
@@ -248,6 +258,8 @@ def _check(draft: Draft, root: int, method: str) -> None:
         raise DecodekitError(f"{method} proposed a tree whose root is not the last committed token")
     if draft.candidates is not None and (draft.candidates.shape != draft.tokens.shape or not draft.candidates[0]):
         raise DecodekitError(f"{method} proposed a candidate mask of the wrong shape or without the root")
+    if draft.draft_probs is not None and draft.draft_probs.shape[0] != draft.tree.size:
+        raise DecodekitError(f"{method} proposed draft probabilities for {draft.draft_probs.shape[0]} nodes")
 
 
 def _is_token_ids(prompt: object) -> bool:

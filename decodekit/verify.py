@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from decodekit.runtime.tree import Tree
@@ -27,3 +29,51 @@ def verify_greedy(
     deepest = int(torch.where(accepted, tree.depth, -1).argmax())
     path = tree.ancestors[deepest].nonzero().flatten()
     return path, int(target[deepest])
+
+
+def verify_sampled(
+    tokens: torch.Tensor,
+    tree: Tree,
+    target_probs: Callable[[int], torch.Tensor],
+    generator: torch.Generator,
+    candidates: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Rejection sampling down a draft tree: the committed tokens follow the target distribution exactly.
+
+    From the root, the candidate children of the current node are tried in index order against the current
+    distribution p (``target_probs(node)``, float64 ``[V]``, summing to 1):
+    - deterministic drafts (``draft_probs`` None): child token x is accepted with probability p(x); on
+      rejection p becomes p with x removed, renormalized;
+    - sampled drafts: ``draft_probs`` float ``[n, V]``, row i the distribution node i's token was drawn from
+      (given its earlier siblings; row 0 unused). x is accepted with probability min(1, p(x) / q(x)); on
+      rejection p becomes normalize(max(0, p - q)).
+    An accepted child becomes the current node; when every child is rejected (or there is none), the next
+    token is drawn from the current p. Random draws come from ``generator`` only. Returns (``path`` int64
+    ``[m]`` root first, ``bonus``).
+    """
+    parents = tree.parents.tolist()
+    allowed = [True] * len(parents) if candidates is None else candidates.tolist()
+    children: list[list[int]] = [[] for _ in parents]
+    for node in range(1, len(parents)):
+        if allowed[node]:
+            children[parents[node]].append(node)
+    path, node = [0], 0
+    while True:
+        p = target_probs(node)
+        for child in children[node]:
+            x = int(tokens[child])
+            q = None if draft_probs is None else draft_probs[child].to(p.dtype)
+            chance = p[x] if q is None else (p[x] / q[x]).clamp(max=1) if q[x] > 0 else p.new_zeros(())
+            if float(torch.rand((), generator=generator, dtype=torch.float64)) < float(chance):
+                path.append(child)
+                node = child
+                break
+            residual = p.clone() if q is None else (p - q).clamp_(min=0)
+            if q is None:
+                residual[x] = 0
+            if residual.sum() > 0:  # zero only where p equals q, and then the child was accepted surely
+                p = residual / residual.sum()
+        else:
+            bonus = int(torch.multinomial(p, 1, generator=generator))
+            return torch.tensor(path, dtype=torch.int64), bonus

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from decodekit.runtime.tree import Tree
+from decodekit.sampling import Sampler
 
 MAX_DRAFT_NODES = 256  # the largest tree (root included) a drafter may propose; the engine reserves cache for it
 
@@ -33,11 +34,16 @@ class Draft:
     ``candidates`` bool ``[n]`` (None: every node): the nodes that may be accepted. The others are side tokens
     that ride in the same forward (a Jacobi window, say): their logits come back in ``observe``, and neither
     they nor their descendants are ever committed. The root is always a candidate.
+
+    ``draft_probs`` float ``[n, V]`` (None: a deterministic draft): under sampling, row i is the distribution
+    node i's token was drawn from (given its earlier siblings; row 0 unused); verification then accepts with
+    min(1, p/q). A deterministic draft is accepted with probability p. Greedy verification ignores it.
     """
 
     tokens: torch.Tensor
     tree: Tree
     candidates: torch.Tensor | None = None
+    draft_probs: torch.Tensor | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -52,13 +58,15 @@ class StepOutcome:
     ``logits`` float ``[n, vocab]``: the target's logits after every draft node, rejected ones included
     (row i predicts the token that follows node i). ``accepted`` int64 ``[m]``: node indices of the accepted
     path, root first. ``committed``: the tokens appended to the sequence this step (accepted drafts then the
-    target's bonus token), already cut at EOS, a stop string or the token budget.
+    target's bonus token), already cut at EOS, a stop string or the token budget. ``sampler``: the request's
+    sampling state (parameters, random generator, the target distribution of any node), None in unit tests.
     """
 
     draft: Draft
     logits: torch.Tensor
     accepted: torch.Tensor
     committed: list[int]
+    sampler: Sampler | None = None
 
 
 @runtime_checkable

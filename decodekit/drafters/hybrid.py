@@ -39,8 +39,8 @@ class Hybrid:
         if budget < 1:
             raise InvalidParameter(f"hybrid budget must be >= 1, got {budget}")
         self.parts = [make_drafter(name, target) for name in names]
-        if any(getattr(part, "side_tokens", False) for part in self.parts):
-            raise InvalidParameter("hybrid cannot merge a method that drafts side tokens (lookahead)")
+        if any(getattr(part, "side_tokens", False) or getattr(part, "samples_drafts", False) for part in self.parts):
+            raise InvalidParameter("hybrid merges deterministic drafts only: not lookahead's side tokens or sjd")
         self.budget, self.min_score = budget, min_score
         self.wants_prompt_logits = any(part.wants_prompt_logits for part in self.parts)
         self._hits = torch.full((len(self.parts), MAX_DRAFT_NODES), PRIOR_HITS, dtype=torch.float64)
@@ -107,4 +107,5 @@ def _restrict(outcome: StepOutcome, on_path: torch.Tensor, draft: Draft, index: 
         outcome.logits[merged_rows],
         on_path[merged_rows].nonzero().flatten(),
         outcome.committed,
+        outcome.sampler,
     )

@@ -1,0 +1,157 @@
+"""Sampling parameters and the target distribution p they define.
+
+The target distribution at a draft node is the model's logits after, in this order (as transformers applies
+them): repetition penalty over the tokens in the node's context, temperature, top-k, top-p, min-p. Verification
+compares drafts against exactly this p (see :mod:`decodekit.verify`). Temperature 0 means greedy decoding: the
+argmax of the penalized logits, verified by the greedy rule.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from decodekit.errors import InvalidParameter
+from decodekit.runtime.tree import Tree
+from decodekit.verify import verify_greedy, verify_sampled
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature`` 0 = greedy. ``top_k`` 0 = off; ``top_p`` 1 = off; ``min_p`` 0 = off;
+    ``repetition_penalty`` 1 = off (CTRL's rule: a seen token's logit is divided by it when positive, multiplied
+    when negative); ``seed`` None = a fresh random seed per request."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def number(name: str, value: object, integer: bool = False) -> None:
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+                raise InvalidParameter(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+
+        number("temperature", self.temperature)
+        number("top_k", self.top_k, integer=True)
+        number("top_p", self.top_p)
+        number("min_p", self.min_p)
+        number("repetition_penalty", self.repetition_penalty)
+        if self.temperature < 0:
+            raise InvalidParameter(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidParameter(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidParameter(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise InvalidParameter(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None:
+            number("seed", self.seed, integer=True)
+            if not 0 <= self.seed < 2**63:
+                raise InvalidParameter(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GREEDY = SamplingParams()
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty. ``logits`` float ``[..., V]``, ``seen`` bool ``[..., V]`` (tokens in the context)."""
+    if penalty == 1:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities (float64 ``[..., V]``) from penalized logits: temperature, then top-k, top-p, min-p."""
+    scores = logits.double() / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = scores.topk(params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if params.top_p < 1:
+        # keep the smallest set of most likely tokens whose mass reaches top_p (at least one token)
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(dim=-1)
+        sorted_drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p  # mass before it already enough
+        drop = torch.zeros_like(sorted_drop).scatter_(-1, order, sorted_drop)
+        scores = scores.masked_fill(drop, -math.inf)
+    probs = scores.softmax(dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+class Sampler:
+    """One request's sampling state: its parameters, its random generator (seeded: the same seed and inputs
+    give the same output) and, with a repetition penalty, the set of tokens in the context so far.
+
+    The context of draft node ``i`` is the committed sequence plus the draft tokens on the path to ``i``, so
+    every node is judged by the distribution plain decoding would have used at that point.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]) -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[torch.tensor(prompt_ids)] = True
+
+    def advance(self, committed: list[int]) -> None:
+        """Add the tokens a step committed to the context."""
+        if self.seen is not None and committed:
+            self.seen[torch.tensor(committed)] = True
+
+    def node_logits(self, logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
+        """Penalized logits ``[len(nodes), V]`` of the given draft nodes (``logits`` ``[n, V]``, ``tokens`` ``[n]``)."""
+        rows = logits[nodes].float().cpu()
+        if self.seen is None:
+            return rows
+        seen = self.seen.expand(len(nodes), -1).clone()
+        which, ancestor = tree.ancestors[nodes].nonzero(as_tuple=True)
+        seen[which, tokens[ancestor]] = True
+        return penalize(rows, seen, self.params.repetition_penalty)
+
+    def node_probs(self, logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, node: int) -> torch.Tensor:
+        """The target distribution p (float64 ``[V]``) for the token after draft node ``node``."""
+        return warp(self.node_logits(logits, tokens, tree, torch.tensor([node]))[0], self.params)
+
+    def verify(
+        self,
+        tokens: torch.Tensor,
+        tree: Tree,
+        logits: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        draft_probs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Accepted path (node indices, root first) and the next token, by the greedy rule at temperature 0 and
+        by rejection sampling otherwise. ``logits`` ``[n, V]`` on any device."""
+        if self.params.greedy:
+            scores = logits if self.seen is None else self.node_logits(logits, tokens, tree, torch.arange(tree.size))
+            return verify_greedy(tokens, tree, scores.argmax(dim=-1).cpu(), candidates)
+        logits = logits.cpu()
+        return verify_sampled(
+            tokens,
+            tree,
+            lambda node: self.node_probs(logits, tokens, tree, node),
+            self.generator,
+            candidates,
+            draft_probs,
+        )
