@@ -57,3 +57,31 @@ def write_tiny_llama(directory: Path, **overrides: object) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)
     return directory
+
+
+SMALL_VOCAB = ["a", "b", "c", "d", "e", "f", "g", "h"]
+
+
+def write_small_vocab_llama(directory: Path) -> Path:
+    """A 2-layer random Llama over 8 word tokens (no EOS): small enough to enumerate every 3-token output and
+    its exact probability, for statistical tests of sampling."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SMALL_VOCAB)}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="a").save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(SMALL_VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.3,  # distributions neither flat nor one-hot
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

@@ -71,8 +71,12 @@ def run_bench(
     max_new_tokens: int,
     all_turns: bool = True,
     progress: Callable | None = None,
+    compare_outputs: bool = True,
 ) -> list[dict]:
     """Run every runner on every question, interleaved; return one record per question, turn and runner.
+
+    ``compare_outputs``: record whether each output is identical to the first runner's (greedy runs; a sampled
+    run records None).
 
     A turn whose prompt would not leave room for ``max_new_tokens`` in the context window ends its question with a
     ``skipped`` record (the question's earlier turns stay counted). A peer that fails on a turn gets an ``error``
@@ -138,7 +142,7 @@ def run_bench(
                         "runner": runner.name,
                         "prompt_tokens": len(prompt_ids),
                         "new_tokens": len(run.token_ids),
-                        "identical": run.token_ids == outputs.get((turn, reference)),
+                        "identical": run.token_ids == outputs.get((turn, reference)) if compare_outputs else None,
                         "peak_rss_mb": memory.peak_mb,
                         **row,
                     }
@@ -219,7 +223,8 @@ def _acceptance(runs: list[dict]) -> dict:
     lengths = [n for r in runs for n in r["accepted_lengths"]]
     sizes = [n for r in runs for n in r["draft_sizes"]]
     accepted = [n for r in runs for n in r["accepted_drafts"]]
-    out = {"identical_share": mean(r["identical"] for r in runs)}
+    compared = [r["identical"] for r in runs if r["identical"] is not None]
+    out = {"identical_share": mean(compared)} if compared else {}
     if lengths and all(r.get("draft_s") is not None for r in runs):  # our engine's runs: where a step's time went
         out["draft_ms_per_step"] = 1000 * sum(r["draft_s"] for r in runs) / len(lengths)
         out["forward_ms_per_step"] = 1000 * sum(r["forward_s"] for r in runs) / len(lengths)
@@ -242,8 +247,10 @@ def render_table(summary: dict) -> str:
             mat = f" [{s['mat']:.2f}]" if "mat" in s else ""
             cells.append(f"{s['speedup']:.2f}x ({s['tokens_per_s']:.1f}){mat}" if "speedup" in s else "failed")
         lines.append(f"{task:<16}" + "".join(f"{c:>24}" for c in cells))
-    share = "  ".join(f"{r}: {summary[r]['overall'].get('identical_share', 0):.0%}" for r in runners)
-    lines.append(f"identical to {runners[0]}: {share}")
+    shares = {r: summary[r]["overall"].get("identical_share") for r in runners}
+    if any(share is not None for share in shares.values()):  # sampled runs are not compared
+        cells = "  ".join(f"{r}: " + ("n/a" if v is None else f"{v:.0%}") for r, v in shares.items())
+        lines.append(f"identical to {runners[0]}: {cells}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 Started as a script (not ``-m``, which would import the decodekit package and torch). Protocol, one JSON object
 per line: it prints ``{"ready": true}`` once the model is loaded; then for each request
-``{"prompt_ids": [...], "max_new_tokens": N, "eos": [...]}`` on stdin it prints
-``{"token_ids": [...], "wall_s": s}`` (greedy; EOS kept, as decodekit does) or ``{"error": "..."}``.
+``{"prompt_ids": [...], "max_new_tokens": N, "eos": [...], "sampling": {...}}`` on stdin (sampling: decodekit's
+SamplingParams as a dict) it prints ``{"token_ids": [...], "wall_s": s}`` (EOS kept, as decodekit does) or
+``{"error": "..."}``. llama.cpp applies its repetition penalty to the last 64 tokens only.
 """
 
 from __future__ import annotations
@@ -35,9 +36,18 @@ def main() -> int:
         request = json.loads(line)
         eos = set(request["eos"])
         out: list[int] = []
+        sampling = request["sampling"]
+        if sampling["temperature"] == 0:
+            options = {"top_k": 1, "temp": 0.0}
+        else:
+            options = {k: sampling[s] for k, s in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"))}
+            options["min_p"] = sampling["min_p"]
+            if sampling["seed"] is not None:
+                llm.set_seed(sampling["seed"])
+        options["repeat_penalty"] = sampling["repetition_penalty"]
         try:
             start = time.perf_counter()
-            for token in llm.generate(request["prompt_ids"], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            for token in llm.generate(request["prompt_ids"], reset=True, **options):
                 out.append(int(token))
                 if token in eos or len(out) >= request["max_new_tokens"]:
                     break

@@ -15,6 +15,7 @@ import torch
 from decodekit.engine import Engine
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.loader import LoadedModel
+from decodekit.sampling import GREEDY, SamplingParams
 
 PEERS = ("hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
 
@@ -36,12 +37,12 @@ class Run:
 class EngineRunner:
     """A decodekit method."""
 
-    def __init__(self, model: LoadedModel, method: str) -> None:
-        self.name = method
+    def __init__(self, model: LoadedModel, method: str, sampling: SamplingParams = GREEDY) -> None:
+        self.name, self.sampling = method, sampling
         self.engine = Engine(model, method)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
-        g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=self.sampling)
         s = g.stats
         return Run(
             g.token_ids,
@@ -58,23 +59,34 @@ class EngineRunner:
 class HFRunner:
     """transformers' own ``generate`` on the same weights: greedy, or with its prompt-lookup drafting."""
 
-    def __init__(self, model: LoadedModel, prompt_lookup: int | None = None) -> None:
+    def __init__(self, model: LoadedModel, prompt_lookup: int | None = None, sampling: SamplingParams = GREEDY) -> None:
         from transformers import AutoModelForCausalLM
 
         self.name = "hf" if prompt_lookup is None else "hf-lookup"
         self.hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=model.dtype).to(model.device).eval()
         self.device, self.eos = model.device, sorted(model.eos_token_ids)
         self.options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
+        self.seed = sampling.seed
+        self.options |= {"do_sample": False, "repetition_penalty": sampling.repetition_penalty}
+        if not sampling.greedy:
+            self.options |= {
+                "do_sample": True,
+                "temperature": sampling.temperature,
+                "top_k": sampling.top_k,  # 0 = off, as in decodekit (transformers' default would be 50)
+                "top_p": sampling.top_p,
+                "min_p": sampling.min_p or None,
+            }
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
         ids = torch.tensor([prompt_ids], device=self.device)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
         _sync(self.device)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.hf.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos,
                 pad_token_id=self.eos[0],
@@ -102,8 +114,11 @@ class LlamaCppRunner:
 
     WORKER = Path(__file__).with_name("llamacpp_worker.py")
 
-    def __init__(self, gguf: Path, eos: frozenset[int], lookup: int | None = None) -> None:
+    def __init__(
+        self, gguf: Path, eos: frozenset[int], lookup: int | None = None, sampling: SamplingParams = GREEDY
+    ) -> None:
         self.name = "llamacpp" if lookup is None else "llamacpp-lookup"
+        self.sampling = sampling.to_dict()
         self.command = [sys.executable, str(self.WORKER), str(gguf), "--threads", str(torch.get_num_threads())]
         if lookup:
             self.command += ["--lookup", str(lookup)]
@@ -127,6 +142,7 @@ class LlamaCppRunner:
         if self.process.poll() is not None:
             self._start()  # the last request crashed it
         request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos": self.eos}
+        request["sampling"] = self.sampling
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
@@ -146,25 +162,27 @@ class LlamaCppRunner:
             self.process.wait(timeout=30)
 
 
-def make_runners(model: LoadedModel, methods: list[str], peers: list[str]) -> tuple[list, list[str]]:
-    """Build the runners; peers that cannot run here are left out, each with a one-line note."""
+def make_runners(
+    model: LoadedModel, methods: list[str], peers: list[str], sampling: SamplingParams = GREEDY
+) -> tuple[list, list[str]]:
+    """Build the runners, all decoding with ``sampling``; peers that cannot run here are left out, each with a
+    one-line note."""
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
-    runners: list = [EngineRunner(model, m) for m in methods]
+    runners: list = [EngineRunner(model, m, sampling) for m in methods]
     notes = []
     for peer in peers:
         if peer.startswith("hf"):
-            runners.append(HFRunner(model, prompt_lookup=10 if peer == "hf-lookup" else None))
+            runners.append(HFRunner(model, 10 if peer == "hf-lookup" else None, sampling))
         elif importlib.util.find_spec("llama_cpp") is None:
             notes.append(f"{peer} skipped: llama-cpp-python is not installed (BENCHMARKS.md says how to build it)")
         elif model.source.suffix != ".gguf":
             notes.append(f"{peer} skipped: it needs a .gguf model, not {model.source}")
         else:
             try:
-                runners.append(
-                    LlamaCppRunner(model.source, model.eos_token_ids, 10 if peer.endswith("lookup") else None)
-                )
+                lookup = 10 if peer.endswith("lookup") else None
+                runners.append(LlamaCppRunner(model.source, model.eos_token_ids, lookup, sampling))
             except PeerError as err:
                 notes.append(f"{peer} skipped: {err}")
     names = [r.name for r in runners]

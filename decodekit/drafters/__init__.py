@@ -12,6 +12,7 @@ from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.recycling import TokenRecycling
+from decodekit.drafters.sjd import SpeculativeJacobi
 from decodekit.drafters.suffix import SuffixDrafter
 from decodekit.errors import InvalidParameter
 
@@ -25,6 +26,7 @@ METHODS: dict[str, type] = {
     "aded": AdaptiveNgram,
     "lookahead": Lookahead,
     "hybrid": Hybrid,
+    "sjd": SpeculativeJacobi,
 }
 
 __all__ = [
