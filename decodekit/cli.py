@@ -1,4 +1,4 @@
-"""Command line: ``decodekit generate``.
+"""Command line: ``decodekit generate``, ``decodekit bench``, ``decodekit serve``.
 
 Every user error ends as one line on stderr and exit status 1; no traceback.
 """
@@ -11,8 +11,10 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import replace
 
 from decodekit.errors import DecodekitError, InvalidParameter
+from decodekit.sampling import SamplingParams
 
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--cache-dir", help="where converted GGUF weights are kept (default: $DECODEKIT_CACHE or ~/.cache/decodekit)"
     )
+    add_sampling_args(gen)
     bench = commands.add_parser("bench", help="measure methods and peers side by side on a question set")
     bench.add_argument("--methods", nargs="+", default=["ar", "recycling"], metavar="SPEC", help="decodekit methods")
     bench.add_argument(
@@ -64,7 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", help="where converted GGUF weights are kept")
     bench.add_argument("--output", default="bench-out", help="directory for result.json and speedup.png")
     bench.add_argument("--report", metavar="RESULT.json", help="re-render table and chart from a saved run")
+    add_sampling_args(bench)
+
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
+    serve.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--method", default="recycling", help="method of requests that name none (default: recycling)")
+    serve.add_argument("--max-prompt-tokens", type=int, metavar="N", help="refuse longer prompts (default: context)")
+    serve.add_argument("--max-tokens-cap", type=int, metavar="N", help="refuse a larger max_tokens (default: context)")
+    serve.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait (default: 16)")
+    serve.add_argument("--cache-dir", help="where converted GGUF weights are kept")
     return parser
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (default: greedy; every method keeps the target distribution)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    group.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    group.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 = off")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    group.add_argument("--seed", type=int, help="random seed (default: a fresh one per request)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
 
 
 def _read_prompt(arg: str | None) -> str:
@@ -104,6 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from decodekit.runtime.loader import load_model
 
     parse_method(args.method)  # reject a bad method before the model loads
+    sampling = sampling_from_args(args)
     if args.chat_file and (args.prompt is not None or args.no_chat):
         raise InvalidParameter("--chat-file takes the whole conversation: give no prompt and no --no-chat")
     prompt = check_messages(_read_conversation(args.chat_file)) if args.chat_file else _read_prompt(args.prompt)
@@ -116,14 +147,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compare:
         plain = Engine(model, "ar")
         plain.generate(prompt_ids, max_new_tokens=4)  # warm the runtime (allocator, oneDNN) for both sides
-        baseline = plain.generate(prompt_ids, max_new_tokens=args.max_new_tokens, stop=args.stop)
+        baseline = plain.generate(prompt_ids, max_new_tokens=args.max_new_tokens, stop=args.stop, sampling=sampling)
 
     def show(chunk) -> None:
         print(chunk.text, end="", flush=True)
 
     streaming = args.stream and not args.json
     result = engine.generate(
-        prompt_ids, max_new_tokens=args.max_new_tokens, stop=args.stop, on_chunk=show if streaming else None
+        prompt_ids, args.max_new_tokens, args.stop, on_chunk=show if streaming else None, sampling=sampling
     )
 
     if args.json:
@@ -137,7 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if baseline is not None:
             out["baseline"] = {"method": "ar", "token_ids": baseline.token_ids, "stats": baseline.stats.to_dict()}
             out["speedup"] = result.stats.tokens_per_s / baseline.stats.tokens_per_s
-            out["identical"] = result.token_ids == baseline.token_ids
+            if sampling.greedy:  # sampled outputs are equal in distribution, not token for token
+                out["identical"] = result.token_ids == baseline.token_ids
         print(json.dumps(out))
         return 0
 
@@ -148,6 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if baseline is not None:
         speedup = result.stats.tokens_per_s / baseline.stats.tokens_per_s
         same = "yes" if result.token_ids == baseline.token_ids else "NO"
+        same = same if sampling.greedy else "n/a (sampled)"
         print(f"speedup {speedup:.2f}x over ar; identical token ids: {same}", file=sys.stderr)
     return 0
 
@@ -178,6 +211,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for method in args.methods:
         parse_method(method)
+    sampling = sampling_from_args(args)
+    if not sampling.greedy and sampling.seed is None:
+        sampling = replace(sampling, seed=0)  # a benchmark is rerun exactly
     for name, value in (
         ("--per-category", args.per_category),
         ("--limit", args.limit),
@@ -188,7 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     questions = bench.select(load_questions(args.dataset), args.categories, args.per_category, args.limit)
     baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    runners, notes = bench.make_runners(model, args.methods, args.peers)
+    runners, notes = bench.make_runners(model, args.methods, args.peers, sampling)
     for note in notes:
         print(f"decodekit: {note}", file=sys.stderr)
     if baseline not in [r.name for r in runners]:
@@ -201,6 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.max_new_tokens,
             not args.first_turn_only,
             lambda qs: tqdm(qs, desc="questions"),
+            compare_outputs=sampling.greedy,
         )
     finally:
         for runner in runners:
@@ -213,6 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "dataset": args.dataset or "built-in",
         "questions": len(questions),
         "max_new_tokens": args.max_new_tokens,
+        "sampling": sampling.to_dict(),
         "first_turn_only": args.first_turn_only,
         "baseline": baseline,
         "reference": runners[0].name,
@@ -235,16 +273,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from decodekit.drafters import parse_method
+    from decodekit.runtime.loader import load_model
+    from decodekit.server import create_app
+
+    parse_method(args.method)
+    for name, value in (
+        ("--max-prompt-tokens", args.max_prompt_tokens),
+        ("--max-tokens-cap", args.max_tokens_cap),
+        ("--queue-size", args.queue_size),
+    ):
+        if value is not None and value < 1:
+            raise InvalidParameter(f"{name} must be a positive integer, got {value}")
+    if not 0 <= args.port < 65536:
+        raise InvalidParameter(f"--port must be in [0, 65535], got {args.port}")
+    model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    app = create_app(model, args.method, args.queue_size, args.max_prompt_tokens, args.max_tokens_cap)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _chart_title(meta: dict) -> str:
     where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
-    return f"{meta['model']}, {meta['dtype']}, {meta['questions']} questions, {meta['max_new_tokens']} tokens - {where}"
+    temperature = meta.get("sampling", {}).get("temperature", 0)
+    decoding = "greedy" if not temperature else f"T={temperature}"
+    return (
+        f"{meta['model']}, {meta['dtype']}, {decoding}, {meta['questions']} questions, "
+        f"{meta['max_new_tokens']} tokens - {where}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="decodekit: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        return {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
     except DecodekitError as err:
         print(f"decodekit: error: {err}", file=sys.stderr)
         return 1

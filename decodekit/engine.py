@@ -133,7 +133,8 @@ class Engine:
         self.validate(prompt_ids, max_new_tokens)
         if not isinstance(sampling, SamplingParams):
             raise InvalidParameter("sampling must be a SamplingParams")
-        return GenerationStream(self._decode(prompt_ids, max_new_tokens, list(stop), sampling))
+        stop = [text for text in stop if text]  # an empty stop string would stop nothing but cut everything
+        return GenerationStream(self._decode(prompt_ids, max_new_tokens, stop, sampling))
 
     def generate(
         self,

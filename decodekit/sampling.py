@@ -84,17 +84,27 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = scores.topk(params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -math.inf)
     if params.top_p < 1:
-        # keep the smallest set of most likely tokens whose mass reaches top_p (at least one token)
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        sorted_probs = sorted_scores.softmax(dim=-1)
-        sorted_drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p  # mass before it already enough
-        drop = torch.zeros_like(sorted_drop).scatter_(-1, order, sorted_drop)
-        scores = scores.masked_fill(drop, -math.inf)
+        scores = scores.masked_fill(_outside_nucleus(scores.softmax(dim=-1), params.top_p), -math.inf)
     probs = scores.softmax(dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def _outside_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """bool ``[..., V]``: tokens outside the smallest most-likely set whose mass reaches ``top_p`` (at least one
+    token kept). Looks at the top 64 tokens first and widens only when their mass falls short: a full sort of a
+    large vocabulary costs far more than the rest of sampling."""
+    vocab, k = probs.shape[-1], min(64, probs.shape[-1])
+    while True:
+        top = probs.topk(k, dim=-1)  # descending
+        mass_before = top.values.cumsum(dim=-1) - top.values
+        if k == vocab or bool((mass_before[..., -1] >= top_p).all()):
+            break
+        k = min(vocab, 8 * k)
+    outside = torch.ones_like(probs, dtype=torch.bool)
+    return outside.scatter_(-1, top.indices, mass_before >= top_p)
 
 
 class Sampler:

@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP API: ``/v1/completions`` and ``/v1/chat/completions`` (whole or streamed as
+server-sent events), ``/v1/models``, ``/health`` and ``/metrics``.
+
+Where it differs from OpenAI: the server has one model and answers whatever ``model`` a request names; extra body
+fields ``top_k``, ``min_p``, ``repetition_penalty`` and ``method`` (a decodekit method spec); ``usage`` adds
+``mean_accepted_tokens``. ``temperature`` defaults to 1 as in OpenAI: send 0 for greedy output, which every method
+reproduces exactly. Parameters it cannot honour (``n`` > 1, ``logprobs``, ``tools``, penalties, ...) are refused
+with 400; other unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from decodekit import __version__
+from decodekit.drafters import parse_method
+from decodekit.engine import Chunk, GenerationStats, check_messages
+from decodekit.errors import InvalidParameter
+from decodekit.runtime.loader import LoadedModel
+from decodekit.sampling import SamplingParams
+from decodekit.server.metrics import Metrics, MetricsMiddleware
+from decodekit.server.scheduler import Failed, GenerationRequest, Job, QueueFull, Scheduler, Started
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+# OpenAI parameters this server cannot honour, with the values that ask for nothing (null is always accepted)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationBody(BaseModel):
+    """Fields both endpoints share; unknown fields are kept in ``model_extra``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    top_k: int | None = None  # decodekit extras from here on
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    method: str | None = None
+
+
+class CompletionBody(GenerationBody):
+    prompt: str | list[int]  # text, sent without the chat template, or token ids
+
+
+class ChatBody(GenerationBody):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error object; ``code`` is the HTTP status."""
+    kind = {429: "rate_limit_error", 404: "not_found_error"}.get(status)
+    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def create_app(
+    model: LoadedModel,
+    method: str = "recycling",
+    queue_size: int = 16,
+    max_prompt_tokens: int | None = None,
+    max_tokens_cap: int | None = None,
+) -> FastAPI:
+    """The server's app: requests generate with ``model``, by the method spec a request names or ``method``.
+
+    ``queue_size`` requests may wait behind the running one (more get 429); prompts over ``max_prompt_tokens``
+    tokens and ``max_tokens`` over ``max_tokens_cap`` get 400. Its metrics live in ``app.state.metrics.registry``.
+    """
+    parse_method(method)
+    metrics = Metrics()
+    scheduler = Scheduler(model, metrics, queue_size, max_prompt_tokens)
+    started_at = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="decodekit", version=__version__, lifespan=lifespan)
+    app.state.metrics, app.state.scheduler = metrics, scheduler
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err.status, err.message, err.param)
+
+    @app.exception_handler(InvalidParameter)
+    async def invalid_parameter(_: Request, err: InvalidParameter) -> JSONResponse:
+        return error_response(400, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+        where = [str(part) for part in first["loc"] if part != "body"]
+        param = where[0] if where else None
+        return error_response(400, f"{'.'.join(where) or 'body'}: {first['msg']}", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        return error_response(500, f"internal server error: {type(err).__name__}")
+
+    def prepare(body: GenerationBody, prompt: Any, chat: bool, max_tokens: int | None, default: int) -> Job:
+        """Check the request's parameters and queue it."""
+        for name, value in (body.model_extra or {}).items():
+            if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+                allowed = json.dumps(UNSUPPORTED[name][0])
+                raise APIError(400, f"{name}={json.dumps(value)[:40]} is not supported (only {allowed})", name)
+        if max_tokens is None:
+            max_tokens = min(default, max_tokens_cap or default)
+        elif max_tokens_cap is not None and max_tokens > max_tokens_cap:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap of {max_tokens_cap}", "max_tokens")
+        spec = body.method or method
+        try:
+            parse_method(spec)
+        except InvalidParameter as err:
+            raise APIError(400, str(err), "method") from None
+        sampling = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=0 if body.top_k in (None, -1) else body.top_k,  # -1: off, as in vLLM
+            top_p=1.0 if body.top_p is None else body.top_p,
+            min_p=body.min_p or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            seed=body.seed,
+        )
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        request = GenerationRequest(prompt, chat, spec, max_tokens, stop, sampling)
+        try:
+            return scheduler.submit(request)
+        except QueueFull as err:
+            raise APIError(429, str(err)) from None
+
+    async def respond(job: Job, body: GenerationBody, chat: bool) -> Response:
+        """The whole reply, or a stream of chunks once the worker has accepted the request."""
+        reply = Reply(model.name, chat)
+        try:
+            event = await job.next()
+            if isinstance(event, Failed):
+                raise APIError(event.status, event.message)
+            if not body.stream:
+                while isinstance(event, Started | Chunk):
+                    event = await job.next()
+                if isinstance(event, Failed):
+                    raise APIError(event.status, event.message)
+                return JSONResponse(reply.whole(event.generation.text, event.generation.stats))
+        except BaseException:
+            job.cancel()
+            raise
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream(job, reply, include_usage), media_type="text/event-stream")
+
+    async def stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: the text as it is committed, the finish reason, [DONE]; leaving cancels the job."""
+        try:
+            chat = reply.chat
+            if chat:
+                yield sse(reply.chunk({"role": "assistant", "content": ""}))
+            while isinstance(event := await job.next(), Chunk):
+                if event.text:
+                    yield sse(reply.chunk({"content": event.text} if chat else event.text))
+            if isinstance(event, Failed):
+                yield sse(error_body(event.status, event.message))
+            else:
+                stats = event.generation.stats
+                yield sse(reply.chunk({} if chat else "", stats.finish_reason))
+                if include_usage:
+                    yield sse(reply.envelope(reply.chunk_object, choices=[], usage=usage(stats)))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Response:
+        if not body.prompt:
+            raise APIError(400, "the prompt is empty", "prompt")
+        job = prepare(body, body.prompt, False, body.max_tokens, COMPLETION_MAX_TOKENS)
+        return await respond(job, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody) -> Response:
+        messages = check_messages([_text_message(i, m) for i, m in enumerate(body.messages)])
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = prepare(body, messages, True, max_tokens, model.cfg.context_window)
+        return await respond(job, body, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": model.name, "object": "model", "created": started_at, "owned_by": "decodekit"}],
+        }
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not scheduler.alive:
+            return error_response(503, "the generation worker has stopped")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class Reply:
+    """The JSON shapes of one reply: a completion or a chat completion, whole or in chunks."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.model, self.chat = model, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def envelope(self, kind: str, **fields: Any) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    def whole(self, text: str, stats: GenerationStats) -> dict:
+        if self.chat:
+            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": text}}
+        else:
+            kind, choice = "text_completion", {"text": text}
+        choice = {"index": 0, **choice, "logprobs": None, "finish_reason": stats.finish_reason}
+        return self.envelope(kind, choices=[choice], usage=usage(stats))
+
+    def chunk(self, content: dict | str, finish: str | None = None) -> dict:
+        """A streamed piece: a chat ``delta`` (a dict) or completion ``text`` (a str)."""
+        choice = {"index": 0, "delta" if self.chat else "text": content, "logprobs": None, "finish_reason": finish}
+        return self.envelope(self.chunk_object, choices=[choice])
+
+
+def usage(stats: GenerationStats) -> dict:
+    """OpenAI's usage, plus the request's mean accepted tokens per verification step (MAT)."""
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.new_tokens,
+        "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "mean_accepted_tokens": stats.mean_accepted,
+    }
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _text_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
+    """A message with its text content parts joined; OpenAI's ``developer`` role read as ``system``."""
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(400, f"message {i}: only text content parts are supported", "messages")
+        content = "".join(part["text"] for part in content)
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {"role": role, "content": content}
