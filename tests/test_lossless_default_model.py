@@ -4,6 +4,7 @@ These run SmolLM2-135M for 128 tokens on 24 prompts per method and take a few mi
 """
 
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,3 +112,27 @@ def test_plain_equals_transformers_greedy_up_to_near_ties(default_model, plain):
         differing.append((j, float(top2[0] - top2[1])))
     print(f"transformers greedy differs from ours on {len(differing)} of {len(plain)} prompts: {differing}")
     assert all(gap < 1e-4 for _, gap in differing), differing
+
+
+@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[4]])
+def test_recycling_samples_the_first_two_tokens_as_the_model_does(default_model, prompt):
+    """Sampled (T=0.7, top-p 0.95): the law of the first two tokens under recycling is the model's own, computed
+    exactly from its logits; and recycling's drafts were accepted on some of the runs."""
+    from test_sampling import chi_square_pvalue
+
+    from decodekit import SamplingParams
+    from decodekit.sampling import warp
+
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    engine = Engine(default_model, "recycling")
+    ids = engine.encode(prompt)
+    model = default_model.transformer
+    first = warp(model(torch.tensor([ids]), model.new_cache(len(ids)))[0, -1], params)
+    exact = {}
+    for x1 in first.nonzero().flatten().tolist():
+        seq = torch.tensor([[*ids, x1]])
+        second = warp(model(seq, model.new_cache(len(ids) + 1))[0, -1], params)
+        exact |= {(x1, x2): float(first[x1] * second[x2]) for x2 in second.nonzero().flatten().tolist()}
+    runs = [engine.generate(ids, 2, sampling=replace(params, seed=seed)) for seed in range(240)]
+    assert chi_square_pvalue([tuple(run.token_ids) for run in runs], exact) > 1e-3
+    assert sum(sum(run.stats.accepted_drafts) for run in runs) > 20

@@ -121,7 +121,10 @@ class TokenRecycling:
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         if prompt_logits is not None and len(prompt_logits):
-            self._record(prompt[: len(prompt_logits)], prompt_logits)
+            # the root's row keeps what followed it in the last answer: an earlier occurrence in the prompt
+            # (a chat template's newline, say) was followed by prompt text, not by the answer's first token
+            seeded = prompt[: len(prompt_logits)] != prompt[-1]
+            self._record(prompt[: len(prompt_logits)][seeded], prompt_logits[seeded])
 
     def propose(self, sequence: torch.Tensor) -> Draft:
         tokens = torch.empty(self.template.tree.size, dtype=torch.int64)
