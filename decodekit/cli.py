@@ -199,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         summary = bench.summarize(records, meta["baseline"])
         print(bench.render_table(summary))
         chart = Path(args.report).with_name("speedup.png")
-        bench.plot(summary, meta["baseline"], chart, _chart_title(meta))
+        bench.plot(summary, meta["baseline"], chart, bench.chart_title(meta))
         print(f"chart: {chart}", file=sys.stderr)
         return 0
 
@@ -268,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = bench.summarize(records, baseline)
     bench.save({"meta": meta, "summary": summary, "records": records}, Path(args.output))
     print(bench.render_table(summary))
-    bench.plot(summary, baseline, path.with_name("speedup.png"), _chart_title(meta))
+    bench.plot(summary, baseline, path.with_name("speedup.png"), bench.chart_title(meta))
     print(f"results: {path}  chart: {path.with_name('speedup.png')}", file=sys.stderr)
     return 0
 
@@ -294,16 +294,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, args.method, args.queue_size, args.max_prompt_tokens, args.max_tokens_cap)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
-
-
-def _chart_title(meta: dict) -> str:
-    where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
-    temperature = meta.get("sampling", {}).get("temperature", 0)
-    decoding = "greedy" if not temperature else f"T={temperature}"
-    return (
-        f"{meta['model']}, {meta['dtype']}, {decoding}, {meta['questions']} questions, "
-        f"{meta['max_new_tokens']} tokens - {where}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,17 +94,16 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def _outside_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """bool ``[..., V]``: tokens outside the smallest most-likely set whose mass reaches ``top_p`` (at least one
-    token kept). Looks at the top 64 tokens first and widens only when their mass falls short: a full sort of a
-    large vocabulary costs far more than the rest of sampling."""
-    vocab, k = probs.shape[-1], min(64, probs.shape[-1])
-    while True:
-        top = probs.topk(k, dim=-1)  # descending
-        mass_before = top.values.cumsum(dim=-1) - top.values
-        if k == vocab or bool((mass_before[..., -1] >= top_p).all()):
-            break
-        k = min(vocab, 8 * k)
+    token kept). Only tokens with p >= (1 - top_p) / V can be inside (all the others together hold less than
+    1 - top_p), so only those are sorted: a full sort of a large vocabulary costs more than the rest of sampling."""
+    vocab = probs.shape[-1]
     outside = torch.ones_like(probs, dtype=torch.bool)
-    return outside.scatter_(-1, top.indices, mass_before >= top_p)
+    for p, out in zip(probs.reshape(-1, vocab), outside.view(-1, vocab), strict=True):
+        candidates = (p >= (1 - top_p) / vocab).nonzero().flatten()
+        values, order = p[candidates].sort(descending=True)
+        mass_before = values.cumsum(dim=0) - values
+        out[candidates[order[mass_before < top_p]]] = False
+    return outside
 
 
 class Sampler:

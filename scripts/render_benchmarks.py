@@ -3,9 +3,9 @@
     python scripts/render_benchmarks.py
 
 Sections follow benchmarks/INDEX.md's order: a line ``run: NAME`` there inserts the tables and chart of
-benchmarks/NAME/result.json, ``include: FILE`` the text of benchmarks/FILE (written by a script, e.g.
-scripts/profile_step.py), ``gpu: FILE`` the tables of a scripts/gpu_check.py result; every other line is copied
-as written.
+benchmarks/NAME/result.json, ``compare: NAME NAME ...`` one table of those runs' overall numbers side by side,
+``include: FILE`` the text of benchmarks/FILE (written by a script, e.g. scripts/profile_step.py), ``gpu: FILE``
+the tables of a scripts/gpu_check.py result; every other line is copied as written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from decodekit.bench import plot, summarize
+from decodekit.bench import chart_title, plot, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,10 +25,7 @@ def run_section(name: str) -> str:
     meta = data["meta"]
     summary = summarize(data["records"], meta["baseline"])
     where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
-    title = (
-        f"{meta['model']}, {meta['dtype']}, {meta['questions']} questions, {meta['max_new_tokens']} tokens - {where}"
-    )
-    plot(summary, meta["baseline"], directory / "speedup.png", title)
+    plot(summary, meta["baseline"], directory / "speedup.png", chart_title(meta))
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Machine: {where}, {meta['machine']['threads']} threads, torch {meta['machine']['torch']}; "
@@ -72,6 +69,36 @@ def run_section(name: str) -> str:
     return "\n".join(lines)
 
 
+def compare_section(names: list[str]) -> str:
+    """Overall speedup (over each run's baseline and over its `ar`) and MAT of the runners the runs share: one
+    column per run, e.g. the same methods greedy and sampled."""
+    runs = []
+    for name in names:
+        data = json.loads((ROOT / "benchmarks" / name / "result.json").read_text())
+        runs.append((data["meta"], summarize(data["records"], data["meta"]["baseline"])))
+    runners = [r for r in runs[0][1] if all(r in summary for _, summary in runs)]
+    heads = []
+    for meta, _ in runs:
+        s = meta.get("sampling", {})
+        heads.append("greedy" if not s.get("temperature") else f"T={s['temperature']}, top-p {s['top_p']}")
+    lines = [
+        f"Overall speedup over `{runs[0][0]['baseline']}` / over `ar` [MAT], runs: "
+        + ", ".join(f"`{name}`" for name in names),
+        "",
+        "| runner | " + " | ".join(heads) + " |",
+        "|---" * (len(heads) + 1) + "|",
+    ]
+    for r in runners:
+        cells = []
+        for _, summary in runs:
+            s, ar = summary[r]["overall"], summary.get("ar", {}).get("overall", {})
+            over_ar = f" / {s['tokens_per_s'] / ar['tokens_per_s']:.2f}x" if "tokens_per_s" in ar else ""
+            mat = f" [{s['mat']:.2f}]" if "mat" in s else ""
+            cells.append(f"{s['speedup']:.2f}x{over_ar}{mat}" if "speedup" in s else "failed")
+        lines.append(f"| `{r}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def gpu_section(name: str) -> str:
     data = json.loads((ROOT / "benchmarks" / name).read_text())
     lines = [f"{data['gpu']}, torch {data['torch']}, random weights (`scripts/gpu_check.py`).", ""]
@@ -104,6 +131,8 @@ def main() -> int:
             out.append(run_section(arg.strip()))
         elif kind == "include":
             out.append((ROOT / "benchmarks" / arg.strip()).read_text())
+        elif kind == "compare":
+            out.append(compare_section(arg.split()))
         elif kind == "gpu":
             out.append(gpu_section(arg.strip()))
         else:

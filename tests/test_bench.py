@@ -11,6 +11,11 @@ from decodekit.cli import main
 from decodekit.prompts import builtin_questions, load_questions
 
 
+def bench(model_dir, out, *args: str) -> int:
+    """``decodekit bench`` on ``model_dir``, writing into ``out``."""
+    return main(["bench", "--model", str(model_dir), "--output", str(out), *args])
+
+
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory):
     """The tiny model with room for the built-in conversations (its byte-level tokenizer makes long prompts)."""
@@ -20,28 +25,9 @@ def wide_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(wide_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = main(
-        [
-            "bench",
-            "--model",
-            str(wide_dir),
-            "--methods",
-            "ar",
-            "recycling",
-            "recycling:tree=4",
-            "--peers",
-            "hf",
-            "--categories",
-            "conversation",
-            "qa",
-            "--per-category",
-            "1",
-            "--max-new-tokens",
-            "12",
-            "--output",
-            str(out),
-        ]
-    )
+    methods = ["--methods", "ar", "recycling", "recycling:tree=4", "--peers", "hf"]
+    selection = ["--categories", "conversation", "qa", "--per-category", "1", "--max-new-tokens", "12"]
+    code = bench(wide_dir, out, *methods, *selection)
     assert code == 0
     return out, json.loads((out / "result.json").read_text())
 
@@ -96,24 +82,8 @@ def test_report_rerenders_a_saved_run(result, capsys):
 
 def test_turns_that_do_not_fit_are_skipped(tiny_dir, tmp_path):
     """The tiny model's 256-token window holds a conversation's first turn, not its second."""
-    code = main(
-        [
-            "bench",
-            "--model",
-            str(tiny_dir),
-            "--methods",
-            "ar",
-            "--peers",
-            "--categories",
-            "conversation",
-            "--limit",
-            "1",
-            "--max-new-tokens",
-            "16",
-            "--output",
-            str(tmp_path),
-        ]
-    )
+    selection = ["--categories", "conversation", "--limit", "1", "--max-new-tokens", "16"]
+    code = bench(tiny_dir, tmp_path, "--methods", "ar", "--peers", *selection)
     data = json.loads((tmp_path / "result.json").read_text())
     assert code == 0
     assert [r["turn"] for r in data["records"]] == [0, 1] and "skipped" in data["records"][1]
@@ -151,57 +121,25 @@ def test_spec_bench_file_format(tmp_path):
         (["--categories", "poetry"], "selection holds no questions"),
         (["--per-category", "0"], "--per-category must be a positive integer"),
         (["--report", "/nonexistent/result.json"], "cannot read bench result"),
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
     ],
 )
 def test_bad_input_gives_one_error_line(tiny_dir, tmp_path, capsys, args, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "turns": "not a list"}\n')
     args = [str(bad) if a == "{bad}" else a for a in args]
-    code = main(["bench", "--model", str(tiny_dir), "--max-new-tokens", "4", "--output", str(tmp_path), *args])
+    code = bench(tiny_dir, tmp_path, "--max-new-tokens", "4", *args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and message in err[0], err
 
 
 def test_missing_peer_is_skipped_with_a_note(wide_dir, tmp_path, capsys):
-    code = main(
-        [
-            "bench",
-            "--model",
-            str(wide_dir),
-            "--methods",
-            "ar",
-            "--peers",
-            "llamacpp",
-            "--categories",
-            "qa",
-            "--limit",
-            "1",
-            "--max-new-tokens",
-            "4",
-            "--output",
-            str(tmp_path),
-        ]
-    )
+    one = ["--methods", "ar", "--peers", "llamacpp", "--limit", "1", "--max-new-tokens", "4"]
+    code = bench(wide_dir, tmp_path, *one, "--categories", "qa")
     err = capsys.readouterr().err
     assert code == 0 and "decodekit: llamacpp skipped:" in err
     assert json.loads((tmp_path / "result.json").read_text())["meta"]["notes"][0].startswith("llamacpp skipped")
-    code = main(
-        [
-            "bench",
-            "--model",
-            str(wide_dir),
-            "--methods",
-            "ar",
-            "--peers",
-            "llamacpp",
-            "--baseline",
-            "llamacpp",
-            "--limit",
-            "1",
-            "--output",
-            str(tmp_path),
-        ]
-    )
+    code = bench(wide_dir, tmp_path, *one, "--baseline", "llamacpp")
     assert code == 1 and "baseline 'llamacpp' is not among" in capsys.readouterr().err
 
 
@@ -225,3 +163,20 @@ def test_a_failing_peer_is_recorded_and_the_run_goes_on(tiny_model):
     assert len(errors) == 1 and errors[0]["runner"] == "flaky" and "exit status -11" in errors[0]["error"]
     summary = summarize(records, "ar")
     assert summary["flaky"]["overall"]["questions"] == 1 and summary["flaky"]["overall"]["errors"] == 1
+
+
+def test_sampled_run_records_its_parameters_and_compares_no_outputs(wide_dir, tmp_path):
+    sampled = ["--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "6", "--limit", "2"]
+    assert bench(wide_dir, tmp_path, "--methods", "ar", "recycling", "--peers", "hf", *sampled) == 0
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["meta"]["sampling"] | {"seed": None} == {
+        "temperature": 0.8,
+        "top_k": 0,
+        "top_p": 0.9,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "seed": None,
+    }
+    assert data["meta"]["sampling"]["seed"] == 0  # a sampled benchmark always runs with a seed
+    assert all(r["identical"] is None for r in data["records"])
+    assert "identical_share" not in data["summary"]["recycling"]["overall"]

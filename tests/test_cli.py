@@ -169,3 +169,21 @@ def test_bad_input_gives_one_error_line(capsys, tiny_dir, bad_models, args, mess
 def test_cuda_requested_without_cuda(capsys, tiny_dir):
     code, _, err = run_cli(capsys, "hi", "--model", str(tiny_dir), "--device", "cuda")
     assert code == 1 and err.strip() == "decodekit: error: CUDA was asked for but no CUDA device is available"
+
+
+def test_sampled_generation_is_reproducible_and_not_compared_token_for_token(capsys, tiny_dir):
+    args = ["the quick brown fox", "--model", str(tiny_dir), "--max-new-tokens", "12", "--json", "--compare"]
+    sampled = [*args, "--temperature", "0.8", "--top-p", "0.9", "--seed", "7"]
+    first = json.loads(run_cli(capsys, *sampled)[1])
+    again = json.loads(run_cli(capsys, *sampled)[1])
+    assert first["token_ids"] == again["token_ids"] and first["stats"]["seed"] == 7
+    assert "identical" not in first  # equal in distribution, not token for token
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "-1"), ("--top-p", "0"), ("--top-k", "-2"), ("--seed", "-5")]
+)
+def test_bad_sampling_parameters_get_one_line(capsys, flag, value):
+    code, out, err = run_cli(capsys, "hello", flag, value)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and flag.removeprefix("--").replace("-", "_") in err

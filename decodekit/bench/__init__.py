@@ -254,6 +254,17 @@ def render_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def chart_title(meta: dict) -> str:
+    """One line naming what a saved run measured: model, dtype, decoding, questions, tokens, machine."""
+    where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
+    temperature = meta.get("sampling", {}).get("temperature", 0)
+    decoding = "greedy" if not temperature else f"T={temperature}"
+    return (
+        f"{meta['model']}, {meta['dtype']}, {decoding}, {meta['questions']} questions, "
+        f"{meta['max_new_tokens']} tokens - {where}"
+    )
+
+
 def plot(summary: dict, baseline: str, path: Path, title: str) -> None:
     import matplotlib
 

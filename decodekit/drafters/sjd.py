@@ -16,6 +16,7 @@ import torch
 from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
+from decodekit.verify import draw
 
 
 class SpeculativeJacobi:
@@ -58,4 +59,4 @@ class SpeculativeJacobi:
         self.window_probs = torch.zeros(self.tree.size, self.vocab_size, dtype=torch.float64)
         for slot, row in enumerate(rows, start=1):
             self.window_probs[slot] = probs[row]
-        self.window = torch.multinomial(self.window_probs[1:], 1, generator=sampler.generator).flatten().tolist()
+        self.window = [draw(row, sampler.generator) for row in self.window_probs[1:]]

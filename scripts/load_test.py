@@ -1,0 +1,138 @@
+"""Load test of `decodekit serve` on loopback: throughput, latency and time to first token by concurrency.
+
+    python scripts/load_test.py --methods ar recycling --concurrency 1 4 16 --requests 16 --max-tokens 64 \
+        --out benchmarks/server-load.json
+
+For each method it starts `decodekit serve --method METHOD` on a free loopback port, then for each concurrency
+level runs ``--requests`` streamed chat requests (built-in prompts, greedy) from that many concurrent clients,
+and records tokens/s over the level's wall time, and p50/p99 of request latency and time to first token.
+Bounded: every request stops at ``--max-tokens``, every level at ``--level-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from openai import AsyncOpenAI
+from tqdm import tqdm
+
+from decodekit.prompts import builtin_questions
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(method: str, port: int, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "decodekit.cli", "serve", "--method", method, "--port", str(port), *extra]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"decodekit serve --method {method} exited with {server.returncode}") from None
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit("the server did not come up within 300 s")
+
+
+async def one_request(client: AsyncOpenAI, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = await client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"latency_s": time.perf_counter() - start, "ttft_s": first or 0.0, "tokens": tokens}
+
+
+async def level(port: int, prompts: list[str], clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=timeout, max_retries=0)
+    pending = list(range(requests))
+    results: list[dict] = []
+
+    async def worker() -> None:
+        while pending:
+            i = pending.pop(0)
+            results.append(await one_request(client, prompts[i % len(prompts)], max_tokens))
+
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), timeout)
+    wall = time.perf_counter() - start
+    latencies = sorted(r["latency_s"] for r in results)
+    ttfts = sorted(r["ttft_s"] for r in results)
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": pct(latencies, 0.99),
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p99_s": pct(ttfts, 0.99),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["ar", "recycling"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--level-timeout", type=float, default=900)
+    parser.add_argument("--serve-args", default="", help="extra arguments for decodekit serve, one string")
+    parser.add_argument("--out", type=Path, default=Path("server-load.json"))
+    args = parser.parse_args()
+    prompts = [q.turns[0] for q in builtin_questions()]
+    rows = []
+    with tqdm(total=len(args.methods) * len(args.concurrency), desc="levels") as bar:
+        for method in args.methods:
+            port = free_port()
+            server = start_server(method, port, args.serve_args.split())
+            try:
+                asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
+                for clients in args.concurrency:
+                    levels = level(port, prompts, clients, args.requests, args.max_tokens, args.level_timeout)
+                    rows.append({"method": method, **asyncio.run(levels)})
+                    bar.update()
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "levels": rows}, indent=1))
+    print(f"{'method':<12}{'clients':>8}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}{'ttft p99':>10}")
+    for r in rows:
+        print(
+            f"{r['method']:<12}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['latency_p50_s']:>8.2f}"
+            f"{r['latency_p99_s']:>8.2f}{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
