@@ -70,18 +70,19 @@ async def one_request(client: AsyncOpenAI, prompt: str, max_tokens: int) -> dict
 
 
 async def level(port: int, prompts: list[str], clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=timeout, max_retries=0)
     pending = list(range(requests))
     results: list[dict] = []
+    base_url = f"http://127.0.0.1:{port}/v1"
+    async with AsyncOpenAI(base_url=base_url, api_key="unused", timeout=timeout, max_retries=0) as client:
 
-    async def worker() -> None:
-        while pending:
-            i = pending.pop(0)
-            results.append(await one_request(client, prompts[i % len(prompts)], max_tokens))
+        async def worker() -> None:
+            while pending:
+                i = pending.pop(0)
+                results.append(await one_request(client, prompts[i % len(prompts)], max_tokens))
 
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), timeout)
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), timeout)
+        wall = time.perf_counter() - start
     latencies = sorted(r["latency_s"] for r in results)
     ttfts = sorted(r["ttft_s"] for r in results)
 

@@ -4,8 +4,9 @@
 
 Sections follow benchmarks/INDEX.md's order: a line ``run: NAME`` there inserts the tables and chart of
 benchmarks/NAME/result.json, ``compare: NAME NAME ...`` one table of those runs' overall numbers side by side,
-``include: FILE`` the text of benchmarks/FILE (written by a script, e.g. scripts/profile_step.py), ``gpu: FILE``
-the tables of a scripts/gpu_check.py result; every other line is copied as written.
+``include: FILE`` the text of benchmarks/FILE (written by a script, e.g. scripts/profile_step.py), ``server: FILE``
+the levels of a scripts/load_test.py result, ``gpu: FILE`` the tables of a scripts/gpu_check.py result; every
+other line is copied as written.
 """
 
 from __future__ import annotations
@@ -99,6 +100,19 @@ def compare_section(names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def server_section(name: str) -> str:
+    """The levels of a scripts/load_test.py result."""
+    data = json.loads((ROOT / "benchmarks" / name).read_text())
+    lines = [f"Command: `{data['command']}`", ""]
+    lines += ["| method | clients | tokens/s | latency p50 s | p99 s | TTFT p50 s | p99 s |", "|---" * 7 + "|"]
+    for r in data["levels"]:
+        lines.append(
+            f"| `{r['method']}` | {r['clients']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | "
+            f"{r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def gpu_section(name: str) -> str:
     data = json.loads((ROOT / "benchmarks" / name).read_text())
     lines = [f"{data['gpu']}, torch {data['torch']}, random weights (`scripts/gpu_check.py`).", ""]
@@ -133,6 +147,8 @@ def main() -> int:
             out.append((ROOT / "benchmarks" / arg.strip()).read_text())
         elif kind == "compare":
             out.append(compare_section(arg.split()))
+        elif kind == "server":
+            out.append(server_section(arg.strip()))
         elif kind == "gpu":
             out.append(gpu_section(arg.strip()))
         else:
