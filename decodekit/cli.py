@@ -97,6 +97,14 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
 
 
+def _require_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse an integer option given as zero or less (None: not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InvalidParameter(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
 def _read_prompt(arg: str | None) -> str:
     if arg is None:
         return DEFAULT_PROMPT
@@ -179,8 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print("\n" + _stats_table(rows), file=sys.stderr)
     if baseline is not None:
         speedup = result.stats.tokens_per_s / baseline.stats.tokens_per_s
-        same = "yes" if result.token_ids == baseline.token_ids else "NO"
-        same = same if sampling.greedy else "n/a (sampled)"
+        same = "n/a (sampled)" if not sampling.greedy else "yes" if result.token_ids == baseline.token_ids else "NO"
         print(f"speedup {speedup:.2f}x over ar; identical token ids: {same}", file=sys.stderr)
     return 0
 
@@ -214,13 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     if not sampling.greedy and sampling.seed is None:
         sampling = replace(sampling, seed=0)  # a benchmark is rerun exactly
-    for name, value in (
-        ("--per-category", args.per_category),
-        ("--limit", args.limit),
-        ("--max-new-tokens", args.max_new_tokens),
-    ):
-        if value is not None and value < 1:
-            raise InvalidParameter(f"{name} must be a positive integer, got {value}")
+    _require_positive(args, "per_category", "limit", "max_new_tokens")
     questions = bench.select(load_questions(args.dataset), args.categories, args.per_category, args.limit)
     baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
@@ -281,13 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from decodekit.server import create_app
 
     parse_method(args.method)
-    for name, value in (
-        ("--max-prompt-tokens", args.max_prompt_tokens),
-        ("--max-tokens-cap", args.max_tokens_cap),
-        ("--queue-size", args.queue_size),
-    ):
-        if value is not None and value < 1:
-            raise InvalidParameter(f"{name} must be a positive integer, got {value}")
+    _require_positive(args, "max_prompt_tokens", "max_tokens_cap", "queue_size")
     if not 0 <= args.port < 65536:
         raise InvalidParameter(f"--port must be in [0, 65535], got {args.port}")
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)

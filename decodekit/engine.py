@@ -109,9 +109,12 @@ class Engine:
             self.method, self.drafter = type(method).__name__, method
         self._cache: KVCache | None = None
 
-    def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+    def encode(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = True) -> list[int]:
         """Token ids of ``prompt``: a user message, or a conversation (OpenAI-style ``[{"role", "content"}]``
-        ending with a user turn). Wrapped in the checkpoint's chat template when ``chat`` and it has one."""
+        ending with a user turn), wrapped in the checkpoint's chat template when ``chat`` and it has one; token
+        ids are returned as they are."""
+        if _is_token_ids(prompt):
+            return list(prompt)
         if isinstance(prompt, list):
             return encode_chat(self.model.tokenizer, check_messages(prompt))
         if not isinstance(prompt, str) or not prompt.strip():
@@ -129,7 +132,7 @@ class Engine:
         sampling: SamplingParams = GREEDY,
     ) -> GenerationStream:
         """Generate lazily: iterate the returned stream for chunks, then read ``.result``."""
-        prompt_ids = list(prompt) if _is_token_ids(prompt) else self.encode(prompt, chat)
+        prompt_ids = self.encode(prompt, chat)
         self.validate(prompt_ids, max_new_tokens)
         if not isinstance(sampling, SamplingParams):
             raise InvalidParameter("sampling must be a SamplingParams")

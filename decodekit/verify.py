@@ -63,15 +63,20 @@ def verify_sampled(
         p = target_probs(node)
         for child in children[node]:
             x = int(tokens[child])
-            q = None if draft_probs is None else draft_probs[child].to(p.dtype)
-            chance = p[x] if q is None else (p[x] / q[x]).clamp(max=1) if q[x] > 0 else p.new_zeros(())
-            if float(torch.rand((), generator=generator, dtype=torch.float64)) < float(chance):
+            if draft_probs is None:
+                chance = float(p[x])
+            else:
+                q = draft_probs[child].to(p.dtype)
+                chance = float(p[x] / q[x]) if q[x] > 0 else 0.0
+            if float(torch.rand((), generator=generator, dtype=torch.float64)) < chance:
                 path.append(child)
                 node = child
                 break
-            residual = p.clone() if q is None else (p - q).clamp_(min=0)
-            if q is None:
+            if draft_probs is None:
+                residual = p.clone()
                 residual[x] = 0
+            else:
+                residual = (p - q).clamp_(min=0)
             if residual.sum() > 0:  # zero only where p equals q, and then the child was accepted surely
                 p = residual / residual.sum()
         else:

@@ -40,8 +40,12 @@ def main() -> int:
         if sampling["temperature"] == 0:
             options = {"top_k": 1, "temp": 0.0}
         else:
-            options = {k: sampling[s] for k, s in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"))}
-            options["min_p"] = sampling["min_p"]
+            options = {
+                "temp": sampling["temperature"],
+                "top_k": sampling["top_k"],
+                "top_p": sampling["top_p"],
+                "min_p": sampling["min_p"],
+            }
             if sampling["seed"] is not None:
                 llm.set_seed(sampling["seed"])
         options["repeat_penalty"] = sampling["repetition_penalty"]

@@ -67,10 +67,9 @@ class HFRunner:
         self.device, self.eos = model.device, sorted(model.eos_token_ids)
         self.options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
         self.seed = sampling.seed
-        self.options |= {"do_sample": False, "repetition_penalty": sampling.repetition_penalty}
+        self.options |= {"do_sample": not sampling.greedy, "repetition_penalty": sampling.repetition_penalty}
         if not sampling.greedy:
             self.options |= {
-                "do_sample": True,
                 "temperature": sampling.temperature,
                 "top_k": sampling.top_k,  # 0 = off, as in decodekit (transformers' default would be 50)
                 "top_p": sampling.top_p,

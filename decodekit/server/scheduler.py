@@ -152,9 +152,7 @@ class Scheduler:
             # drafts decide which random draws verification makes (the distribution is the same either way)
             seeded = request.sampling.seed is not None and not request.sampling.greedy
             engine = Engine(self.model, request.method) if seeded else self._engine(request.method)
-            prompt = request.prompt
-            is_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
-            ids = list(prompt) if is_ids else engine.encode(prompt, request.chat)
+            ids = engine.encode(request.prompt, request.chat)
             if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
                 limit = self.max_prompt_tokens
                 raise PromptTooLong(f"the prompt has {len(ids)} tokens; this server accepts at most {limit}")
