@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, metavar="N", help="refuse longer prompts (default: context)")
     serve.add_argument("--max-tokens-cap", type=int, metavar="N", help="refuse a larger max_tokens (default: context)")
     serve.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait (default: 16)")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (default: 8)")
+    serve.add_argument(
+        "--speculation",
+        default="adaptive",
+        choices=["adaptive", "full"],
+        help="adaptive: draft as much as pays at the current load (default); full: every drafter's whole tree",
+    )
     serve.add_argument("--cache-dir", help="where converted GGUF weights are kept")
     return parser
 
@@ -282,11 +289,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from decodekit.server import create_app
 
     parse_method(args.method)
-    _require_positive(args, "max_prompt_tokens", "max_tokens_cap", "queue_size")
+    _require_positive(args, "max_prompt_tokens", "max_tokens_cap", "queue_size", "max_batch")
     if not 0 <= args.port < 65536:
         raise InvalidParameter(f"--port must be in [0, 65535], got {args.port}")
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    app = create_app(model, args.method, args.queue_size, args.max_prompt_tokens, args.max_tokens_cap)
+    adaptive = args.speculation == "adaptive"
+    app = create_app(
+        model, args.method, args.queue_size, args.max_prompt_tokens, args.max_tokens_cap, args.max_batch, adaptive
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

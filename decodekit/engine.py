@@ -19,6 +19,7 @@ from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
+from decodekit.runtime.tree import Tree
 from decodekit.sampling import GREEDY, Sampler, SamplingParams
 from decodekit.text import TextStream, encode_chat, find_stop
 
@@ -102,26 +103,14 @@ class Engine:
         self.model = model
         if isinstance(method, str):
             self.method = method
-            dtype = str(model.dtype).removeprefix("torch.")
-            target = TargetInfo(model.cfg.vocab_size, model.device.type, dtype)
-            self.drafter: Drafter = make_drafter(method, target)
+            self.drafter: Drafter = make_drafter(method, target_info(model))
         else:
             self.method, self.drafter = type(method).__name__, method
         self._cache: KVCache | None = None
 
     def encode(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = True) -> list[int]:
-        """Token ids of ``prompt``: a user message, or a conversation (OpenAI-style ``[{"role", "content"}]``
-        ending with a user turn), wrapped in the checkpoint's chat template when ``chat`` and it has one; token
-        ids are returned as they are."""
-        if _is_token_ids(prompt):
-            return list(prompt)
-        if isinstance(prompt, list):
-            return encode_chat(self.model.tokenizer, check_messages(prompt))
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidParameter("the prompt is empty")
-        if chat:
-            return encode_chat(self.model.tokenizer, [{"role": "user", "content": prompt}])
-        return self.model.tokenizer(prompt)["input_ids"]
+        """Token ids of ``prompt`` (see :func:`encode_prompt`)."""
+        return encode_prompt(self.model, prompt, chat)
 
     def stream(
         self,
@@ -136,7 +125,6 @@ class Engine:
         self.validate(prompt_ids, max_new_tokens)
         if not isinstance(sampling, SamplingParams):
             raise InvalidParameter("sampling must be a SamplingParams")
-        stop = [text for text in stop if text]  # an empty stop string would stop nothing but cut everything
         return GenerationStream(self._decode(prompt_ids, max_new_tokens, stop, sampling))
 
     def generate(
@@ -157,17 +145,7 @@ class Engine:
         return stream.result
 
     def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
-        window = self.model.cfg.context_window
-        if not prompt_ids:
-            raise InvalidParameter("the prompt is empty")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidParameter(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if max_new_tokens > window:
-            raise InvalidParameter(f"max_new_tokens {max_new_tokens} exceeds the context window of {window} tokens")
-        if len(prompt_ids) >= window:
-            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the context window holds {window}")
-        if not all(isinstance(t, int) and 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
-            raise InvalidParameter("prompt token ids must be integers in [0, vocab_size)")
+        validate_request(self.model, prompt_ids, max_new_tokens)
 
     def _cache_for(self, capacity: int) -> KVCache:
         if self._cache is None or self._cache.capacity < capacity:
@@ -178,63 +156,157 @@ class Engine:
     def _decode(
         self, prompt_ids: list[int], max_new_tokens: int, stop: list[str], sampling: SamplingParams
     ) -> Iterator[Chunk]:
-        model, device, eos = self.model.transformer, self.model.device, self.model.eos_token_ids
-        budget = min(max_new_tokens, self.model.cfg.context_window - len(prompt_ids))
-        sampler = Sampler(sampling, self.model.cfg.vocab_size, prompt_ids)
-        stats = GenerationStats(self.method, len(prompt_ids), seed=None if sampling.greedy else sampler.seed)
-        sequence = torch.empty(len(prompt_ids) + budget + 1, dtype=torch.int64)
-        sequence[: len(prompt_ids)] = torch.tensor(prompt_ids)
-        length = len(prompt_ids)
-        text = TextStream(self.model.tokenizer, stop)
-        out: list[int] = []
+        decoding = Decoding(self.model, self.drafter, self.method, prompt_ids, max_new_tokens, stop, sampling)
+        cache = self._cache_for(decoding.capacity)
+        decoding.prefill(cache)
+        while not decoding.done:
+            draft = decoding.propose()
+            start = time.perf_counter()
+            logits = self.model.transformer(draft.tokens[None].to(self.model.device), cache, draft.tree)[0]
+            yield decoding.accept(draft, logits, cache, 0, time.perf_counter() - start)
+        return decoding.result()
 
-        start = time.perf_counter()
-        cache = self._cache_for(length + budget + MAX_DRAFT_NODES)
-        prompt_logits = None
+
+class Decoding:
+    """One request between decode steps: its drafter and sampler, the sequence so far, the text handed out and
+    the stats. A decode loop (:class:`Engine` for one request, ``decodekit.batch.Batch`` for many) drives it:
+    ``prefill`` once, then ``propose`` -> one forward over the draft -> ``accept`` until ``done``."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        drafter: Drafter,
+        method: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stop: list[str],
+        sampling: SamplingParams,
+    ) -> None:
+        self.model, self.drafter, self.method = model, drafter, method
+        self.prompt_ids = prompt_ids
+        self.budget = min(max_new_tokens, model.cfg.context_window - len(prompt_ids))
+        self.sampler = Sampler(sampling, model.cfg.vocab_size, prompt_ids)
+        self.stats = GenerationStats(method, len(prompt_ids), seed=None if sampling.greedy else self.sampler.seed)
+        self.sequence = torch.empty(len(prompt_ids) + self.budget + 1, dtype=torch.int64)
+        self.sequence[: len(prompt_ids)] = torch.tensor(prompt_ids)
+        self.length = len(prompt_ids)
+        self.stop = [text for text in stop if text]  # an empty stop string would stop nothing but cut everything
+        self.text = TextStream(model.tokenizer, self.stop)
+        self.out: list[int] = []
+        self.done = False
+        self.last_path = torch.zeros(1, dtype=torch.int64)  # node indices the last step accepted, root first
+        self._start = time.perf_counter()
+
+    @property
+    def capacity(self) -> int:
+        """Cache slots the request may need: prompt, output and the largest draft."""
+        return len(self.prompt_ids) + self.budget + MAX_DRAFT_NODES
+
+    def prefill(self, cache: KVCache) -> None:
+        """Score the prompt (all but its last token, the first root) into ``cache``, a one-row cache, and start
+        the drafter."""
+        self._start = time.perf_counter()
+        length, prompt_logits = self.length, None
         if length > 1:
             want = self.drafter.wants_prompt_logits
-            logits = model(sequence[None, : length - 1].to(device), cache, logits_at=None if want else slice(0, 0))
+            tokens = self.sequence[None, : length - 1].to(self.model.device)
+            logits = self.model.transformer(tokens, cache, logits_at=None if want else slice(0, 0))
             cache.commit(0, length - 1)
             prompt_logits = logits[0] if want else None
-        self.drafter.begin(sequence[:length], prompt_logits)
-        stats.prefill_s = time.perf_counter() - start
+        self.drafter.begin(self.sequence[:length], prompt_logits)
+        self.stats.prefill_s = time.perf_counter() - self._start
 
-        while True:
-            t0 = time.perf_counter()
-            draft = self.drafter.propose(sequence[:length])
-            _check(draft, int(sequence[length - 1]), self.method)
-            t1 = time.perf_counter()
-            logits = model(draft.tokens[None].to(device), cache, draft.tree)[0]
-            path, bonus = sampler.verify(draft.tokens, draft.tree, logits, draft.candidates, draft.draft_probs)
-            cache.commit(0, path)
-            t2 = time.perf_counter()
-            committed = [*draft.tokens[path[1:]].tolist(), bonus]
-            committed, finish = _cut(committed, eos, budget - len(out))
-            delta, keep = text.push(committed)
-            if keep is not None:
-                committed, finish = committed[:keep], "stop"
-            self.drafter.observe(StepOutcome(draft, logits, path, committed, sampler))
-            sampler.advance(committed)
-            stats.draft_s += time.perf_counter() - t2 + t1 - t0
-            stats.forward_s += t2 - t1
-            out.extend(committed)
-            sequence[length : length + len(committed)] = torch.tensor(committed)
-            length += len(committed)
-            stats.accepted_lengths.append(len(committed))
-            stats.draft_sizes.append(draft.num_candidates)
-            stats.accepted_drafts.append(len(path) - 1)
-            if finish is not None:
-                stats.finish_reason = finish
-                yield Chunk(committed, delta + text.finish())
-                break
-            yield Chunk(committed, delta)
+    def propose(self) -> Draft:
+        """The drafter's tree for the next step, checked."""
+        start = time.perf_counter()
+        draft = self.drafter.propose(self.sequence[: self.length])
+        _check(draft, int(self.sequence[self.length - 1]), self.method)
+        self.stats.draft_s += time.perf_counter() - start
+        return draft
 
-        stats.new_tokens = len(out)
-        stats.wall_s = time.perf_counter() - start
-        final = text.decode(out)
-        if text.stopped:
-            final = final[: find_stop(final, stop)]
-        return Generation(final, out, prompt_ids, stats)
+    def root_draft(self) -> Draft:
+        """A step without drafting: the root alone (one token, as plain decoding)."""
+        return Draft(self.sequence[self.length - 1 : self.length], ROOT)
+
+    def accept(
+        self, draft: Draft, logits: torch.Tensor, cache: KVCache, row: int, forward_s: float, observe: bool = True
+    ) -> Chunk:
+        """Verify ``draft`` against its ``logits`` ``[n, vocab]`` (row ``row`` of ``cache`` holds its entries),
+        commit the accepted path there, let the drafter observe (unless the step skipped it) and hand out the
+        committed tokens. Sets ``done`` after the last step."""
+        start = time.perf_counter()
+        path, bonus = self.sampler.verify(draft.tokens, draft.tree, logits, draft.candidates, draft.draft_probs)
+        cache.commit(row, path)
+        self.last_path = path
+        self.stats.forward_s += forward_s + time.perf_counter() - start
+        committed = [*draft.tokens[path[1:]].tolist(), bonus]
+        committed, finish = _cut(committed, self.model.eos_token_ids, self.budget - len(self.out))
+        delta, keep = self.text.push(committed)
+        if keep is not None:
+            committed, finish = committed[:keep], "stop"
+        start = time.perf_counter()
+        if observe:
+            self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler))
+        self.stats.draft_s += time.perf_counter() - start
+        self.sampler.advance(committed)
+        self.out.extend(committed)
+        self.sequence[self.length : self.length + len(committed)] = torch.tensor(committed)
+        self.length += len(committed)
+        self.stats.accepted_lengths.append(len(committed))
+        self.stats.draft_sizes.append(draft.num_candidates)
+        self.stats.accepted_drafts.append(len(path) - 1)
+        if finish is not None:
+            self.stats.finish_reason, self.done = finish, True
+            return Chunk(committed, delta + self.text.finish())
+        return Chunk(committed, delta)
+
+    def result(self) -> Generation:
+        """The whole generation, once ``done``."""
+        self.stats.new_tokens = len(self.out)
+        self.stats.wall_s = time.perf_counter() - self._start
+        final = self.text.decode(self.out)
+        if self.text.stopped:
+            final = final[: find_stop(final, self.stop)]
+        return Generation(final, self.out, self.prompt_ids, self.stats)
+
+
+ROOT = Tree.chain(1)
+
+
+def target_info(model: LoadedModel) -> TargetInfo:
+    """What drafters may know about ``model``."""
+    return TargetInfo(model.cfg.vocab_size, model.device.type, str(model.dtype).removeprefix("torch."))
+
+
+def encode_prompt(model: LoadedModel, prompt: str | list[int] | list[dict[str, str]], chat: bool = True) -> list[int]:
+    """Token ids of ``prompt``: a user message, or a conversation (OpenAI-style ``[{"role", "content"}]`` ending
+    with a user turn), wrapped in the checkpoint's chat template when ``chat`` and it has one; token ids are
+    returned as they are."""
+    if _is_token_ids(prompt):
+        return list(prompt)
+    if isinstance(prompt, list):
+        return encode_chat(model.tokenizer, check_messages(prompt))
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidParameter("the prompt is empty")
+    if chat:
+        return encode_chat(model.tokenizer, [{"role": "user", "content": prompt}])
+    return model.tokenizer(prompt)["input_ids"]
+
+
+def validate_request(model: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> None:
+    """Raise InvalidParameter or PromptTooLong unless ``model`` can generate ``max_new_tokens`` after
+    ``prompt_ids``."""
+    window = model.cfg.context_window
+    if not prompt_ids:
+        raise InvalidParameter("the prompt is empty")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidParameter(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if max_new_tokens > window:
+        raise InvalidParameter(f"max_new_tokens {max_new_tokens} exceeds the context window of {window} tokens")
+    if len(prompt_ids) >= window:
+        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the context window holds {window}")
+    if not all(isinstance(t, int) and 0 <= t < model.cfg.vocab_size for t in prompt_ids):
+        raise InvalidParameter("prompt token ids must be integers in [0, vocab_size)")
 
 
 ROLES = ("system", "user", "assistant")

@@ -40,3 +40,17 @@ def test_write_goes_to_scratch_slots_and_view_covers_width():
     k, v = cache.view(0, 5)
     assert k.shape == (2, 1, 5, 2) and torch.equal(v[1, :, 3:5], -keys[1])
     assert cache.lengths == [1, 3]  # writing never commits
+
+
+def test_row_views_share_storage_and_lengths_and_rows_move():
+    cache = KVCache(layers=1, batch=3, kv_heads=1, capacity=8, head_dim=1, dtype=torch.float32)
+    view = cache.rows(1, 3)
+    assert view.batch == 2
+    view.write(0, torch.full((2, 1, 2, 1), 5.0), torch.full((2, 1, 2, 1), -5.0))
+    view.commit(1, 2)
+    assert cache.lengths == [0, 0, 2] and view.lengths == [0, 2]
+    assert cache.kv[0, 0, 2, 0, :2, 0].tolist() == [5.0, 5.0] and not cache.kv[0, :, 0].any()
+    cache.move_row(2, 0)
+    assert cache.lengths == [2, 0, 2] and cache.kv[0, 1, 0, 0, :2, 0].tolist() == [-5.0, -5.0]
+    view.reset()
+    assert cache.lengths == [2, 0, 0]

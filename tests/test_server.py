@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import decodekit.server.scheduler
 from decodekit.cli import main
-from decodekit.engine import Chunk, Engine, GenerationStream
+from decodekit.engine import Chunk, Decoding, Engine
 from decodekit.sampling import SamplingParams
 from decodekit.server import create_app
 
@@ -277,31 +277,25 @@ def test_content_parts_and_developer_role(client, tiny_model):
     assert reply.choices[0].message.content == Engine(tiny_model, "recycling").generate(CHAT, 12).text
 
 
-class HookedEngine(Engine):
-    """An engine that calls ``hook(i, chunk)`` in the worker before handing out chunk ``i``: holds or breaks it."""
+class HookedDecoding(Decoding):
+    """A request's decoding that calls ``hook(i, chunk)`` in the worker after step ``i``: holds or breaks it."""
 
     hook: Callable[[int, Chunk], None] = staticmethod(lambda i, chunk: None)
 
-    def stream(self, *args, **kwargs) -> GenerationStream:
-        inner = super().stream(*args, **kwargs)
-
-        def steps():
-            for i, chunk in enumerate(inner):
-                HookedEngine.hook(i, chunk)
-                yield chunk
-            return inner.result
-
-        return GenerationStream(steps())
+    def accept(self, *args, **kwargs) -> Chunk:
+        chunk = super().accept(*args, **kwargs)
+        HookedDecoding.hook(self.stats.steps - 1, chunk)
+        return chunk
 
 
 @pytest.fixture
 def hooked(monkeypatch, tiny_model):
-    """Start a server whose engines run ``hook``: ``with hooked(hook, **create_app_options) as url``."""
-    monkeypatch.setattr(decodekit.server.scheduler, "Engine", HookedEngine)
+    """Start a server whose requests run ``hook``: ``with hooked(hook, **create_app_options) as url``."""
+    monkeypatch.setattr(decodekit.server.scheduler, "Decoding", HookedDecoding)
 
     @contextmanager
     def start(hook: Callable[[int, Chunk], None], **options) -> Iterator[str]:
-        monkeypatch.setattr(HookedEngine, "hook", staticmethod(hook))
+        monkeypatch.setattr(HookedDecoding, "hook", staticmethod(hook))
         with serving(create_app(tiny_model, method="ar", **options)) as base:
             yield base
 

@@ -66,3 +66,20 @@ def test_chain_matches_generic_construction():
 def test_malformed_trees_are_rejected(bad):
     with pytest.raises(InvalidParameter):
         Tree.from_parents(bad)
+
+
+def test_rows_with_their_own_trees():
+    chain, fork = Tree.chain(3), Tree.from_parents([-1, 0, 0])
+    assert positions([4, 10], [chain, fork]).tolist() == [[4, 5, 6], [10, 11, 11]]
+    mask = attention_mask([4, 10], [chain, fork])
+    assert torch.equal(mask[0, 0, :, 4:7], chain.ancestors) and torch.equal(mask[1, 0, :, 10:13], fork.ancestors)
+    with pytest.raises(InvalidParameter, match="one size"):
+        positions([4, 10], [chain, Tree.chain(2)])
+
+
+def test_padding_and_prefix_keep_the_original_nodes():
+    tree = Tree.from_parents([-1, 0, 1, 0])
+    padded = tree.padded(6)
+    assert padded.parents.tolist() == [-1, 0, 1, 0, 0, 0]
+    assert torch.equal(padded.ancestors[:4, :4], tree.ancestors) and not padded.ancestors[:4, 4:].any()
+    assert tree.prefix(3).parents.tolist() == [-1, 0, 1] and tree.prefix(9) is tree and tree.padded(2) is tree

@@ -45,6 +45,13 @@ class Draft:
     candidates: torch.Tensor | None = None
     draft_probs: torch.Tensor | None = None
 
+    def prefix(self, n: int) -> Draft:
+        """The draft cut to its first ``n`` nodes (still a tree: parents come first)."""
+        if n >= self.tree.size:
+            return self
+        cut = lambda values: None if values is None else values[:n]  # noqa: E731
+        return Draft(self.tokens[:n], self.tree.prefix(n), cut(self.candidates), cut(self.draft_probs))
+
     @property
     def num_candidates(self) -> int:
         """Draft nodes that may be accepted, the root excluded."""

@@ -76,7 +76,9 @@ class Hybrid:
             tried, matched = _matches(draft, outcome.committed)
             self._trials[p, : draft.tree.size] += tried
             self._hits[p, : draft.tree.size] += matched
-            part.observe(_restrict(outcome, on_path, draft, torch.tensor(kept)))
+            index = torch.tensor(kept)
+            index[index >= outcome.draft.tree.size] = -1  # the engine may verify a prefix of the merged draft
+            part.observe(_restrict(outcome, on_path, draft, index))
 
 
 def _matches(draft: Draft, committed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

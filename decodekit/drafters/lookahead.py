@@ -64,9 +64,9 @@ class Lookahead:
         return Draft(tokens, Tree(parents), candidates)
 
     def observe(self, outcome: StepOutcome) -> None:
+        if outcome.draft.tree.size - self._side_start != self.window_size:
+            return  # not our draft (the window did not ride along, or was cut off): keep the old window
         side = torch.arange(self._side_start, outcome.draft.tree.size)
-        if side.numel() != self.window_size:
-            return  # not our draft (the window did not ride along): keep the old window
         # slots: the root and the window; predicted[i] is the target's token after slots[0..i], a guess for
         # the position after slot i. That is one Jacobi iteration over the window.
         slots = outcome.draft.tokens[torch.cat([torch.tensor([0]), side])].tolist()

@@ -4,6 +4,9 @@ Layout: one tensor ``[layers, 2, B, kv_heads, capacity, head_dim]`` (2 = keys, v
 committed tokens in slots ``[0, lengths[b])``. A forward writes its ``n`` new tokens to the scratch slots
 ``[lengths[b], lengths[b] + n)`` without changing ``lengths``; :meth:`commit` then keeps a chosen subset of
 them (the accepted path) by moving their entries into place, so nothing is recomputed.
+
+A batch that requests join and leave keeps its live sequences in the first rows: :meth:`rows` is a cache over a
+range of rows that shares this one's storage and lengths, and :meth:`move_row` fills a freed row.
 """
 
 from __future__ import annotations
@@ -25,7 +28,31 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         self.kv = torch.zeros(layers, 2, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.lengths = [0] * batch
+        self._all_lengths = [0] * batch  # shared with every view from rows()
+        self._first = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        """Committed tokens per row (a copy)."""
+        return self._all_lengths[self._first : self._first + self.batch]
+
+    @lengths.setter
+    def lengths(self, lengths: list[int]) -> None:
+        assert len(lengths) == self.batch
+        self._all_lengths[self._first : self._first + self.batch] = lengths
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``[start, stop)`` sharing this cache's storage and lengths."""
+        view = object.__new__(KVCache)
+        view.kv = self.kv[:, :, start:stop]
+        view._all_lengths, view._first = self._all_lengths, self._first + start
+        return view
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row ``source``'s committed entries into row ``target``, which takes its length."""
+        length = self.lengths[source]
+        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+        self._all_lengths[self._first + target] = length
 
     @property
     def capacity(self) -> int:
@@ -63,10 +90,10 @@ class KVCache:
         """
         length = self.lengths[row]
         if isinstance(kept, int):
-            self.lengths[row] = length + kept
+            self._all_lengths[self._first + row] = length + kept
             return
         m = kept.numel()
         if not bool((kept == torch.arange(m, device=kept.device)).all()):
             entries = self.kv[:, :, row]
             entries[:, :, :, length : length + m] = entries.index_select(3, length + kept.to(self.kv.device))
-        self.lengths[row] = length + m
+        self._all_lengths[self._first + row] = length + m

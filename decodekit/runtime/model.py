@@ -17,7 +17,7 @@ from decodekit.errors import InvalidParameter
 from decodekit.runtime import fastlinear
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.kv_cache import KVCache
-from decodekit.runtime.tree import Tree, attention_mask, positions
+from decodekit.runtime.tree import Tree, Trees, attention_mask, positions
 
 
 def onednn_available() -> bool:
@@ -178,10 +178,11 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         cache: KVCache,
-        tree: Tree | None = None,
+        tree: Trees | None = None,
         logits_at: torch.Tensor | slice | None = None,
     ) -> torch.Tensor:
-        """Score ``tokens`` int64 ``[B, n]`` laid out as ``tree`` (a chain when None) after each row's prefix.
+        """Score ``tokens`` int64 ``[B, n]`` laid out as ``tree`` (a chain when None; or one tree per row, all
+        of ``n`` nodes) after each row's prefix.
 
         Writes their key/value entries to the cache's scratch slots; the caller commits what it keeps.
         Returns float logits ``[B, m, vocab]`` for the nodes selected by ``logits_at`` (all when None).

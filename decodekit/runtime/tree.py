@@ -7,6 +7,7 @@ template build its :class:`Tree` once, so the derived tensors are computed once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -56,6 +57,17 @@ class Tree:
     def is_chain(self) -> bool:
         return bool((self.parents == torch.arange(-1, self.size - 1)).all())
 
+    def padded(self, n: int) -> Tree:
+        """This tree grown to ``n`` nodes by leaves under the root (so that trees of a batch share one size);
+        no original node sees them."""
+        if n <= self.size:
+            return self
+        return Tree(torch.cat([self.parents, torch.zeros(n - self.size, dtype=torch.int64)]))
+
+    def prefix(self, n: int) -> Tree:
+        """The tree of the first ``n`` nodes (topological order keeps it a tree)."""
+        return self if n >= self.size else Tree(self.parents[:n])
+
 
 def node_depths(parents: torch.Tensor) -> torch.Tensor:
     """Depth of every node of a topologically ordered tree. ``parents`` int64 ``[n]`` -> int64 ``[n]``."""
@@ -76,26 +88,39 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def positions(prefix_lengths: list[int], tree: Tree) -> torch.Tensor:
-    """int64 ``[B, n]``: rotary position of every node, ``prefix_length + depth``."""
-    return torch.tensor(prefix_lengths, dtype=torch.int64)[:, None] + tree.depth[None, :]
+Trees = Tree | Sequence[Tree]  # one tree for every row of a batch, or one per row (all of one size)
 
 
-def attention_mask(prefix_lengths: list[int], tree: Tree, window: int | None = None) -> torch.Tensor:
+def row_trees(trees: Trees, rows: int) -> list[Tree]:
+    """One tree per row; raises InvalidParameter unless there are ``rows`` trees of one size."""
+    trees = [trees] * rows if isinstance(trees, Tree) else list(trees)
+    if len(trees) != rows or len({tree.size for tree in trees}) != 1:
+        raise InvalidParameter(f"a batch of {rows} rows needs {rows} trees of one size (pad them)")
+    return trees
+
+
+def positions(prefix_lengths: list[int], trees: Trees) -> torch.Tensor:
+    """int64 ``[B, n]``: rotary position of every node, ``prefix_length + depth`` (row b's tree for row b)."""
+    depths = torch.stack([tree.depth for tree in row_trees(trees, len(prefix_lengths))])
+    return torch.tensor(prefix_lengths, dtype=torch.int64)[:, None] + depths
+
+
+def attention_mask(prefix_lengths: list[int], trees: Trees, window: int | None = None) -> torch.Tensor:
     """bool ``[B, 1, n, S]`` over cache slots ``S = max(prefix_lengths) + n``; True = may attend.
 
-    Row ``b`` holds its committed prefix in slots ``[0, L_b)`` and the tree in ``[L_b, L_b + n)``: a node
+    Row ``b`` holds its committed prefix in slots ``[0, L_b)`` and its tree in ``[L_b, L_b + n)``: a node
     sees the whole prefix and its own ancestors (itself included). With a sliding ``window``, a node at
     position ``p`` sees a key at position ``q`` only when ``p - q < window``.
     """
-    n = tree.size
+    trees = row_trees(trees, len(prefix_lengths))
+    n = trees[0].size
     width = max(prefix_lengths) + n
     mask = torch.zeros(len(prefix_lengths), 1, n, width, dtype=torch.bool)
-    for b, length in enumerate(prefix_lengths):
+    for b, (length, tree) in enumerate(zip(prefix_lengths, trees, strict=True)):
         mask[b, 0, :, :length] = True
         mask[b, 0, :, length : length + n] = tree.ancestors
     if window is not None:
-        query_pos = positions(prefix_lengths, tree)  # [B, n]
+        query_pos = positions(prefix_lengths, trees)  # [B, n]
         key_pos = torch.arange(width).repeat(len(prefix_lengths), 1)  # a prefix slot's position is its index
         for b, length in enumerate(prefix_lengths):
             key_pos[b, length : length + n] = query_pos[b]

@@ -10,6 +10,7 @@ with 400; other unknown fields are ignored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -31,8 +32,9 @@ from decodekit.errors import InvalidParameter
 from decodekit.runtime.loader import LoadedModel
 from decodekit.sampling import SamplingParams
 from decodekit.server.metrics import Metrics, MetricsMiddleware
-from decodekit.server.scheduler import Failed, GenerationRequest, Job, QueueFull, Scheduler, Started
+from decodekit.server.scheduler import Failed, Finished, GenerationRequest, Job, QueueFull, Scheduler, Started
 
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 # OpenAI parameters this server cannot honour, with the values that ask for nothing (null is always accepted)
@@ -87,6 +89,10 @@ class ChatBody(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -110,15 +116,18 @@ def create_app(
     queue_size: int = 16,
     max_prompt_tokens: int | None = None,
     max_tokens_cap: int | None = None,
+    max_batch: int = 8,
+    adaptive: bool = True,
 ) -> FastAPI:
     """The server's app: requests generate with ``model``, by the method spec a request names or ``method``.
 
-    ``queue_size`` requests may wait behind the running one (more get 429); prompts over ``max_prompt_tokens``
-    tokens and ``max_tokens`` over ``max_tokens_cap`` get 400. Its metrics live in ``app.state.metrics.registry``.
+    Up to ``max_batch`` requests decode together, with load-aware speculation when ``adaptive``; ``queue_size``
+    more may wait (more get 429); prompts over ``max_prompt_tokens`` tokens and ``max_tokens`` over
+    ``max_tokens_cap`` get 400. Its metrics live in ``app.state.metrics.registry``.
     """
     parse_method(method)
     metrics = Metrics()
-    scheduler = Scheduler(model, metrics, queue_size, max_prompt_tokens)
+    scheduler = Scheduler(model, metrics, queue_size, max_prompt_tokens, max_batch, max_tokens_cap, adaptive)
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -146,6 +155,10 @@ def create_app(
         where = [str(part) for part in first["loc"] if part != "body"]
         param = where[0] if where else None
         return error_response(400, f"{'.'.join(where) or 'body'}: {first['msg']}", param)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; the status is what metrics record
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
@@ -185,16 +198,16 @@ def create_app(
         except QueueFull as err:
             raise APIError(429, str(err)) from None
 
-    async def respond(job: Job, body: GenerationBody, chat: bool) -> Response:
+    async def respond(job: Job, body: GenerationBody, chat: bool, request: Request) -> Response:
         """The whole reply, or a stream of chunks once the worker has accepted the request."""
         reply = Reply(model.name, chat)
         try:
-            event = await job.next()
+            event = await next_unless_gone(job, request)
             if isinstance(event, Failed):
                 raise APIError(event.status, event.message)
             if not body.stream:
                 while isinstance(event, Started | Chunk):
-                    event = await job.next()
+                    event = await next_unless_gone(job, request)
                 if isinstance(event, Failed):
                     raise APIError(event.status, event.message)
                 return JSONResponse(reply.whole(event.generation.text, event.generation.stats))
@@ -203,6 +216,15 @@ def create_app(
             raise
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(stream(job, reply, include_usage), media_type="text/event-stream")
+
+    async def next_unless_gone(job: Job, request: Request) -> Started | Chunk | Finished | Failed:
+        """The job's next event; cancels the job (and raises) once the client has disconnected."""
+        event = asyncio.ensure_future(job.next())
+        while not (await asyncio.wait({event}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                event.cancel()
+                raise ClientGone
+        return event.result()
 
     async def stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: the text as it is committed, the finish reason, [DONE]; leaving cancels the job."""
@@ -225,18 +247,18 @@ def create_app(
             job.cancel()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Response:
+    async def completions(body: CompletionBody, request: Request) -> Response:
         if not body.prompt:
             raise APIError(400, "the prompt is empty", "prompt")
         job = prepare(body, body.prompt, False, body.max_tokens, COMPLETION_MAX_TOKENS)
-        return await respond(job, body, chat=False)
+        return await respond(job, body, False, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody) -> Response:
+    async def chat_completions(body: ChatBody, request: Request) -> Response:
         messages = check_messages([_text_message(i, m) for i, m in enumerate(body.messages)])
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = prepare(body, messages, True, max_tokens, model.cfg.context_window)
-        return await respond(job, body, chat=True)
+        return await respond(job, body, True, request)
 
     @app.get("/v1/models")
     async def models() -> dict:

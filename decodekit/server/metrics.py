@@ -43,8 +43,11 @@ class Metrics:
         )
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of started generations", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
-        self.waiting = Gauge(p + "num_requests_waiting", "Requests queued behind the running one", registry=r)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a place in the batch", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests being generated", registry=r)
+        self.batch_width = Gauge(
+            p + "speculation_width", "Tree nodes per request in the last step (1: no draft)", registry=r
+        )
         self.drafts = Counter(p + "spec_decode_num_drafts", "Verification steps that checked a draft", registry=r)
         self.draft_tokens = Counter(p + "spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r)
         self.accepted_tokens = Counter(p + "spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r)

@@ -1,0 +1,240 @@
+"""Continuous batching: many requests decode together, one forward per step over all their draft trees.
+
+Live requests hold the first rows of one KV cache. A request joins between steps (its prompt is prefilled alone,
+into the next free row) and leaves between steps (the last row moves into its place). In a step every live
+request drafts with its own drafter, the trees are padded to one size and scored in one forward, and each row is
+verified and committed on its own, so a request's greedy output does not depend on what else is in the batch.
+
+Load-aware speculation (SmartSpec's goodput): before drafting, the batch picks one tree width ``w`` (nodes per
+row, root included) for the step, the one with the most expected committed tokens per second::
+
+    goodput(w) = sum_b E_b(w) / (forward seconds(B rows, w nodes) + drafting seconds if w > 1)
+
+``E_b(w)`` sums request b's running rate of each of the first ``w`` node indices lying on its accepted path (the
+root's rate is 1: it stands for the bonus token). The forward's seconds come from :class:`StepCost`. At ``w = 1``
+no drafter runs: the step is plain decoding. Drafts are cut to their first ``w`` nodes (still a tree).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
+from decodekit.engine import Chunk, Decoding
+from decodekit.runtime.kv_cache import KVCache
+from decodekit.runtime.loader import LoadedModel
+from decodekit.runtime.model import Transformer
+from decodekit.runtime.tree import Tree
+
+REQUEST_RATE = 0.25  # weight of a step's outcome in its request's node rates
+METHOD_RATE = 0.05  # ... in its method's rates (the plain mean over the method's first 20 steps)
+WARMUP_STEPS = 8  # a method drafts its whole tree until it has this many steps of data
+DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
+
+
+def best_width(node_rates: torch.Tensor, forward_seconds: torch.Tensor, draft_seconds: float) -> int:
+    """The tree width with the most expected committed tokens per second.
+
+    ``node_rates`` float ``[B, W]``: row b's chance that node i lies on its accepted path (column 0, the root,
+    is 1: it stands for the bonus token). ``forward_seconds`` float ``[W]``: a step's forward at width 1..W.
+    ``draft_seconds``: what drafting adds to a step of width > 1. Returns w in [1, W].
+    """
+    expected = node_rates.cumsum(dim=1).sum(dim=0)
+    seconds = forward_seconds + draft_seconds * (torch.arange(forward_seconds.numel()) > 0)
+    return int((expected / seconds).argmax()) + 1
+
+
+def interpolate(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear ``y(x)`` through the points ``(xs, ys)`` (``xs`` increasing, at least two), extended
+    linearly past both ends."""
+    i = torch.searchsorted(xs, x).clamp(1, xs.numel() - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+class StepCost:
+    """Predicted seconds of one forward over ``B`` rows of ``w`` nodes: ``t1(B w) + tB(B) - t1(B)``, where
+    ``t1(T)`` is a one-row forward of T tokens and ``tB(B)`` a forward of B rows of one token (measured by
+    :meth:`calibrate`, interpolated in between). The table leaves out context length and masks, so
+    :meth:`observe` keeps a running ratio of measured to predicted seconds that scales every prediction."""
+
+    def __init__(
+        self, token_counts: list[int], token_seconds: list[float], rows: list[int], row_seconds: list[float]
+    ) -> None:
+        """Measured points: one-row forwards of ``token_counts`` tokens, one-token forwards of ``rows`` rows."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+        self.token_counts, self.token_seconds = as_tensor(token_counts), as_tensor(token_seconds)
+        self.rows, self.row_seconds = as_tensor(rows), as_tensor(row_seconds)
+        self.ratio = 1.0
+
+    @staticmethod
+    def calibrate(transformer: Transformer, cache: KVCache, max_tokens: int = 256, repeats: int = 2) -> StepCost:
+        """Time forwards into the scratch slots of ``cache``'s empty rows (nothing is committed)."""
+        assert max(cache.lengths) == 0, "calibrate before any request joins"
+
+        def seconds(rows: int, n: int) -> float:
+            tokens = torch.zeros(rows, n, dtype=torch.int64, device=transformer.device)
+            times = []
+            for _ in range(repeats + 1):  # the first run warms up
+                start = time.perf_counter()
+                transformer(tokens, cache.rows(0, rows), Tree.chain(n))
+                times.append(time.perf_counter() - start)
+            return min(times[1:])
+
+        token_counts = _powers_of_two(min(max_tokens, cache.capacity))
+        token_seconds = [seconds(1, n) for n in token_counts]
+        rows = _powers_of_two(cache.batch)
+        row_seconds = [seconds(b, 1) for b in rows]
+        if len(rows) == 1:  # one row: the row term is always zero, but interpolation needs two points
+            rows, row_seconds = [1, 2], row_seconds * 2
+        return StepCost(token_counts, token_seconds, rows, row_seconds)
+
+    def predict(self, rows: int, widths: torch.Tensor) -> torch.Tensor:
+        """Seconds of a forward over ``rows`` rows at each width in ``widths`` (int ``[W]``)."""
+        t1 = interpolate(rows * widths.double(), self.token_counts, self.token_seconds)
+        b = torch.tensor([float(rows)], dtype=torch.float64)
+        row_extra = interpolate(b, self.rows, self.row_seconds) - interpolate(b, self.token_counts, self.token_seconds)
+        return (t1 + row_extra).clamp(min=1e-6) * self.ratio
+
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        predicted = float(self.predict(rows, torch.tensor([width]))[0]) / self.ratio
+        self.ratio += 0.1 * (seconds / predicted - self.ratio)
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... below ``limit``, then ``limit``."""
+    return [1 << i for i in range(limit.bit_length()) if 1 << i < limit] + [limit]
+
+
+@dataclass
+class Row:
+    """A live request: its decoding, node rates (None until its method has data) and drafting seconds."""
+
+    decoding: Decoding
+    pinned: bool  # always drafts its whole tree (a seeded sample must not depend on the load)
+    node_rates: torch.Tensor | None  # float64 [MAX_DRAFT_NODES]
+    draft_seconds: float = 0.0  # running seconds of its drafter per drafting step
+
+
+class Batch:
+    """Up to ``max_rows`` requests decoding together over one KV cache of ``capacity`` slots per row.
+
+    ``adaptive``: choose each step's tree width by goodput (else every drafter's whole tree, always).
+    """
+
+    def __init__(self, model: LoadedModel, max_rows: int, capacity: int, adaptive: bool = True) -> None:
+        self.model, self.adaptive = model, adaptive
+        self.cache = model.transformer.new_cache(capacity, max_rows)
+        self.rows: list[Row] = []
+        self.method_rates: dict[str, torch.Tensor] = {}  # node rates a method's next request starts from
+        self.method_steps: dict[str, int] = {}  # drafting steps behind them
+        self.cost = StepCost.calibrate(model.transformer, self.cache) if adaptive else None
+        self.last_width = 0  # the width of the last step (metrics)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.cache.batch
+
+    def join(self, decoding: Decoding, pinned: bool = False) -> None:
+        """Prefill ``decoding``'s prompt into the next free row. Raises PromptTooLong when it would not fit."""
+        assert not self.full
+        row = len(self.rows)
+        view = self.cache.rows(row, row + 1)
+        view.reset()
+        view.check_room(decoding.capacity)
+        decoding.prefill(view)
+        warm = self.method_steps.get(decoding.method, 0) >= WARMUP_STEPS
+        self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
+
+    def leave(self, decoding: Decoding) -> None:
+        """Free ``decoding``'s row (the last live row moves into it)."""
+        index = next(i for i, row in enumerate(self.rows) if row.decoding is decoding)
+        last = len(self.rows) - 1
+        if index != last:
+            self.cache.move_row(last, index)
+            self.rows[index] = self.rows[last]
+        self.rows.pop()
+
+    def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
+        """One forward over every live row; each row's committed chunk, or the error that failed it (the row
+        stays until the caller makes it leave)."""
+        width = self._width()
+        drafts: list[Draft] = []
+        drafted: list[bool] = []
+        failed: dict[int, Exception] = {}
+        drafted_before = [row.decoding.stats.draft_s for row in self.rows]
+        for b, row in enumerate(self.rows):
+            draft = row.decoding.root_draft()
+            if row.pinned or width > 1:
+                try:
+                    draft = row.decoding.propose()
+                    draft = draft if row.pinned else draft.prefix(width)
+                except Exception as err:  # a drafter's bug fails its own request only
+                    failed[b], draft = err, row.decoding.root_draft()
+            drafts.append(draft)
+            drafted.append((row.pinned or width > 1) and b not in failed)
+
+        size = max(draft.tree.size for draft in drafts)
+        root_of = [int(draft.tokens[0]) for draft in drafts]
+        tokens = torch.stack(
+            [torch.cat([d.tokens, torch.full((size - d.tree.size,), r)]) for d, r in zip(drafts, root_of, strict=True)]
+        )
+        cache = self.cache.rows(0, len(self.rows))
+        start = time.perf_counter()
+        logits = self.model.transformer(tokens.to(self.model.device), cache, [d.tree.padded(size) for d in drafts])
+        forward_s = time.perf_counter() - start
+        if self.cost is not None:
+            self.cost.observe(len(self.rows), size, forward_s)
+        self.last_width = size
+
+        results: list[tuple[Decoding, Chunk | Exception]] = []
+        for b, (row, draft) in enumerate(zip(self.rows, drafts, strict=True)):
+            if b in failed:
+                results.append((row.decoding, failed[b]))
+                continue
+            try:
+                chunk = row.decoding.accept(draft, logits[b, : draft.tree.size], cache, b, forward_s, drafted[b])
+            except Exception as err:
+                results.append((row.decoding, err))
+                continue
+            if drafted[b] and not row.pinned:
+                spent = row.decoding.stats.draft_s - drafted_before[b]  # propose and observe
+                row.draft_seconds += DRAFT_COST_RATE * (spent - row.draft_seconds)
+                self._learn(row, draft.tree.size if width >= MAX_DRAFT_NODES else width)
+            elif not row.pinned and row.node_rates is not None:
+                # not tried this step: drift towards the method's rates, so a request that stopped drafting
+                # tries again when its method's requests find drafting pays
+                prior = self.method_rates[row.decoding.method]
+                row.node_rates += METHOD_RATE * (prior - row.node_rates)
+            results.append((row.decoding, chunk))
+        return results
+
+    def _width(self) -> int:
+        """This step's tree width: the best by goodput over the unpinned rows; every drafter's whole tree when
+        not adaptive or while a row's method has too little data."""
+        rows = [row for row in self.rows if not row.pinned]
+        if self.cost is None or not rows or any(row.node_rates is None for row in rows):
+            return MAX_DRAFT_NODES
+        rates = torch.stack([row.node_rates for row in rows])
+        widths = torch.arange(1, MAX_DRAFT_NODES + 1)
+        forward = self.cost.predict(len(self.rows), widths)
+        return best_width(rates, forward, sum(row.draft_seconds for row in rows))
+
+    def _learn(self, row: Row, tried: int) -> None:
+        """Fold the step's accepted path into the row's and its method's node rates, over the ``tried`` first
+        node indices (nodes a smaller draft did not have count as rejected)."""
+        on_path = torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64)
+        on_path[row.decoding.last_path] = 1.0
+        method = row.decoding.method
+        seen = self.method_steps.get(method, 0)
+        prior = self.method_rates.setdefault(method, torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64))
+        prior[:tried] += max(1 / (seen + 1), METHOD_RATE) * (on_path[:tried] - prior[:tried])
+        self.method_steps[method] = seen + 1
+        if row.node_rates is None:
+            if seen + 1 >= WARMUP_STEPS:
+                row.node_rates = prior.clone()
+        else:
+            row.node_rates[:tried] += REQUEST_RATE * (on_path[:tried] - row.node_rates[:tried])

@@ -1,0 +1,168 @@
+"""Continuous batching on a tiny random Llama: outputs independent of the batch, rows joining and leaving, the
+goodput width rule and the step-cost table."""
+
+import random
+
+import pytest
+import torch
+from test_engine import Oracle
+
+from decodekit import Engine
+from decodekit.batch import Batch, StepCost, best_width, interpolate
+from decodekit.drafters import METHODS, make_drafter
+from decodekit.drafters.base import MAX_DRAFT_NODES
+from decodekit.engine import Decoding, target_info
+from decodekit.sampling import GREEDY, SamplingParams
+
+PROMPTS = [
+    "the quick brown fox",
+    "a b c a b c a b c a b c",
+    "tell me about the weather tomorrow in the hills",
+    "one two three four five six seven eight nine ten eleven twelve",
+]
+
+
+def decoding(model, method: str, prompt: str, max_new_tokens: int, sampling: SamplingParams = GREEDY) -> Decoding:
+    ids = Engine(model, "ar").encode(prompt)
+    return Decoding(model, make_drafter(method, target_info(model)), method, ids, max_new_tokens, [], sampling)
+
+
+def run(batch: Batch, joining: list[tuple[int, Decoding]]) -> dict[Decoding, list]:
+    """Step ``batch`` until every request is done; ``joining``: (step, decoding), joined before that step."""
+    results, steps = {}, 0
+    pending = sorted(joining, key=lambda item: item[0])
+    while pending or batch.rows:
+        while pending and pending[0][0] <= steps and not batch.full:
+            batch.join(pending.pop(0)[1])
+        for request, result in batch.step():
+            if isinstance(result, Exception):
+                raise result
+            results.setdefault(request, []).append(result)
+            if request.done:
+                batch.leave(request)
+        steps += 1
+    return results
+
+
+@pytest.mark.parametrize("widths", ["whole trees", "random widths"])
+def test_every_method_in_one_batch_gives_its_single_request_output(tiny_model, widths):
+    cases = [(method, PROMPTS[i % len(PROMPTS)], 12 + 5 * i) for i, method in enumerate(METHODS)]
+    batch = Batch(tiny_model, max_rows=4, capacity=512, adaptive=False)
+    if widths == "random widths":  # every drafter must take a cut draft, or a skipped step, in its stride
+        choice = random.Random(0).choice
+        batch._width = lambda: choice([1, 1, 2, 3, 5, 8, MAX_DRAFT_NODES])
+    requests = [decoding(tiny_model, method, prompt, n) for method, prompt, n in cases]
+    chunks = run(batch, [(3 * i, request) for i, request in enumerate(requests)])  # joins while others run
+    for (method, prompt, n), request in zip(cases, requests, strict=True):
+        expected = Engine(tiny_model, method).generate(prompt, n)
+        assert request.result().token_ids == expected.token_ids, method
+        assert [t for chunk in chunks[request] for t in chunk.token_ids] == expected.token_ids
+    assert batch.rows == []
+
+
+def test_a_batch_mixing_a_high_acceptance_drafter_keeps_outputs(tiny_model):
+    """An oracle row accepts whole chains while others accept nothing: rows commit different counts per step."""
+    reference = Engine(tiny_model, "ar").generate(PROMPTS[0], 40)
+    ids = reference.prompt_ids
+    oracle = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 40, [], GREEDY)
+    cases = list(zip(["ar", "lookup"], PROMPTS[1:3], strict=True))
+    others = [decoding(tiny_model, method, prompt, 30) for method, prompt in cases]
+    batch = Batch(tiny_model, max_rows=3, capacity=512, adaptive=False)
+    run(batch, [(0, oracle), (1, others[0]), (2, others[1])])
+    assert oracle.result().token_ids == reference.token_ids
+    assert oracle.stats.steps < 40 / 3  # the oracle's chains were accepted inside the batch
+    for (method, prompt), request in zip(cases, others, strict=True):
+        assert request.result().token_ids == Engine(tiny_model, method).generate(prompt, 30).token_ids
+
+
+def test_adaptive_width_follows_cost_and_acceptance(tiny_model):
+    reference = Engine(tiny_model, "ar").generate(PROMPTS[0], 60)
+    ids = reference.prompt_ids
+
+    def widths(cost: StepCost) -> list[int]:
+        batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=True)
+        batch.cost = cost
+        request = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 60, [], GREEDY)
+        batch.join(request)
+        seen = []
+        while batch.rows:
+            batch.step()
+            seen.append(batch.last_width)
+            if request.done:
+                batch.leave(request)
+        assert request.result().token_ids == reference.token_ids
+        return seen
+
+    flat = StepCost([1, 256], [0.01, 0.0100001], [1, 2], [0.01, 0.01])  # extra nodes cost nothing
+    steep = StepCost([1, 256], [0.01, 5.12], [1, 2], [0.01, 0.02])  # every node costs two steps
+    flat_widths = widths(flat)
+    assert flat_widths[:8] == [6] * 8  # the method's warm-up drafts whole trees: root, 4-token chain, a sibling
+    assert flat_widths[8:11] == [5] * 3  # then the sibling, never accepted, is left out
+    steep_widths = widths(steep)
+    assert steep_widths[:8] == [6] * 8  # the method's warm-up drafts whole trees
+    assert set(steep_widths[8:]) == {1}  # then drafting never pays
+
+
+def test_best_width():
+    rates = torch.tensor([[1.0, 0.9, 0.8, 0.1], [1.0, 0.5, 0.0, 0.0]])
+    flat = torch.ones(4)
+    assert best_width(rates, flat, 0.0) == 4  # any expected token is free
+    assert best_width(rates, torch.tensor([1.0, 1.2, 1.4, 2.0]), 0.0) == 3
+    assert best_width(rates, torch.tensor([1.0, 1.2, 1.4, 2.0]), 5.0) == 1  # drafting costs more than it brings
+    assert best_width(rates, torch.tensor([1.0, 3.0, 4.0, 5.0]), 0.0) == 1
+
+
+def test_interpolate_and_step_cost():
+    xs, ys = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([10.0, 12.0, 20.0])
+    assert interpolate(torch.tensor([1.0, 1.5, 3.0, 8.0, 0.0]), xs, ys).tolist() == [10.0, 11.0, 16.0, 36.0, 8.0]
+    cost = StepCost([1, 2, 4, 8], [1.0, 1.0, 2.0, 4.0], [1, 2, 4], [1.0, 1.5, 3.0])
+    # t1(B w) + tB(B) - t1(B): 4 rows of 2 nodes = a one-row forward of 8 tokens and the extra of 4 rows
+    assert cost.predict(4, torch.tensor([1, 2])).tolist() == [3.0, 5.0]
+    cost.observe(4, 2, 10.0)  # twice the prediction: every prediction grows towards it
+    assert cost.predict(1, torch.tensor([1])).item() == pytest.approx(1.1)
+
+
+def test_step_cost_calibrates_on_empty_rows(tiny_model):
+    batch = Batch(tiny_model, max_rows=3, capacity=64, adaptive=True)
+    assert batch.cost.token_counts.tolist() == [1, 2, 4, 8, 16, 32, 64]
+    assert batch.cost.rows.tolist() == [1, 2, 3] and bool((batch.cost.token_seconds > 0).all())
+    assert batch.cache.lengths == [0, 0, 0]  # calibration committed nothing
+
+
+def test_seeded_sample_in_a_batch_equals_the_library(tiny_model):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+    sampled = decoding(tiny_model, "recycling", PROMPTS[2], 30, params)
+    batch = Batch(tiny_model, max_rows=3, capacity=512, adaptive=True)
+    batch.join(decoding(tiny_model, "lookup", PROMPTS[1], 40))
+    batch.join(sampled, pinned=True)
+    batch.join(decoding(tiny_model, "recycling", PROMPTS[0], 40))
+    run(batch, [])
+    expected = Engine(tiny_model, "recycling").generate(PROMPTS[2], 30, sampling=params)
+    assert sampled.result().token_ids == expected.token_ids
+
+
+class Broken:
+    wants_prompt_logits = False
+
+    def begin(self, prompt, prompt_logits):
+        pass
+
+    def propose(self, sequence):
+        raise RuntimeError("drafter bug")
+
+    def observe(self, outcome):
+        pass
+
+
+def test_a_failing_drafter_fails_only_its_row(tiny_model):
+    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
+    broken = Decoding(tiny_model, Broken(), "broken", ids, 10, [], GREEDY)
+    healthy = decoding(tiny_model, "recycling", PROMPTS[1], 10)
+    batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=False)
+    batch.join(broken)
+    batch.join(healthy)
+    results = dict(batch.step())
+    assert isinstance(results[broken], RuntimeError) and not isinstance(results[healthy], Exception)
+    batch.leave(broken)
+    run(batch, [])
+    assert healthy.result().token_ids == Engine(tiny_model, "recycling").generate(PROMPTS[1], 10).token_ids
