@@ -11,14 +11,17 @@ row, root included) for the step, the one with the most expected committed token
     goodput(w) = sum_b E_b(w) / (forward seconds(B rows, w nodes) + drafting seconds if w > 1)
 
 ``E_b(w)`` sums request b's running rate of each of the first ``w`` node indices lying on its accepted path (the
-root's rate is 1: it stands for the bonus token). The forward's seconds come from :class:`StepCost`. At ``w = 1``
-no drafter runs: the step is plain decoding. Drafts are cut to their first ``w`` nodes (still a tree).
+root's rate is 1: it stands for the bonus token). The forward's seconds come from :class:`StepCost`. Drafts are
+cut to their first ``w`` nodes (still a tree). At ``w = 1`` no drafter proposes (each still observes the step):
+plain decoding. Rates come from scoring each whole draft against the text that followed it, which greedy
+verification would have accepted node for node, so nodes cut off (or never verified) are scored too; in steps
+at ``w = 1`` the drafters still propose every ``SHADOW_EVERY`` steps, only to be scored.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +31,12 @@ from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.model import Transformer
 from decodekit.runtime.tree import Tree
+from decodekit.verify import continuation_matches
 
-REQUEST_RATE = 0.25  # weight of a step's outcome in its request's node rates
-METHOD_RATE = 0.05  # ... in its method's rates (the plain mean over the method's first 20 steps)
-WARMUP_STEPS = 8  # a method drafts its whole tree until it has this many steps of data
+REQUEST_RATE = 0.25  # weight of a scored draft in its request's node rates
+METHOD_RATE = 0.05  # ... in its method's rates (the plain mean over the method's first 20 drafts)
+WARMUP_DRAFTS = 8  # a method drafts its whole tree until this many of its drafts were scored
+SHADOW_EVERY = 4  # in steps without drafts, every so many steps the drafters propose anyway, to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
 
 
@@ -64,14 +69,15 @@ class StepCost:
     def __init__(
         self, token_counts: list[int], token_seconds: list[float], rows: list[int], row_seconds: list[float]
     ) -> None:
-        """Measured points: one-row forwards of ``token_counts`` tokens, one-token forwards of ``rows`` rows."""
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+        """Measured points: one-row forwards of ``token_counts`` tokens, one-token forwards of ``rows`` rows. More
+        work never costs less: timing noise that says otherwise is flattened."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float64).cummax(0).values  # noqa: E731
         self.token_counts, self.token_seconds = as_tensor(token_counts), as_tensor(token_seconds)
         self.rows, self.row_seconds = as_tensor(rows), as_tensor(row_seconds)
         self.ratio = 1.0
 
     @staticmethod
-    def calibrate(transformer: Transformer, cache: KVCache, max_tokens: int = 256, repeats: int = 2) -> StepCost:
+    def calibrate(transformer: Transformer, cache: KVCache, max_tokens: int = 256, repeats: int = 3) -> StepCost:
         """Time forwards into the scratch slots of ``cache``'s empty rows (nothing is committed)."""
         assert max(cache.lengths) == 0, "calibrate before any request joins"
 
@@ -111,12 +117,14 @@ def _powers_of_two(limit: int) -> list[int]:
 
 @dataclass
 class Row:
-    """A live request: its decoding, node rates (None until its method has data) and drafting seconds."""
+    """A live request: its decoding, node rates (None until its method has data), drafting seconds, and the
+    drafts it proposed whose outcome the text has not yet shown."""
 
     decoding: Decoding
     pinned: bool  # always drafts its whole tree (a seeded sample must not depend on the load)
     node_rates: torch.Tensor | None  # float64 [MAX_DRAFT_NODES]
     draft_seconds: float = 0.0  # running seconds of its drafter per drafting step
+    unscored: list[tuple[int, Draft]] = field(default_factory=list)  # (sequence length when proposed, draft)
 
 
 class Batch:
@@ -130,9 +138,10 @@ class Batch:
         self.cache = model.transformer.new_cache(capacity, max_rows)
         self.rows: list[Row] = []
         self.method_rates: dict[str, torch.Tensor] = {}  # node rates a method's next request starts from
-        self.method_steps: dict[str, int] = {}  # drafting steps behind them
+        self.method_drafts: dict[str, int] = {}  # scored drafts behind them
         self.cost = StepCost.calibrate(model.transformer, self.cache) if adaptive else None
         self.last_width = 0  # the width of the last step (metrics)
+        self.steps = 0
 
     @property
     def full(self) -> bool:
@@ -146,7 +155,7 @@ class Batch:
         view.reset()
         view.check_room(decoding.capacity)
         decoding.prefill(view)
-        warm = self.method_steps.get(decoding.method, 0) >= WARMUP_STEPS
+        warm = self.method_drafts.get(decoding.method, 0) >= WARMUP_DRAFTS
         self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
 
     def leave(self, decoding: Decoding) -> None:
@@ -162,20 +171,25 @@ class Batch:
         """One forward over every live row; each row's committed chunk, or the error that failed it (the row
         stays until the caller makes it leave)."""
         width = self._width()
+        shadow = self.cost is not None and self.steps % SHADOW_EVERY == 0
+        self.steps += 1
         drafts: list[Draft] = []
-        drafted: list[bool] = []
+        proposed: list[bool] = []
         failed: dict[int, Exception] = {}
-        drafted_before = [row.decoding.stats.draft_s for row in self.rows]
+        spent_before = [row.decoding.stats.draft_s for row in self.rows]
         for b, row in enumerate(self.rows):
             draft = row.decoding.root_draft()
-            if row.pinned or width > 1:
+            if row.pinned or width > 1 or shadow:
                 try:
-                    draft = row.decoding.propose()
-                    draft = draft if row.pinned else draft.prefix(width)
+                    whole = row.decoding.propose()
                 except Exception as err:  # a drafter's bug fails its own request only
-                    failed[b], draft = err, row.decoding.root_draft()
+                    failed[b] = err
+                else:
+                    draft = whole if row.pinned else whole.prefix(width)
+                    if self.cost is not None and not row.pinned:
+                        row.unscored.append((row.decoding.length, whole))
             drafts.append(draft)
-            drafted.append((row.pinned or width > 1) and b not in failed)
+            proposed.append((row.pinned or width > 1 or shadow) and b not in failed)
 
         size = max(draft.tree.size for draft in drafts)
         root_of = [int(draft.tokens[0]) for draft in drafts]
@@ -196,19 +210,14 @@ class Batch:
                 results.append((row.decoding, failed[b]))
                 continue
             try:
-                chunk = row.decoding.accept(draft, logits[b, : draft.tree.size], cache, b, forward_s, drafted[b])
+                chunk = row.decoding.accept(draft, logits[b, : draft.tree.size], cache, b, forward_s)
             except Exception as err:
                 results.append((row.decoding, err))
                 continue
-            if drafted[b] and not row.pinned:
-                spent = row.decoding.stats.draft_s - drafted_before[b]  # propose and observe
+            if proposed[b]:
+                spent = row.decoding.stats.draft_s - spent_before[b]  # propose and observe
                 row.draft_seconds += DRAFT_COST_RATE * (spent - row.draft_seconds)
-                self._learn(row, draft.tree.size if width >= MAX_DRAFT_NODES else width)
-            elif not row.pinned and row.node_rates is not None:
-                # not tried this step: drift towards the method's rates, so a request that stopped drafting
-                # tries again when its method's requests find drafting pays
-                prior = self.method_rates[row.decoding.method]
-                row.node_rates += METHOD_RATE * (prior - row.node_rates)
+            self._score(row)
             results.append((row.decoding, chunk))
         return results
 
@@ -223,18 +232,32 @@ class Batch:
         forward = self.cost.predict(len(self.rows), widths)
         return best_width(rates, forward, sum(row.draft_seconds for row in rows))
 
-    def _learn(self, row: Row, tried: int) -> None:
-        """Fold the step's accepted path into the row's and its method's node rates, over the ``tried`` first
-        node indices (nodes a smaller draft did not have count as rejected)."""
-        on_path = torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64)
-        on_path[row.decoding.last_path] = 1.0
+    def _score(self, row: Row) -> None:
+        """Score the row's drafts whose continuation is now known (as deep as the draft, or the request ended)
+        and fold them into its node rates and its method's. A draft node counts as accepted when the text went
+        its way, whether or not the step verified it (greedy verification accepts exactly those)."""
+        decoding = row.decoding
+        while row.unscored:
+            start, draft = row.unscored[0]
+            depth = int(draft.tree.depth.max())
+            if decoding.length - start < depth and not decoding.done:
+                return
+            row.unscored.pop(0)
+            continuation = decoding.sequence[start : min(decoding.length, start + depth)].tolist()
+            _, matched = continuation_matches(draft.tokens, draft.tree, continuation)
+            if draft.candidates is not None:
+                matched &= draft.candidates
+            accepted = torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64)  # nodes the draft lacked count as rejected
+            accepted[: matched.numel()] = matched.double()
+            self._learn(row, accepted)
+
+    def _learn(self, row: Row, accepted: torch.Tensor) -> None:
         method = row.decoding.method
-        seen = self.method_steps.get(method, 0)
+        seen = self.method_drafts.get(method, 0)
         prior = self.method_rates.setdefault(method, torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64))
-        prior[:tried] += max(1 / (seen + 1), METHOD_RATE) * (on_path[:tried] - prior[:tried])
-        self.method_steps[method] = seen + 1
-        if row.node_rates is None:
-            if seen + 1 >= WARMUP_STEPS:
-                row.node_rates = prior.clone()
-        else:
-            row.node_rates[:tried] += REQUEST_RATE * (on_path[:tried] - row.node_rates[:tried])
+        prior += max(1 / (seen + 1), METHOD_RATE) * (accepted - prior)
+        self.method_drafts[method] = seen + 1
+        if row.node_rates is not None:
+            row.node_rates += REQUEST_RATE * (accepted - row.node_rates)
+        elif seen + 1 >= WARMUP_DRAFTS:
+            row.node_rates = prior.clone()

@@ -225,15 +225,13 @@ class Decoding:
         return draft
 
     def root_draft(self) -> Draft:
-        """A step without drafting: the root alone (one token, as plain decoding)."""
+        """A step that skips ``propose``: the root alone (one token, as plain decoding)."""
         return Draft(self.sequence[self.length - 1 : self.length], ROOT)
 
-    def accept(
-        self, draft: Draft, logits: torch.Tensor, cache: KVCache, row: int, forward_s: float, observe: bool = True
-    ) -> Chunk:
+    def accept(self, draft: Draft, logits: torch.Tensor, cache: KVCache, row: int, forward_s: float) -> Chunk:
         """Verify ``draft`` against its ``logits`` ``[n, vocab]`` (row ``row`` of ``cache`` holds its entries),
-        commit the accepted path there, let the drafter observe (unless the step skipped it) and hand out the
-        committed tokens. Sets ``done`` after the last step."""
+        commit the accepted path there, let the drafter observe and hand out the committed tokens. Sets ``done``
+        after the last step."""
         start = time.perf_counter()
         path, bonus = self.sampler.verify(draft.tokens, draft.tree, logits, draft.candidates, draft.draft_probs)
         cache.commit(row, path)
@@ -245,8 +243,7 @@ class Decoding:
         if keep is not None:
             committed, finish = committed[:keep], "stop"
         start = time.perf_counter()
-        if observe:
-            self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler))
+        self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler))
         self.stats.draft_s += time.perf_counter() - start
         self.sampler.advance(committed)
         self.out.extend(committed)

@@ -9,6 +9,21 @@ import torch
 from decodekit.runtime.tree import Tree
 
 
+def continuation_matches(
+    tokens: torch.Tensor, tree: Tree, continuation: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score a draft against the tokens that actually followed its root: which nodes the ``continuation`` reached
+    (their parent matched and it is long enough for their depth) and which of those matched it. Under greedy
+    decoding a matched node is exactly one verification would have accepted. Both bool ``[n]``; the root counts
+    as reached and matched."""
+    depth, parents, values = tree.depth.tolist(), tree.parents.tolist(), tokens.tolist()
+    matched, reached = [True] * len(values), [True] * len(values)
+    for i in range(1, len(values)):
+        reached[i] = matched[parents[i]] and depth[i] <= len(continuation)
+        matched[i] = reached[i] and values[i] == continuation[depth[i] - 1]
+    return torch.tensor(reached), torch.tensor(matched)
+
+
 def verify_greedy(
     tokens: torch.Tensor, tree: Tree, target: torch.Tensor, candidates: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:

@@ -1,12 +1,14 @@
 """Load test of `decodekit serve` on loopback: throughput, latency and time to first token by concurrency.
 
-    python scripts/load_test.py --methods ar recycling --concurrency 1 4 16 --requests 16 --max-tokens 64 \
-        --out benchmarks/server-load.json
+    python scripts/load_test.py --methods ar recycling --speculation full adaptive --concurrency 1 4 16 64 \
+        --requests 64 --max-tokens 64 --out benchmarks/server-load.json
 
-For each method it starts `decodekit serve --method METHOD` on a free loopback port, then for each concurrency
-level runs ``--requests`` streamed chat requests (built-in prompts, greedy) from that many concurrent clients,
-and records tokens/s over the level's wall time, and p50/p99 of request latency and time to first token.
-Bounded: every request stops at ``--max-tokens``, every level at ``--level-timeout`` seconds.
+For each method and speculation mode (``ar`` runs once: it never drafts) it starts `decodekit serve --method
+METHOD --speculation MODE` on a free loopback port, then for each concurrency level runs ``--requests`` streamed
+chat requests (built-in prompts, greedy) from that many concurrent clients, and records tokens/s over the level's
+wall time, and p50/p99 of request latency and time to first token. Bounded: every request stops at
+``--max-tokens``, every level at ``--level-timeout`` seconds. Writes the numbers (``--out``) and a chart of
+tokens/s and p50 latency by concurrency beside them (same name, .png).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(method: str, port: int, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "decodekit.cli", "serve", "--method", method, "--port", str(port), *extra]
+def start_server(method: str, speculation: str, port: int, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "decodekit.cli", "serve", "--method", method, "--port", str(port)]
+    command += ["--speculation", speculation, *extra]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -100,36 +103,69 @@ async def level(port: int, prompts: list[str], clients: int, requests: int, max_
     }
 
 
+def setup_name(row: dict) -> str:
+    return row["method"] if row["method"] == "ar" else f"{row['method']} ({row.get('speculation', 'full')})"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Tokens/s and p50 latency against concurrent clients, one line per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(setup_name(r) for r in rows):
+        mine = [r for r in rows if setup_name(r) == name]
+        clients = [r["clients"] for r in mine]
+        throughput.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=name)
+        latency.plot(clients, [r["latency_p50_s"] for r in mine], marker="o", label=name)
+    for axis, label in ((throughput, "tokens/s (all clients)"), (latency, "p50 request latency (s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    throughput.legend()
+    fig.suptitle("decodekit serve on loopback, greedy streamed chat requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["ar", "recycling"])
+    parser.add_argument("--speculation", nargs="+", default=["full", "adaptive"], choices=["full", "adaptive"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=16, help="requests per level (at least one per client)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--level-timeout", type=float, default=900)
     parser.add_argument("--serve-args", default="", help="extra arguments for decodekit serve, one string")
     parser.add_argument("--out", type=Path, default=Path("server-load.json"))
     args = parser.parse_args()
     prompts = [q.turns[0] for q in builtin_questions()]
+    setups = [(m, mode) for m in args.methods for mode in (["full"] if m == "ar" else args.speculation)]
     rows = []
-    with tqdm(total=len(args.methods) * len(args.concurrency), desc="levels") as bar:
-        for method in args.methods:
+    with tqdm(total=len(setups) * len(args.concurrency), desc="levels") as bar:
+        for method, mode in setups:
             port = free_port()
-            server = start_server(method, port, args.serve_args.split())
+            server = start_server(method, mode, port, args.serve_args.split())
             try:
                 asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
                 for clients in args.concurrency:
-                    levels = level(port, prompts, clients, args.requests, args.max_tokens, args.level_timeout)
-                    rows.append({"method": method, **asyncio.run(levels)})
+                    requests = max(args.requests, clients)
+                    levels = level(port, prompts, clients, requests, args.max_tokens, args.level_timeout)
+                    rows.append({"method": method, "speculation": mode, **asyncio.run(levels)})
                     bar.update()
             finally:
                 server.terminate()
                 server.wait(timeout=30)
     args.out.write_text(json.dumps({"command": " ".join(sys.argv), "levels": rows}, indent=1))
-    print(f"{'method':<12}{'clients':>8}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}{'ttft p99':>10}")
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"{'setup':<22}{'clients':>8}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}{'ttft p99':>10}")
     for r in rows:
         print(
-            f"{r['method']:<12}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['latency_p50_s']:>8.2f}"
+            f"{setup_name(r):<22}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['latency_p50_s']:>8.2f}"
             f"{r['latency_p99_s']:>8.2f}{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}"
         )
     return 0

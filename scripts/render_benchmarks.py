@@ -104,11 +104,13 @@ def server_section(name: str) -> str:
     """The levels of a scripts/load_test.py result."""
     data = json.loads((ROOT / "benchmarks" / name).read_text())
     lines = [f"Command: `{data['command']}`", ""]
-    lines += ["| method | clients | tokens/s | latency p50 s | p99 s | TTFT p50 s | p99 s |", "|---" * 7 + "|"]
+    lines += ["| method | speculation | clients | tokens/s | latency p50 s | p99 s | TTFT p50 s | p99 s |"]
+    lines += ["|---" * 8 + "|"]
     for r in data["levels"]:
+        speculation = "-" if r["method"] == "ar" else r.get("speculation", "full")
         lines.append(
-            f"| `{r['method']}` | {r['clients']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | "
-            f"{r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
+            f"| `{r['method']}` | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f} | "
+            f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

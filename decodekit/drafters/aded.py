@@ -100,6 +100,7 @@ class AdaptiveNgram:
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         tokens = prompt.tolist()
+        self._before_root = tokens[-2] if len(tokens) > 1 else None
         for j in range(1, len(tokens)):
             self._tick(1)
             self._add(tokens[j - 2] if j >= 2 else None, tokens[j - 1], tokens[j])
@@ -134,6 +135,7 @@ class AdaptiveNgram:
         self._tick(len(outcome.committed))
         for i, predicted in enumerate(outcome.logits.argmax(dim=-1).tolist()):
             self._add(tokens[parents[i]] if i else self._before_root, tokens[i], predicted)
+        self._before_root = [tokens[0], *outcome.committed][-2]  # kept here too: a step may skip propose
 
     def _estimates(self, prev: int | None, token: int) -> list[tuple[int, float]]:
         """(next token, estimated probability) after the context ``(prev, token)``, most probable first."""

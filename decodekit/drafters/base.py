@@ -2,6 +2,8 @@
 
 Per request the engine calls ``begin`` once, then repeats ``propose`` -> (one forward + verification) ->
 ``observe``. Drafters see token ids and target logits only; they never touch the model or the KV cache.
+Under load the server may verify only a prefix of a draft (``Draft.prefix``), or skip ``propose`` for a step:
+``observe`` then gets a draft of the root alone, which the drafter did not propose.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetI
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
+from decodekit.verify import continuation_matches
 
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0  # a node nobody has seen yet is taken as a coin flip
 
@@ -70,29 +71,20 @@ class Hybrid:
         return merged
 
     def observe(self, outcome: StepOutcome) -> None:
+        if outcome.draft.tree.size == 1:  # a step without drafting: the root alone is every part's draft too
+            for part in self.parts:
+                part.observe(outcome)
+            return
         on_path = torch.zeros(outcome.draft.tree.size, dtype=torch.bool)
         on_path[outcome.accepted] = True
         for p, (part, draft, kept) in enumerate(zip(self.parts, self._drafts, self._kept, strict=True)):
-            tried, matched = _matches(draft, outcome.committed)
+            tried, matched = continuation_matches(draft.tokens, draft.tree, outcome.committed)
+            tried[0] = matched[0] = False  # the root is no guess
             self._trials[p, : draft.tree.size] += tried
             self._hits[p, : draft.tree.size] += matched
             index = torch.tensor(kept)
             index[index >= outcome.draft.tree.size] = -1  # the engine may verify a prefix of the merged draft
             part.observe(_restrict(outcome, on_path, draft, index))
-
-
-def _matches(draft: Draft, committed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which nodes of ``draft`` the committed tokens tested (their parent matched and the text reaches their
-    depth), and which of those matched, root excluded. Both bool ``[n]``."""
-    depth, parents = draft.tree.depth.tolist(), draft.tree.parents.tolist()
-    tokens = draft.tokens.tolist()
-    matched, tried = [True] + [False] * (len(tokens) - 1), [False] * len(tokens)
-    for i in range(1, len(tokens)):
-        if matched[parents[i]] and depth[i] <= len(committed):
-            tried[i] = True
-            matched[i] = tokens[i] == committed[depth[i] - 1]
-    matched[0] = False
-    return torch.tensor(tried), torch.tensor(matched)
 
 
 def _restrict(outcome: StepOutcome, on_path: torch.Tensor, draft: Draft, index: torch.Tensor) -> StepOutcome:
