@@ -84,22 +84,26 @@ def test_adaptive_width_follows_cost_and_acceptance(tiny_model):
         batch.cost = cost
         request = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 60, [], GREEDY)
         batch.join(request)
-        seen = []
+        seen, row = [], batch.rows[0]
         while batch.rows:
             batch.step()
             seen.append(batch.last_width)
             if request.done:
                 batch.leave(request)
         assert request.result().token_ids == reference.token_ids
+        # drafts were scored against the text, verified or not: the chain always matched, the sibling never
+        assert row.node_rates[1:5].min() > 0.9 and row.node_rates[5] < 0.1
         return seen
 
     flat = StepCost([1, 256], [0.01, 0.0100001], [1, 2], [0.01, 0.01])  # extra nodes cost nothing
-    steep = StepCost([1, 256], [0.01, 5.12], [1, 2], [0.01, 0.02])  # every node costs two steps
-    flat_widths = widths(flat)
-    assert flat_widths[:8] == [6] * 8  # the method's warm-up drafts whole trees: root, 4-token chain, a sibling
-    assert flat_widths[8:11] == [5] * 3  # then the sibling, never accepted, is left out
+    mild = StepCost([1, 256], [0.01, 0.265], [1, 2], [0.01, 0.02])  # a node costs a tenth of a step
+    steep = StepCost([1, 256], [0.01, 5.12], [1, 2], [0.01, 0.02])  # a node costs two steps
+    assert set(widths(flat)) == {6}  # the oracle's whole draft: root, a 4-token chain and a wrong sibling
+    mild_widths = widths(mild)
+    assert mild_widths[:8] == [6] * 8  # the method's warm-up drafts whole trees
+    assert mild_widths[8:11] == [5] * 3  # then the sibling, never accepted, is left out
     steep_widths = widths(steep)
-    assert steep_widths[:8] == [6] * 8  # the method's warm-up drafts whole trees
+    assert steep_widths[:8] == [6] * 8
     assert set(steep_widths[8:]) == {1}  # then drafting never pays
 
 
@@ -107,6 +111,8 @@ def test_best_width():
     rates = torch.tensor([[1.0, 0.9, 0.8, 0.1], [1.0, 0.5, 0.0, 0.0]])
     flat = torch.ones(4)
     assert best_width(rates, flat, 0.0) == 4  # any expected token is free
+    assert best_width(rates, torch.tensor([1.0, 1.0, 1.0, 5.0]), 0.0) == 3
+    assert best_width(rates, torch.tensor([1.0, 1.0, 1.0, 1.01]), 0.0) == 4  # within the tolerance: wider
     assert best_width(rates, torch.tensor([1.0, 1.2, 1.4, 2.0]), 0.0) == 3
     assert best_width(rates, torch.tensor([1.0, 1.2, 1.4, 2.0]), 5.0) == 1  # drafting costs more than it brings
     assert best_width(rates, torch.tensor([1.0, 3.0, 4.0, 5.0]), 0.0) == 1

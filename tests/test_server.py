@@ -345,6 +345,24 @@ def test_client_leaving_mid_stream_cancels_its_generation(hooked):
         assert metric(url, "decodekit:generation_tokens_total") - 5 in (shown[0] + 1, shown[0] + 2)
 
 
+def test_client_leaving_before_a_whole_reply_cancels_its_generation(hooked):
+    release = threading.Event()
+
+    def hold_from_step_two(i: int, chunk: Chunk) -> None:
+        if i >= 1:
+            release.wait(30)
+
+    with hooked(hold_from_step_two) as url:
+        body = {**COMPLETION, "max_tokens": 200}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=1)  # gives up and closes its connection
+        wait_for(lambda: metric(url, "decodekit:requests_total", endpoint="/v1/completions", status="499") == 1)
+        release.set()
+        reply = client_for(url).completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+        assert reply.usage.completion_tokens == 5
+        assert metric(url, "decodekit:generation_tokens_total") - 5 <= 3  # stopped at its next step, not at 200
+
+
 def test_failing_generation_fails_only_its_request(hooked):
     broken = threading.Event()
     broken.set()
@@ -369,6 +387,7 @@ def test_failing_generation_fails_only_its_request(hooked):
     ("args", "says"),
     [
         (["--queue-size", "0"], "--queue-size must be a positive integer"),
+        (["--max-batch", "0"], "--max-batch must be a positive integer"),
         (["--max-tokens-cap", "-3"], "--max-tokens-cap must be a positive integer"),
         (["--method", "telepathy"], "unknown method"),
     ],

@@ -1,7 +1,7 @@
 import torch
 
 from decodekit.runtime.tree import Tree
-from decodekit.verify import verify_greedy
+from decodekit.verify import continuation_matches, verify_greedy
 
 PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # see test_tree.py
 
@@ -53,3 +53,18 @@ def test_side_tokens_and_their_descendants_are_never_accepted():
     assert path.tolist() == [0, 1]
     assert bonus == 4
     assert verify_greedy(tokens, tree, target, torch.tensor([True] + [False] * 6))[0].tolist() == [0]
+
+
+def test_continuation_matches_scores_a_tree_against_the_text_that_followed():
+    #   0 -> 1 (5) -> 3 (6) -> 5 (7)
+    #     -> 2 (8) -> 4 (6)
+    tree = Tree.from_parents([-1, 0, 0, 1, 2, 3])
+    tokens = torch.tensor([9, 5, 8, 6, 6, 7])
+    reached, matched = continuation_matches(tokens, tree, [5, 6])
+    assert matched.tolist() == [True, True, False, True, False, False]
+    assert reached.tolist() == [True, True, True, True, False, False]  # node 5 lies deeper than the text
+    _, matched = continuation_matches(tokens, tree, [5, 6, 7])
+    # greedy verification accepts exactly the matched path when the target's argmaxes are the continuation
+    target = torch.tensor([5, 6, 0, 7, 0, 1])
+    path, _ = verify_greedy(tokens, tree, target)
+    assert matched.nonzero().flatten().tolist() == path.tolist() == [0, 1, 3, 5]
