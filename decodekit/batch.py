@@ -36,14 +36,17 @@ from decodekit.verify import continuation_matches
 REQUEST_RATE = 0.25  # weight of a scored draft in its request's node rates
 METHOD_RATE = 0.05  # ... in its method's rates (the plain mean over the method's first 20 drafts)
 WARMUP_DRAFTS = 8  # a method drafts its whole tree until this many of its drafts were scored
-WIDTH_TOLERANCE = 0.03  # goodput a wider tree may give up
+# goodput a wider tree may give up when one request decodes alone: its drafter learns from every verified node
+# (Token Recycling's matrix), which the estimate leaves out; under load, ties go to the narrower tree
+WIDTH_TOLERANCE = 0.03
 SHADOW_EVERY = 8  # in steps without drafts, every so many steps the drafters propose anyway, to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
 
 
-def best_width(node_rates: torch.Tensor, forward_seconds: torch.Tensor, draft_seconds: float) -> int:
-    """The tree width with the most expected committed tokens per second, or the widest within
-    ``WIDTH_TOLERANCE`` of it (a wider tree also teaches the drafters more: they observe every verified node).
+def best_width(
+    node_rates: torch.Tensor, forward_seconds: torch.Tensor, draft_seconds: float, tolerance: float = 0.0
+) -> int:
+    """The widest tree whose expected committed tokens per second are within ``tolerance`` of the best.
 
     ``node_rates`` float ``[B, W]``: row b's chance that node i lies on its accepted path (column 0, the root,
     is 1: it stands for the bonus token). ``forward_seconds`` float ``[W]``: a step's forward at width 1..W.
@@ -52,7 +55,7 @@ def best_width(node_rates: torch.Tensor, forward_seconds: torch.Tensor, draft_se
     expected = node_rates.cumsum(dim=1).sum(dim=0)
     seconds = forward_seconds + draft_seconds * (torch.arange(forward_seconds.numel()) > 0)
     goodput = expected / seconds
-    return int((goodput >= goodput.max() * (1 - WIDTH_TOLERANCE)).nonzero().max()) + 1
+    return int((goodput >= goodput.max() * (1 - tolerance)).nonzero().max()) + 1
 
 
 def interpolate(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -233,7 +236,8 @@ class Batch:
         rates = torch.stack([row.node_rates for row in rows])
         widths = torch.arange(1, MAX_DRAFT_NODES + 1)
         forward = self.cost.predict(len(self.rows), widths)
-        return best_width(rates, forward, sum(row.draft_seconds for row in rows))
+        tolerance = WIDTH_TOLERANCE if len(self.rows) == 1 else 0.0
+        return best_width(rates, forward, sum(row.draft_seconds for row in rows), tolerance)
 
     def _score(self, row: Row) -> None:
         """Score the row's drafts whose continuation is now known (as deep as the draft, or the request ended)

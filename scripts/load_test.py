@@ -120,8 +120,10 @@ def plot(rows: list[dict], path: Path) -> None:
         clients = [r["clients"] for r in mine]
         throughput.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=name)
         latency.plot(clients, [r["latency_p50_s"] for r in mine], marker="o", label=name)
+    levels = sorted({r["clients"] for r in rows})
     for axis, label in ((throughput, "tokens/s (all clients)"), (latency, "p50 request latency (s)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(clients) for clients in levels])
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
