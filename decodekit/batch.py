@@ -41,6 +41,7 @@ WARMUP_DRAFTS = 8  # a method drafts its whole tree until this many of its draft
 WIDTH_TOLERANCE = 0.03
 SHADOW_EVERY = 8  # in steps without drafts, every so many steps the drafters propose anyway, to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
+MAX_METHODS = 64  # method specs whose rates are kept (the oldest is forgotten first)
 
 
 def best_width(
@@ -261,6 +262,9 @@ class Batch:
     def _learn(self, row: Row, accepted: torch.Tensor) -> None:
         method = row.decoding.method
         seen = self.method_drafts.get(method, 0)
+        if method not in self.method_rates and len(self.method_rates) >= MAX_METHODS:
+            oldest = next(iter(self.method_rates))
+            del self.method_rates[oldest], self.method_drafts[oldest]
         prior = self.method_rates.setdefault(method, torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64))
         prior += max(1 / (seen + 1), METHOD_RATE) * (accepted - prior)
         self.method_drafts[method] = seen + 1

@@ -173,3 +173,11 @@ def test_a_failing_drafter_fails_only_its_row(tiny_model):
     batch.leave(broken)
     run(batch, [])
     assert healthy.result().token_ids == Engine(tiny_model, "recycling").generate(PROMPTS[1], 10).token_ids
+
+
+def test_rates_are_kept_for_a_bounded_number_of_methods(tiny_model, monkeypatch):
+    monkeypatch.setattr("decodekit.batch.MAX_METHODS", 2)
+    batch = Batch(tiny_model, max_rows=1, capacity=512, adaptive=True)
+    for spec in ["lookup", "lookup:num_tokens=4", "recycling"]:
+        run(batch, [(0, decoding(tiny_model, spec, PROMPTS[1], 12))])
+    assert list(batch.method_rates) == ["lookup:num_tokens=4", "recycling"] == list(batch.method_drafts)
