@@ -84,20 +84,27 @@ class StepCost:
         self.ratio = 1.0
 
     @staticmethod
-    def calibrate(transformer: Transformer, cache: KVCache, max_tokens: int = 256, repeats: int = 3) -> StepCost:
-        """Time forwards into the scratch slots of ``cache``'s empty rows (nothing is committed)."""
+    def calibrate(
+        transformer: Transformer, cache: KVCache, max_tokens: int = 256, context: int = 512, repeats: int = 3
+    ) -> StepCost:
+        """Time forwards into ``cache``'s empty rows, each posing as a sequence of about ``context`` tokens (rows
+        of different lengths, as in a live batch, so attention takes its masked path); nothing is committed."""
         assert max(cache.lengths) == 0, "calibrate before any request joins"
+        context = max(0, min(context, cache.capacity - max_tokens - cache.batch))
 
         def seconds(rows: int, n: int) -> float:
             tokens = torch.zeros(rows, n, dtype=torch.int64, device=transformer.device)
+            view = cache.rows(0, rows)
+            view.lengths = [context + row for row in range(rows)]
             times = []
             for _ in range(repeats + 1):  # the first run warms up
                 start = time.perf_counter()
-                transformer(tokens, cache.rows(0, rows), Tree.chain(n))
+                transformer(tokens, view, Tree.chain(n))
                 times.append(time.perf_counter() - start)
+            view.reset()
             return min(times[1:])
 
-        token_counts = _powers_of_two(min(max_tokens, cache.capacity))
+        token_counts = _powers_of_two(min(max_tokens, cache.capacity - context))
         token_seconds = [seconds(1, n) for n in token_counts]
         rows = _powers_of_two(cache.batch)
         row_seconds = [seconds(b, 1) for b in rows]
