@@ -32,6 +32,9 @@ def test_subtree_keeps_the_most_probable_nodes(size):
     left_out = [p for p in PUBLISHED_TREE if p not in chosen]
     assert min(map(path_score, chosen)) >= max(map(path_score, left_out))
     assert chosen[:2] == ("0", "1") or chosen[:2] == ("0", "00")  # the top-ranked guess always comes first
+    # most probable first: a draft cut to its first n nodes is the best subtree of n nodes
+    assert all(chosen[:n] == subtree(n) for n in range(1, size))
+    assert [path_score(p) for p in chosen] == sorted(map(path_score, chosen), reverse=True)
 
 
 def test_propose_walks_the_adjacency_matrix_breadth_first():

@@ -1,7 +1,7 @@
 """Token Recycling (Luo et al., 2024, arXiv 2408.08696).
 
 State: an adjacency matrix ``[vocab, k]`` of token ids (int32); row t holds the top-k tokens the target model
-most recently predicted after t. A draft is a static tree template expanded breadth-first from the root: the
+most recently predicted after t. A draft is a static tree template expanded level by level from the root: the
 node at rank r under a node holding token t holds ``adjacency[t, r]``. After each step every node's row is
 overwritten with the top-k of that node's target logits, rejected branches included. The matrix lives as long
 as the drafter, so it carries over between requests of one engine.
@@ -46,21 +46,23 @@ def path_score(path: str) -> float:
 
 @cache
 def subtree(size: int) -> tuple[str, ...]:
-    """The ``size`` most probable nodes of the published template (closed under parents), breadth-first."""
+    """The ``size`` most probable nodes of the published template, most probable first. Every prefix of the
+    result is itself the best subtree of its size (closed under parents), so a draft cut to its first n nodes
+    (the server's load-aware speculation) keeps the n nodes most likely to be accepted."""
     if not 1 <= size <= len(PUBLISHED_TREE):
         raise InvalidParameter(f"recycling tree size must be between 1 and {len(PUBLISHED_TREE)}, got {size}")
     # a child never scores above its parent, and ties go to the earlier (shallower) node, so parents come first
-    chosen = sorted(PUBLISHED_TREE, key=lambda p: (-path_score(p), PUBLISHED_TREE.index(p)))[:size]
-    return tuple(sorted(chosen, key=PUBLISHED_TREE.index))
+    return tuple(sorted(PUBLISHED_TREE, key=lambda p: (-path_score(p), PUBLISHED_TREE.index(p)))[:size])
 
 
 class TemplateTree:
-    """A template of rank paths compiled to parent pointers, ranks and per-depth gather indices."""
+    """A template of rank paths (each after its parent) compiled to parent pointers, ranks and per-depth gather
+    indices; node i + 1 holds ``paths[i]``."""
 
     def __init__(self, paths: tuple[str, ...] | list[str]) -> None:
         index = {"": 0}
         parents, ranks = [-1], [0]
-        for path in sorted(paths, key=len):  # stable: keeps breadth-first order within a depth
+        for path in paths:
             if path[:-1] not in index:
                 raise InvalidParameter(f"tree template node {path!r} has no parent {path[:-1]!r}")
             index[path] = len(parents)
@@ -85,9 +87,9 @@ AUTO_TREE_SIZE = {("cpu", "float32"): 9, ("cpu", "bfloat16"): 9}
 
 def parse_tree(tree: str, target: TargetInfo) -> tuple[str, ...]:
     """``"published"`` (80 nodes), ``"auto"`` (a size suited to the device and dtype) or a node count (the best
-    subtree of the published template of that size)."""
+    subtree of the published template of that size); nodes most probable first (:func:`subtree`)."""
     if tree == "published":
-        return PUBLISHED_TREE
+        return subtree(len(PUBLISHED_TREE))
     if tree == "auto":
         return subtree(AUTO_TREE_SIZE.get((target.device_type, target.dtype), len(PUBLISHED_TREE)))
     try:
