@@ -1,12 +1,14 @@
 """Load test of `decodekit serve` on loopback: throughput, latency and time to first token by concurrency.
 
     python scripts/load_test.py --methods ar recycling --speculation full adaptive --concurrency 1 4 16 64 \
-        --requests 64 --max-tokens 64 --out benchmarks/server-load.json
+        --requests 32 --rounds 3 --max-tokens 64 --out benchmarks/server-load.json
 
 For each method and speculation mode (``ar`` runs once: it never drafts) it starts `decodekit serve --method
-METHOD --speculation MODE` on a free loopback port, then for each concurrency level runs ``--requests`` streamed
-chat requests (built-in prompts, greedy) from that many concurrent clients, and records tokens/s over the level's
-wall time, and p50/p99 of request latency and time to first token. Bounded: every request stops at
+METHOD --speculation MODE` on a free loopback port. Then for each concurrency level the setups take turns
+(``--rounds`` times, A B C then C B A ..., so machine drift hits them alike), each running ``--requests`` streamed
+chat requests (built-in prompts, greedy) from that many concurrent clients; a run records tokens/s over its wall
+time, and p50/p99 of request latency and time to first token. Reported: medians over rounds, and each setup's
+tokens/s over ``ar``'s in the same round (median). Bounded: every request stops at
 ``--max-tokens``, every level at ``--level-timeout`` seconds. Writes the numbers (``--out``) and a chart of
 tokens/s and p50 latency by concurrency beside them (same name, .png).
 """
@@ -103,6 +105,23 @@ async def level(port: int, prompts: list[str], clients: int, requests: int, max_
     }
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per setup and concurrency: the median over rounds of every measure, each round's tokens/s, and
+    ``vs_ar``: the median over rounds of tokens/s over ``ar``'s in the same round (1.0 without an ``ar`` run)."""
+    summary = []
+    for method, mode, clients in dict.fromkeys((r["method"], r["speculation"], r["clients"]) for r in rows):
+        mine = [r for r in rows if (r["method"], r["speculation"], r["clients"]) == (method, mode, clients)]
+        ar = {r["round"]: r["tokens_per_s"] for r in rows if r["method"] == "ar" and r["clients"] == clients}
+        ratios = [r["tokens_per_s"] / ar[r["round"]] for r in mine if r["round"] in ar]
+        measures = ["tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]
+        summary.append(
+            {"method": method, "speculation": mode, "clients": clients, "rounds": len(mine)}
+            | {m: statistics.median(r[m] for r in mine) for m in measures}
+            | {"tokens_per_s_rounds": [r["tokens_per_s"] for r in mine], "vs_ar": statistics.median(ratios or [1.0])}
+        )
+    return summary
+
+
 def setup_name(row: dict) -> str:
     return row["method"] if row["method"] == "ar" else f"{row['method']} ({row.get('speculation', 'full')})"
 
@@ -141,6 +160,7 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per level (at least one per client)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each level per setup (medians reported)")
     parser.add_argument("--level-timeout", type=float, default=900)
     parser.add_argument("--serve-args", default="", help="extra arguments for decodekit serve, one string")
     parser.add_argument("--out", type=Path, default=Path("server-load.json"))
@@ -148,26 +168,44 @@ def main() -> int:
     prompts = [q.turns[0] for q in builtin_questions()]
     setups = [(m, mode) for m in args.methods for mode in (["full"] if m == "ar" else args.speculation)]
     rows = []
-    with tqdm(total=len(setups) * len(args.concurrency), desc="levels") as bar:
-        for method, mode in setups:
+    servers = {}
+    try:
+        for method, mode in setups:  # every server up first: the setups then take turns at each level
             port = free_port()
-            server = start_server(method, mode, port, args.serve_args.split())
-            try:
-                asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
-                for clients in args.concurrency:
-                    requests = max(args.requests, clients)
-                    levels = level(port, prompts, clients, requests, args.max_tokens, args.level_timeout)
-                    rows.append({"method": method, "speculation": mode, **asyncio.run(levels)})
-                    bar.update()
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "levels": rows}, indent=1))
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"{'setup':<22}{'clients':>8}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'ttft p50':>10}{'ttft p99':>10}")
-    for r in rows:
+            servers[method, mode] = port, start_server(method, mode, port, args.serve_args.split())
+            asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
+        with tqdm(total=len(setups) * len(args.concurrency) * args.rounds, desc="levels") as bar:
+            for clients in args.concurrency:
+                requests = max(args.requests, clients)
+                for round in range(args.rounds):
+                    # alternate the order, so no setup always runs right after the same other one
+                    for method, mode in setups if round % 2 == 0 else setups[::-1]:
+                        port = servers[method, mode][0]
+                        result = asyncio.run(
+                            level(port, prompts, clients, requests, args.max_tokens, args.level_timeout)
+                        )
+                        rows.append({"method": method, "speculation": mode, "round": round, **result})
+                        bar.update()
+    finally:
+        for _, server in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+    summary = summarize(rows)
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "levels": rows}, indent=1))
+    plot(summary, args.out.with_suffix(".png"))
+    header = (
+        ("clients", 8),
+        ("tokens/s", 10),
+        ("vs ar", 7),
+        ("p50 s", 8),
+        ("p99 s", 8),
+        ("ttft p50", 10),
+        ("ttft p99", 10),
+    )
+    print(f"{'setup':<22}" + "".join(f"{name:>{width}}" for name, width in header))
+    for r in summary:
         print(
-            f"{setup_name(r):<22}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['latency_p50_s']:>8.2f}"
+            f"{setup_name(r):<22}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['vs_ar']:>7.2f}{r['latency_p50_s']:>8.2f}"
             f"{r['latency_p99_s']:>8.2f}{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}"
         )
     return 0

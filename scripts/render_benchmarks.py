@@ -101,15 +101,18 @@ def compare_section(names: list[str]) -> str:
 
 
 def server_section(name: str) -> str:
-    """The levels of a scripts/load_test.py result."""
+    """The levels of a scripts/load_test.py result (medians over rounds, where it ran several)."""
     data = json.loads((ROOT / "benchmarks" / name).read_text())
+    rows = data.get("summary", data["levels"])
     lines = [f"Command: `{data['command']}`", ""]
-    lines += ["| method | speculation | clients | tokens/s | latency p50 s | p99 s | TTFT p50 s | p99 s |"]
-    lines += ["|---" * 8 + "|"]
-    for r in data["levels"]:
+    lines += ["| method | speculation | clients | tokens/s | vs ar | each round | p50 s | p99 s | TTFT p50 s | p99 s |"]
+    lines += ["|---" * 10 + "|"]
+    for r in rows:
         speculation = "-" if r["method"] == "ar" else r.get("speculation", "full")
+        rounds = " / ".join(f"{t:.1f}" for t in r.get("tokens_per_s_rounds", [r["tokens_per_s"]]))
+        vs_ar = f"{r['vs_ar']:.2f}x" if "vs_ar" in r else "-"
         lines.append(
-            f"| `{r['method']}` | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f} | "
+            f"| `{r['method']}` | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f} | {vs_ar} | {rounds} | "
             f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
