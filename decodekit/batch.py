@@ -8,10 +8,11 @@ verified and committed on its own, so a request's greedy output does not depend 
 Load-aware speculation (SmartSpec's goodput): before drafting, the batch picks one tree width ``w`` (nodes per
 row, root included) for the step, the one with the most expected committed tokens per second::
 
-    goodput(w) = sum_b E_b(w) / (forward seconds(B rows, w nodes) + drafting seconds if w > 1)
+    goodput(w) = sum_b E_b(w) / (step seconds(B rows, w nodes) + drafting seconds if w > 1)
 
 ``E_b(w)`` sums request b's running rate of each of the first ``w`` node indices lying on its accepted path (the
-root's rate is 1: it stands for the bonus token). The forward's seconds come from :class:`StepCost`. Drafts are
+root's rate is 1: it stands for the bonus token). A step's seconds come from :class:`StepCost`: forwards timed at
+start, corrected by the steps since measured at each batch size and width. Drafts are
 cut to their first ``w`` nodes (still a tree). At ``w = 1`` no drafter proposes (each still observes the step):
 plain decoding. Rates come from scoring each whole draft against the text that followed it, which greedy
 verification would have accepted node for node, so nodes cut off (or never verified) are scored too; in steps
@@ -42,6 +43,7 @@ WIDTH_TOLERANCE = 0.03
 SHADOW_EVERY = 8  # in steps without drafts, every so many steps the drafters propose anyway, to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
 MAX_METHODS = 64  # method specs whose rates are kept (the oldest is forgotten first)
+COST_RATE = 0.1  # weight of a step in the running ratio of measured to table seconds at its batch size and width
 
 
 def best_width(
@@ -68,10 +70,12 @@ def interpolate(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Te
 
 
 class StepCost:
-    """Predicted seconds of one forward over ``B`` rows of ``w`` nodes: ``t1(B w) + tB(B) - t1(B)``, where
-    ``t1(T)`` is a one-row forward of T tokens and ``tB(B)`` a forward of B rows of one token (measured by
-    :meth:`calibrate`, interpolated in between). The table leaves out context length and masks, so
-    :meth:`observe` keeps a running ratio of measured to predicted seconds that scales every prediction."""
+    """Predicted seconds of a step over ``B`` rows of ``w`` nodes, drafting left out. The prior is a table of
+    forwards, ``t1(B w) + tB(B) - t1(B)``, where ``t1(T)`` is a one-row forward of T tokens and ``tB(B)`` a
+    forward of B rows of one token (measured by :meth:`calibrate`, interpolated in between). The table leaves out
+    context lengths, masks and each row's verification, so :meth:`observe` keeps, per batch size and width, a
+    running ratio of measured to table seconds that scales the table; a width not yet measured at a batch size
+    borrows the ratio of the nearest narrower one that was."""
 
     def __init__(
         self, token_counts: list[int], token_seconds: list[float], rows: list[int], row_seconds: list[float]
@@ -81,7 +85,7 @@ class StepCost:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.float64).cummax(0).values  # noqa: E731
         self.token_counts, self.token_seconds = as_tensor(token_counts), as_tensor(token_seconds)
         self.rows, self.row_seconds = as_tensor(rows), as_tensor(row_seconds)
-        self.ratio = 1.0
+        self.ratios: dict[int, torch.Tensor] = {}  # batch size -> float64 [MAX_DRAFT_NODES], NaN where unmeasured
 
     @staticmethod
     def calibrate(
@@ -112,16 +116,29 @@ class StepCost:
             rows, row_seconds = [1, 2], row_seconds * 2
         return StepCost(token_counts, token_seconds, rows, row_seconds)
 
-    def predict(self, rows: int, widths: torch.Tensor) -> torch.Tensor:
-        """Seconds of a forward over ``rows`` rows at each width in ``widths`` (int ``[W]``)."""
+    def table(self, rows: int, widths: torch.Tensor) -> torch.Tensor:
+        """The calibrated forward seconds over ``rows`` rows at each width in ``widths`` (int ``[W]``)."""
         t1 = interpolate(rows * widths.double(), self.token_counts, self.token_seconds)
         b = torch.tensor([float(rows)], dtype=torch.float64)
         row_extra = interpolate(b, self.rows, self.row_seconds) - interpolate(b, self.token_counts, self.token_seconds)
-        return (t1 + row_extra).clamp(min=1e-6) * self.ratio
+        return (t1 + row_extra).clamp(min=1e-6)
+
+    def predict(self, rows: int, widths: torch.Tensor) -> torch.Tensor:
+        """Seconds of a step over ``rows`` rows at each width in ``widths`` (int ``[W]``, each in 1..256)."""
+        ratios = self.ratios.get(rows)
+        if ratios is None:
+            return self.table(rows, widths)
+        measured = ~ratios.isnan()
+        nearest = torch.where(measured, torch.arange(ratios.numel()), -1).cummax(0).values[widths - 1]
+        scale = torch.where(nearest >= 0, ratios[nearest.clamp(min=0)], 1.0)
+        return self.table(rows, widths) * scale
 
     def observe(self, rows: int, width: int, seconds: float) -> None:
-        predicted = float(self.predict(rows, torch.tensor([width]))[0]) / self.ratio
-        self.ratio += 0.1 * (seconds / predicted - self.ratio)
+        """A step over ``rows`` rows of ``width`` nodes took ``seconds`` (drafting left out)."""
+        ratios = self.ratios.setdefault(rows, torch.full((MAX_DRAFT_NODES,), float("nan"), dtype=torch.float64))
+        measured = seconds / float(self.table(rows, torch.tensor([width]))[0])
+        old = ratios[width - 1]
+        ratios[width - 1] = measured if old.isnan() else old + COST_RATE * (measured - old)
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -184,6 +201,7 @@ class Batch:
     def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
         """One forward over every live row; each row's committed chunk, or the error that failed it (the row
         stays until the caller makes it leave)."""
+        step_start = time.perf_counter()
         width = self._width()
         shadow = self.cost is not None and self.steps % SHADOW_EVERY == 0
         self.steps += 1
@@ -214,8 +232,6 @@ class Batch:
         start = time.perf_counter()
         logits = self.model.transformer(tokens.to(self.model.device), cache, [d.tree.padded(size) for d in drafts])
         forward_s = time.perf_counter() - start
-        if self.cost is not None:
-            self.cost.observe(len(self.rows), size, forward_s)
         self.last_width = size
 
         results: list[tuple[Decoding, Chunk | Exception]] = []
@@ -233,6 +249,9 @@ class Batch:
                 row.draft_seconds += DRAFT_COST_RATE * (spent - row.draft_seconds)
             self._score(row)
             results.append((row.decoding, chunk))
+        if self.cost is not None:  # the whole step but its drafting: the forward, masks, verification, scoring
+            drafting = [row.decoding.stats.draft_s - spent for row, spent in zip(self.rows, spent_before, strict=True)]
+            self.cost.observe(len(self.rows), size, time.perf_counter() - step_start - sum(drafting))
         return results
 
     def _width(self) -> int:

@@ -82,6 +82,7 @@ def test_adaptive_width_follows_cost_and_acceptance(tiny_model):
     def widths(cost: StepCost) -> list[int]:
         batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=True)
         batch.cost = cost
+        cost.observe = lambda rows, width, seconds: None  # the given table, not the tiny model's timings
         request = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 60, [], GREEDY)
         batch.join(request)
         seen, row = [], batch.rows[0]
@@ -125,8 +126,14 @@ def test_interpolate_and_step_cost():
     cost = StepCost([1, 2, 4, 8], [1.0, 1.0, 2.0, 4.0], [1, 2, 4], [1.0, 1.5, 3.0])
     # t1(B w) + tB(B) - t1(B): 4 rows of 2 nodes = a one-row forward of 8 tokens and the extra of 4 rows
     assert cost.predict(4, torch.tensor([1, 2])).tolist() == [3.0, 5.0]
-    cost.observe(4, 2, 10.0)  # twice the prediction: every prediction grows towards it
-    assert cost.predict(1, torch.tensor([1])).item() == pytest.approx(1.1)
+    cost.observe(4, 2, 10.0)  # twice the table: the first measurement of a batch size and width is taken as is
+    # width 1 is unmeasured with nothing narrower: the table; width 3 borrows width 2's ratio (table: 6 + 3 - 2)
+    assert cost.predict(4, torch.tensor([1, 2, 3])).tolist() == [3.0, 10.0, 14.0]
+    assert cost.predict(2, torch.tensor([2])).item() == 2.5  # another batch size keeps its table
+    cost.observe(4, 2, 5.0)  # then a running ratio: 2 + 0.1 (1 - 2)
+    assert cost.predict(4, torch.tensor([2])).item() == pytest.approx(9.5)
+    cost.observe(4, 1, 6.0)  # a measured narrower width no longer lends to a wider measured one
+    assert cost.predict(4, torch.tensor([1, 2, 4])).tolist() == pytest.approx([6.0, 9.5, 1.9 * 9.0])
 
 
 def test_step_cost_calibrates_on_empty_rows(tiny_model):

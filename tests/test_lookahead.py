@@ -22,9 +22,10 @@ def test_window_rides_as_a_side_chain_after_the_candidates():
     drafter.begin(torch.tensor([1, 2, 3, 4]), None)
     drafter.pool[4] = deque([(5, 6), (7, 8)], maxlen=2)
     draft = drafter.propose(torch.tensor([1, 2, 3, 4]))
-    # root, trie of (7 8) and (5 6) breadth-first, then the window (the prompt's last three tokens) as a chain
-    assert draft.tokens.tolist() == [4, 7, 5, 8, 6, 2, 3, 4]
-    assert draft.tree.parents.tolist() == [-1, 0, 0, 1, 2, 0, 5, 6]
+    # root, trie of (7 8) then (5 6), best (the newest n-gram) first, then the window (the prompt's last three
+    # tokens) as a chain
+    assert draft.tokens.tolist() == [4, 7, 8, 5, 6, 2, 3, 4]
+    assert draft.tree.parents.tolist() == [-1, 0, 1, 0, 3, 0, 5, 6]
     assert draft.candidates.tolist() == [True] * 5 + [False] * 3
     assert draft.num_candidates == 4
 

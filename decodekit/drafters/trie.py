@@ -61,12 +61,12 @@ class DraftTrie:
         return child
 
     def build(self, root: int, budget: int, min_score: float = float("-inf")) -> Draft:
-        """The draft tree of the ``budget`` best nodes scoring at least ``min_score`` (ties: shallower, then
-        earlier inserted) under ``root``, in breadth-first order. Afterwards ``draft_index`` maps every kept trie
-        node to its index in the draft (the root, trie node 0, is index 0)."""
+        """The draft tree of the ``budget`` best nodes scoring at least ``min_score`` under ``root``, best first
+        (ties: shallower, then earlier inserted), so parents come first and every prefix of the draft is the best
+        subtree of its size. Afterwards ``draft_index`` maps every kept trie node to its index in the draft (the
+        root, trie node 0, is index 0)."""
         kept = [i for i in range(1, len(self._token)) if self._score[i] >= min_score]
         nodes = sorted(kept, key=lambda i: (-self._score[i], self._depth[i], i))[:budget]
-        nodes.sort(key=lambda i: (self._depth[i], i))
         self.draft_index = {0: 0} | {node: i + 1 for i, node in enumerate(nodes)}
         tokens = [root] + [self._token[n] for n in nodes]
         parents = [-1] + [self.draft_index[self._parent[n]] for n in nodes]
