@@ -185,7 +185,7 @@ class Batch:
         view = self.cache.rows(row, row + 1)
         view.reset()
         view.check_room(decoding.capacity)
-        decoding.prefill(view)
+        decoding.prefill(view, prompt_logits=pinned or self.last_width != 1)  # seeding pays only while drafting
         warm = self.method_drafts.get(decoding.method, 0) >= WARMUP_DRAFTS
         self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
 
@@ -244,13 +244,13 @@ class Batch:
             except Exception as err:
                 results.append((row.decoding, err))
                 continue
-            if proposed[b]:
-                spent = row.decoding.stats.draft_s - spent_before[b]  # propose and observe
-                row.draft_seconds += DRAFT_COST_RATE * (spent - row.draft_seconds)
             self._score(row)
             results.append((row.decoding, chunk))
+        drafting = [row.decoding.stats.draft_s - spent for row, spent in zip(self.rows, spent_before, strict=True)]
+        for row, seconds, drafted in zip(self.rows, drafting, proposed, strict=True):  # propose and observe
+            if drafted:
+                row.draft_seconds += DRAFT_COST_RATE * (seconds - row.draft_seconds)
         if self.cost is not None:  # the whole step but its drafting: the forward, masks, verification, scoring
-            drafting = [row.decoding.stats.draft_s - spent for row, spent in zip(self.rows, spent_before, strict=True)]
             self.cost.observe(len(self.rows), size, time.perf_counter() - step_start - sum(drafting))
         return results
 

@@ -202,18 +202,19 @@ class Decoding:
         """Cache slots the request may need: prompt, output and the largest draft."""
         return len(self.prompt_ids) + self.budget + MAX_DRAFT_NODES
 
-    def prefill(self, cache: KVCache) -> None:
+    def prefill(self, cache: KVCache, prompt_logits: bool = True) -> None:
         """Score the prompt (all but its last token, the first root) into ``cache``, a one-row cache, and start
-        the drafter."""
+        the drafter. ``prompt_logits=False`` withholds the logits over the prompt from a drafter that wants them
+        (they cost a vocabulary-wide projection per prompt token)."""
         self._start = time.perf_counter()
-        length, prompt_logits = self.length, None
+        length, seeds = self.length, None
         if length > 1:
-            want = self.drafter.wants_prompt_logits
+            want = prompt_logits and self.drafter.wants_prompt_logits
             tokens = self.sequence[None, : length - 1].to(self.model.device)
             logits = self.model.transformer(tokens, cache, logits_at=None if want else slice(0, 0))
             cache.commit(0, length - 1)
-            prompt_logits = logits[0] if want else None
-        self.drafter.begin(self.sequence[:length], prompt_logits)
+            seeds = logits[0] if want else None
+        self.drafter.begin(self.sequence[:length], seeds)
         self.stats.prefill_s = time.perf_counter() - self._start
 
     def propose(self) -> Draft:
