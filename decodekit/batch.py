@@ -16,7 +16,9 @@ start, corrected by the steps since measured at each batch size and width. Draft
 cut to their first ``w`` nodes (still a tree). At ``w = 1`` no drafter proposes (each still observes the step):
 plain decoding. Rates come from scoring each whole draft against the text that followed it, which greedy
 verification would have accepted node for node, so nodes cut off (or never verified) are scored too; in steps
-at ``w = 1`` the drafters still propose every ``SHADOW_EVERY`` steps, only to be scored.
+at ``w = 1`` the drafters still propose every ``SHADOW_EVERY`` steps, only to be scored. A request that joins
+while the batch decodes plainly gets no prompt logits (a vocabulary-wide projection per prompt token, which only
+seeds drafters such as recycling): its drafter starts from its prompt's tokens alone.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", help="where converted GGUF weights are kept")
     bench.add_argument("--output", default="bench-out", help="directory for result.json and speedup.png")
     bench.add_argument("--report", metavar="RESULT.json", help="re-render table and chart from a saved run")
+    bench.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the questions already in --output's result.json (saved after each question) and run the rest",
+    )
     add_sampling_args(bench)
 
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
@@ -237,44 +243,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"decodekit: {note}", file=sys.stderr)
     if baseline not in [r.name for r in runners]:
         raise InvalidParameter(f"baseline {baseline!r} is not among the methods and peers that can run")
-    try:
-        records = bench.run_bench(
-            model,
-            runners,
-            questions,
-            args.max_new_tokens,
-            not args.first_turn_only,
-            lambda qs: tqdm(qs, desc="questions"),
-            compare_outputs=sampling.greedy,
-        )
-    finally:
-        for runner in runners:
-            getattr(runner, "close", lambda: None)()
     meta = {
         "command": shlex.join(["decodekit", *sys.argv[1:]]),
         "model": model.name,
         "dtype": args.dtype,
         "device": model.device.type,
         "dataset": args.dataset or "built-in",
-        "questions": len(questions),
         "max_new_tokens": args.max_new_tokens,
         "sampling": sampling.to_dict(),
         "first_turn_only": args.first_turn_only,
         "baseline": baseline,
         "reference": runners[0].name,
+        "runners": [r.name for r in runners],
         "options": {spec: resolved_options(spec) for spec in args.methods},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": bench.machine(),
+        "notes": notes,
     }
+    output = Path(args.output)
+    records, runs = bench.resume(output / "result.json", meta) if args.resume else ([], [])
+    done = {r["question_id"] for r in records}
+    meta["runs"] = [*runs, {"date": meta["date"], "commit": meta["machine"]["decodekit_commit"], "questions": 0}]
+    meta["selected"] = len({q.question_id for q in questions} | done)
+
+    def checkpoint(question_records: list[dict]) -> None:
+        records.extend(question_records)
+        meta["runs"][-1]["questions"] += 1
+        meta["questions"] = len({r["question_id"] for r in records})
+        bench.save({"meta": meta, "records": records}, output)
+
+    todo = [q for q in questions if q.question_id not in done]
+    if done:
+        print(f"decodekit: resuming: {len(done)} questions already measured, {len(todo)} to run", file=sys.stderr)
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` or kill: checkpoint kept
+    try:
+        if todo:
+            bench.run_bench(
+                model,
+                runners,
+                todo,
+                args.max_new_tokens,
+                not args.first_turn_only,
+                lambda qs: tqdm(qs, desc="questions"),
+                compare_outputs=sampling.greedy,
+                on_question=checkpoint,
+            )
+    except KeyboardInterrupt:
+        print(
+            f"decodekit: stopped; {len(records)} records kept in {output / 'result.json'} "
+            "(the same command with --resume goes on)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
+        for runner in runners:
+            getattr(runner, "close", lambda: None)()
+    meta["questions"] = len({r["question_id"] for r in records})
     skipped = [r for r in records if "skipped" in r]
     if skipped:
         print(f"skipped {len(skipped)} turns whose prompt left no room in the context window", file=sys.stderr)
-    meta["notes"] = notes
-    path = bench.save({"meta": meta, "records": records}, Path(args.output))  # raw numbers first, whatever follows
+    path = bench.save({"meta": meta, "records": records}, output)  # raw numbers first, whatever follows
     for error in (r for r in records if "error" in r):
         print(f"decodekit: question {error['question_id']}: {error['error']}", file=sys.stderr)
     summary = bench.summarize(records, baseline)
-    bench.save({"meta": meta, "summary": summary, "records": records}, Path(args.output))
+    bench.save({"meta": meta, "summary": summary, "records": records}, output)
     print(bench.render_table(summary))
     bench.plot(summary, baseline, path.with_name("speedup.png"), bench.chart_title(meta))
     print(f"results: {path}  chart: {path.with_name('speedup.png')}", file=sys.stderr)

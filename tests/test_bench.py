@@ -180,3 +180,46 @@ def test_sampled_run_records_its_parameters_and_compares_no_outputs(wide_dir, tm
     assert data["meta"]["sampling"]["seed"] == 0  # a sampled benchmark always runs with a seed
     assert all(r["identical"] is None for r in data["records"])
     assert "identical_share" not in data["summary"]["recycling"]["overall"]
+
+
+def test_a_run_resumes_where_its_checkpoint_ends(tiny_dir, tmp_path, capsys):
+    """Each finished question is saved; --resume keeps them, runs only the rest and refuses other settings."""
+    run = ["--methods", "ar", "--peers", "--categories", "qa", "--max-new-tokens", "4"]
+    assert bench(tiny_dir, tmp_path, *run, "--limit", "1") == 0
+    first = json.loads((tmp_path / "result.json").read_text())
+    assert first["meta"]["questions"] == 1 and len(first["records"]) == 1
+    assert bench(tiny_dir, tmp_path, *run, "--limit", "3", "--resume") == 0
+    assert "1 questions already measured, 2 to run" in capsys.readouterr().err
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["records"][0] == first["records"][0]  # kept, not rerun
+    assert len({r["question_id"] for r in data["records"]}) == len(data["records"]) == 3
+    assert [r["questions"] for r in data["meta"]["runs"]] == [1, 2] and data["meta"]["selected"] == 3
+    assert data["summary"]["ar"]["overall"]["questions"] == 3
+    assert bench(tiny_dir, tmp_path, *run[:-1], "5", "--limit", "3", "--resume") == 1
+    assert "it was run with other max_new_tokens" in capsys.readouterr().err
+    assert json.loads((tmp_path / "result.json").read_text()) == data  # a refused resume loses nothing
+
+
+def test_an_interrupted_run_keeps_its_finished_questions(tiny_dir, tmp_path, monkeypatch, capsys):
+    from decodekit import bench as bench_module
+    from decodekit.bench.runners import EngineRunner
+
+    class Interrupted(EngineRunner):
+        calls = 0
+
+        def run(self, prompt_ids, max_new_tokens):
+            self.calls += 1
+            if self.calls == 3:  # warm-up, first question, then Ctrl-C during the second
+                raise KeyboardInterrupt
+            return super().run(prompt_ids, max_new_tokens)
+
+    monkeypatch.setattr(bench_module, "make_runners", lambda model, *_: ([Interrupted(model, "ar")], []))
+    code = bench(tiny_dir, tmp_path, "--methods", "ar", "--peers", "--categories", "qa", "--max-new-tokens", "4")
+    assert code == 130 and "the same command with --resume goes on" in capsys.readouterr().err
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert [r["question_id"] for r in data["records"]] == [builtin_questions_of("qa")[0]]
+    assert data["meta"]["questions"] == 1 and data["meta"]["selected"] == 8 and "summary" not in data
+
+
+def builtin_questions_of(task: str) -> list[int]:
+    return [q.question_id for q in builtin_questions() if task_of(q.category) == task]

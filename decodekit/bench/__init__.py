@@ -38,7 +38,7 @@ CONVERSATION = {
     "humanities",
     "conversation",
 }
-__all__ = ["make_runners", "plot", "render_table", "run_bench", "select", "summarize", "task_of"]
+__all__ = ["make_runners", "plot", "render_table", "resume", "run_bench", "save", "select", "summarize", "task_of"]
 
 
 def task_of(category: str) -> str:
@@ -72,11 +72,12 @@ def run_bench(
     all_turns: bool = True,
     progress: Callable | None = None,
     compare_outputs: bool = True,
+    on_question: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Run every runner on every question, interleaved; return one record per question, turn and runner.
 
     ``compare_outputs``: record whether each output is identical to the first runner's (greedy runs; a sampled
-    run records None).
+    run records None). ``on_question`` gets each question's records once all its turns ran (a checkpoint).
 
     A turn whose prompt would not leave room for ``max_new_tokens`` in the context window ends its question with a
     ``skipped`` record (the question's earlier turns stay counted). A peer that fails on a turn gets an ``error``
@@ -90,6 +91,7 @@ def run_bench(
     reference = runners[0].name
     window = model.cfg.context_window
     for question in progress(questions) if progress else questions:
+        first = len(records)
         turns = question.turns if all_turns else question.turns[:1]
         history: dict[str, list[dict]] = {r.name: [] for r in runners}
         outputs: dict[tuple[int, str], list[int]] = {}
@@ -147,6 +149,8 @@ def run_bench(
                         **row,
                     }
                 )
+        if on_question:
+            on_question(records[first:])
     return records
 
 
@@ -259,8 +263,11 @@ def chart_title(meta: dict) -> str:
     where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
     temperature = meta.get("sampling", {}).get("temperature", 0)
     decoding = "greedy" if not temperature else f"T={temperature}"
+    questions = meta["questions"]
+    if meta.get("selected", questions) > questions:  # a run cut short, to be resumed
+        questions = f"{questions} of {meta['selected']}"
     return (
-        f"{meta['model']}, {meta['dtype']}, {decoding}, {meta['questions']} questions, "
+        f"{meta['model']}, {meta['dtype']}, {decoding}, {questions} questions, "
         f"{meta['max_new_tokens']} tokens - {where}"
     )
 
@@ -322,8 +329,42 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+# what a resumed run must share with the saved one for their records to be comparable
+SETTINGS = (
+    "model",
+    "dtype",
+    "device",
+    "dataset",
+    "max_new_tokens",
+    "sampling",
+    "first_turn_only",
+    "baseline",
+    "reference",
+    "runners",
+    "options",
+)
+
+
+def resume(path: Path, meta: dict) -> tuple[list[dict], list[dict]]:
+    """The records and runs of a saved run with the same settings as ``meta``; nothing if there is none yet."""
+    if not path.exists():
+        return [], []
+    try:
+        saved = json.loads(path.read_text())
+        records, old = saved["records"], saved["meta"]
+    except (OSError, ValueError, KeyError) as err:
+        raise InvalidParameter(f"cannot resume from {path}: {err}") from None
+    differ = [key for key in SETTINGS if old.get(key) != meta[key]]
+    if differ:
+        raise InvalidParameter(f"cannot resume {path}: it was run with other {', '.join(differ)}")
+    return records, old.get("runs", [])
+
+
 def save(result: dict, output: Path) -> Path:
+    """Write ``output/result.json`` whole or not at all (a run killed mid-write keeps its last checkpoint)."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / "result.json"
-    path.write_text(json.dumps(result, indent=1))
+    partial = path.with_name("result.json.partial")
+    partial.write_text(json.dumps(result, indent=1))
+    os.replace(partial, path)
     return path
