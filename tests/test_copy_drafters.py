@@ -122,10 +122,11 @@ class Fixed:
 
     wants_prompt_logits = False
 
-    def __init__(self, tokens: list[int], parents: list[int]) -> None:
+    def __init__(self, tokens: list[int], parents: list[int], estimates: list[float] | None = None) -> None:
         from decodekit.runtime.tree import Tree
 
-        self.draft = Draft(torch.tensor(tokens), Tree.from_parents(parents))
+        chances = None if estimates is None else torch.tensor(estimates, dtype=torch.float64)
+        self.draft = Draft(torch.tensor(tokens), Tree.from_parents(parents), estimates=chances)
         self.seen: list[StepOutcome] = []
 
     def begin(self, prompt, prompt_logits):
@@ -187,3 +188,25 @@ def test_hybrid_scores_nodes_it_cut_from_the_committed_text():
     assert hybrid._trials[1, 2] == PRIOR_TRIALS
     assert hybrid._hits[0, 1] == PRIOR_HITS and hybrid._trials[0, 1] - PRIOR_TRIALS == 1
     assert hybrid.propose(torch.tensor([0])).tokens.tolist() == [0, 2]
+
+
+def test_hybrid_ranks_a_part_by_its_own_estimates_calibrated_by_what_matched():
+    hybrid = Hybrid(TARGET, parts="lookup+recycling", budget=2, min_score=0.0)
+    # the estimating part thinks 1 -> 2 is likely (0.9, 0.85) and 3 is not (0.15)
+    estimating, chain = Fixed([0, 1, 2, 3], [-1, 0, 1, 0], [1.0, 0.9, 0.85, 0.15]), Fixed([0, 4], [-1, 0])
+    hybrid.parts = [estimating, chain]
+    merged = hybrid.propose(torch.tensor([0]))
+    assert merged.tokens.tolist() == [0, 1, 2]  # its estimates (0.9, 0.85) beat an unseen chain node (0.5)
+    for _ in range(6):  # the target keeps saying 3: node 1's tenth (0.9) and 2's (0.8) never match, 3's tenth does
+        hybrid.observe(StepOutcome(merged, torch.zeros(3, TARGET.vocab_size), torch.tensor([0]), [3]))
+        merged = hybrid.propose(torch.tensor([0]))
+    assert hybrid._bin_trials[0, 8] - 4 == 6 and hybrid._bin_hits[0, 8] == 4 * 0.85  # node 2: known to miss
+    assert hybrid._bin_hits[0, 1] - 4 * 0.15 == 6  # node 3, cut from the merged drafts, matched every time
+    assert merged.tokens.tolist() == [0, 3, 1]  # 3 now ranks first (0.66), then 1 (0.38) over the chain (0.12)
+
+
+def test_trie_hands_its_scores_on_as_estimates_when_asked():
+    trie = DraftTrie()
+    trie.add([1, 2], [0.8, 0.5])
+    assert trie.build(0, budget=4).estimates is None
+    assert trie.build(0, budget=4, estimates=True).estimates.tolist() == [1.0, 0.8, 0.5]

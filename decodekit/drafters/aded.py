@@ -127,7 +127,7 @@ class AdaptiveNgram:
                     break
                 heapq.heappush(heap, (-score, pushed, token, nxt, (*path, nxt), (*scores, score)))
                 pushed += 1
-        return trie.build(root, self.max_nodes)
+        return trie.build(root, self.max_nodes, estimates=True)
 
     def observe(self, outcome: StepOutcome) -> None:
         tokens = outcome.draft.tokens.tolist()

@@ -41,19 +41,25 @@ class Draft:
     ``draft_probs`` float ``[n, V]`` (None: a deterministic draft): under sampling, row i is the distribution
     node i's token was drawn from (given its earlier siblings; row 0 unused); verification then accepts with
     min(1, p/q). A deterministic draft is accepted with probability p. Greedy verification ignores it.
+
+    ``estimates`` float ``[n]`` (None: no estimate): the drafter's own chance that each node gets accepted, its
+    whole path with it (root 1, never growing along a path). Only a hybrid reads it, to rank nodes across parts.
     """
 
     tokens: torch.Tensor
     tree: Tree
     candidates: torch.Tensor | None = None
     draft_probs: torch.Tensor | None = None
+    estimates: torch.Tensor | None = None
 
     def prefix(self, n: int) -> Draft:
         """The draft cut to its first ``n`` nodes (still a tree: parents come first)."""
         if n >= self.tree.size:
             return self
         cut = lambda values: None if values is None else values[:n]  # noqa: E731
-        return Draft(self.tokens[:n], self.tree.prefix(n), cut(self.candidates), cut(self.draft_probs))
+        return Draft(
+            self.tokens[:n], self.tree.prefix(n), cut(self.candidates), cut(self.draft_probs), cut(self.estimates)
+        )
 
     @property
     def num_candidates(self) -> int:

@@ -232,7 +232,7 @@ class SuffixDrafter:
             length, node = part.match(suffix, self.max_match)
             if length:
                 expand(part, node, length, trie, self.max_nodes, self.min_prob)
-        return trie.build(self.tokens[-1], self.max_nodes, self.min_prob)
+        return trie.build(self.tokens[-1], self.max_nodes, self.min_prob, estimates=True)
 
     def observe(self, outcome: StepOutcome) -> None:
         self._extend(outcome.committed)

@@ -60,17 +60,21 @@ class DraftTrie:
             self._score[child] = max(self._score[child], score)
         return child
 
-    def build(self, root: int, budget: int, min_score: float = float("-inf")) -> Draft:
+    def build(self, root: int, budget: int, min_score: float = float("-inf"), estimates: bool = False) -> Draft:
         """The draft tree of the ``budget`` best nodes scoring at least ``min_score`` under ``root``, best first
         (ties: shallower, then earlier inserted), so parents come first and every prefix of the draft is the best
         subtree of its size. Afterwards ``draft_index`` maps every kept trie node to its index in the draft (the
-        root, trie node 0, is index 0)."""
+        root, trie node 0, is index 0). ``estimates``: the scores are chances of acceptance, handed on as
+        ``Draft.estimates``."""
         kept = [i for i in range(1, len(self._token)) if self._score[i] >= min_score]
         nodes = sorted(kept, key=lambda i: (-self._score[i], self._depth[i], i))[:budget]
         self.draft_index = {0: 0} | {node: i + 1 for i, node in enumerate(nodes)}
         tokens = [root] + [self._token[n] for n in nodes]
         parents = [-1] + [self.draft_index[self._parent[n]] for n in nodes]
-        return Draft(torch.tensor(tokens, dtype=torch.int64), Tree(torch.tensor(parents, dtype=torch.int64)))
+        chances = torch.tensor([1.0] + [self._score[n] for n in nodes], dtype=torch.float64) if estimates else None
+        return Draft(
+            torch.tensor(tokens, dtype=torch.int64), Tree(torch.tensor(parents, dtype=torch.int64)), estimates=chances
+        )
 
 
 def chain_draft(root: int, tokens: Sequence[int]) -> Draft:
