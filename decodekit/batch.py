@@ -16,9 +16,10 @@ start, corrected by the steps since measured at each batch size and width. Draft
 cut to their first ``w`` nodes (still a tree). At ``w = 1`` no drafter proposes (each still observes the step):
 plain decoding. Rates come from scoring each whole draft against the text that followed it, which greedy
 verification would have accepted node for node, so nodes cut off (or never verified) are scored too; in steps
-at ``w = 1`` the drafters still propose every ``SHADOW_EVERY`` steps, only to be scored. A request that joins
-while the batch decodes plainly gets no prompt logits (a vocabulary-wide projection per prompt token, which only
-seeds drafters such as recycling): its drafter starts from its prompt's tokens alone.
+at ``w = 1`` the drafters still propose every ``SHADOW_EVERY`` steps, only to be scored. Under load-aware
+speculation only a request that decodes alone (or a pinned one) gets prompt logits: they cost a vocabulary-wide
+projection per prompt token, batch of one, and only seed drafters such as recycling, whose pooled state is warm
+from earlier requests anyway.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class Batch:
         view = self.cache.rows(row, row + 1)
         view.reset()
         view.check_room(decoding.capacity)
-        decoding.prefill(view, prompt_logits=pinned or self.last_width != 1)  # seeding pays only while drafting
+        decoding.prefill(view, prompt_logits=pinned or not self.adaptive or not self.rows)
         warm = self.method_drafts.get(decoding.method, 0) >= WARMUP_DRAFTS
         self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
 

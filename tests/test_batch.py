@@ -168,6 +168,25 @@ class Broken:
         pass
 
 
+class Seeded(Broken):
+    """Records whether its request was handed the prompt's logits."""
+
+    wants_prompt_logits = True
+
+    def begin(self, prompt, prompt_logits):
+        self.seeded = prompt_logits is not None
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_only_a_request_decoding_alone_gets_prompt_logits_under_load_aware_speculation(tiny_model, adaptive):
+    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
+    first, second = Seeded(), Seeded()
+    batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=adaptive)
+    batch.join(Decoding(tiny_model, first, "seeded", ids, 4, [], GREEDY))
+    batch.join(Decoding(tiny_model, second, "seeded", ids, 4, [], GREEDY))
+    assert first.seeded and second.seeded == (not adaptive)  # whole trees always draft: seeding always pays
+
+
 def test_a_failing_drafter_fails_only_its_row(tiny_model):
     ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
     broken = Decoding(tiny_model, Broken(), "broken", ids, 10, [], GREEDY)
