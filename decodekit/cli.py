@@ -263,8 +263,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     output = Path(args.output)
     records, runs = bench.resume(output / "result.json", meta) if args.resume else ([], [])
     done = {r["question_id"] for r in records}
-    meta["runs"] = [*runs, {"date": meta["date"], "commit": meta["machine"]["decodekit_commit"], "questions": 0}]
+    if any(run.get("machine", {}).get("cpu_id") != meta["machine"]["cpu_id"] for run in runs):
+        print(
+            "decodekit: resuming on another machine than (or one unrecorded by) an earlier part of this run: "
+            "runners still take turns per question, but rates mix machines (meta.runs says which did what)",
+            file=sys.stderr,
+        )
+    meta["runs"] = [*runs, {"date": meta["date"], "machine": meta["machine"], "questions": 0}]
     meta["selected"] = len({q.question_id for q in questions} | done)
+    meta["questions"] = len(done)
 
     def checkpoint(question_records: list[dict]) -> None:
         records.extend(question_records)
@@ -299,7 +306,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_term)
         for runner in runners:
             getattr(runner, "close", lambda: None)()
-    meta["questions"] = len({r["question_id"] for r in records})
     skipped = [r for r in records if "skipped" in r]
     if skipped:
         print(f"skipped {len(skipped)} turns whose prompt left no room in the context window", file=sys.stderr)

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from decodekit.bench import chart_title, plot, summarize
+from decodekit.bench import chart_title, machine_name, plot, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def run_section(name: str) -> str:
     data = json.loads((directory / "result.json").read_text())
     meta = data["meta"]
     summary = summarize(data["records"], meta["baseline"])
-    where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
+    where = machine_name(meta["machine"])
     plot(summary, meta["baseline"], directory / "speedup.png", chart_title(meta))
     lines = [
         f"Command: `{meta['command']}`  ",

@@ -36,7 +36,8 @@ def test_result_schema_and_chart(result):
     out, data = result
     assert set(data) == {"meta", "summary", "records"}
     assert data["meta"]["baseline"] == "hf" and data["meta"]["questions"] == 2
-    assert "decodekit_commit" in data["meta"]["machine"]
+    assert "decodekit_commit" in data["meta"]["machine"] and data["meta"]["machine"]["cpu_id"].startswith("family")
+    assert data["meta"]["runs"][0]["machine"] == data["meta"]["machine"]
     assert data["meta"]["options"]["recycling:tree=4"] == {"k": 8, "tree": "4", "seed_prompt": True}
     assert (out / "speedup.png").stat().st_size > 1000
     # conversation questions have two turns, qa one; four runners each
@@ -189,7 +190,8 @@ def test_a_run_resumes_where_its_checkpoint_ends(tiny_dir, tmp_path, capsys):
     first = json.loads((tmp_path / "result.json").read_text())
     assert first["meta"]["questions"] == 1 and len(first["records"]) == 1
     assert bench(tiny_dir, tmp_path, *run, "--limit", "3", "--resume") == 0
-    assert "1 questions already measured, 2 to run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 questions already measured, 2 to run" in err and "another machine" not in err
     data = json.loads((tmp_path / "result.json").read_text())
     assert data["records"][0] == first["records"][0]  # kept, not rerun
     assert len({r["question_id"] for r in data["records"]}) == len(data["records"]) == 3
@@ -198,6 +200,10 @@ def test_a_run_resumes_where_its_checkpoint_ends(tiny_dir, tmp_path, capsys):
     assert bench(tiny_dir, tmp_path, *run[:-1], "5", "--limit", "3", "--resume") == 1
     assert "it was run with other max_new_tokens" in capsys.readouterr().err
     assert json.loads((tmp_path / "result.json").read_text()) == data  # a refused resume loses nothing
+    data["meta"]["runs"][0]["machine"]["cpu_id"] = "family 0 model 0"  # a later session got another machine
+    (tmp_path / "result.json").write_text(json.dumps(data))
+    assert bench(tiny_dir, tmp_path, *run, "--limit", "3", "--resume") == 0
+    assert "resuming on another machine" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_keeps_its_finished_questions(tiny_dir, tmp_path, monkeypatch, capsys):

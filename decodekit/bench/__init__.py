@@ -258,9 +258,17 @@ def render_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def machine_name(info: dict) -> str:
+    """The GPU, or the CPU with its family/model and features where recorded (``machine()``'s dict)."""
+    if info.get("gpu"):
+        return info["gpu"]
+    details = ", ".join(filter(None, [info.get("cpu_id"), " ".join(info.get("isa", []))]))
+    return f"{info['cpu']} ({details})" if details else info["cpu"]
+
+
 def chart_title(meta: dict) -> str:
     """One line naming what a saved run measured: model, dtype, decoding, questions, tokens, machine."""
-    where = meta["machine"].get("gpu") or meta["machine"]["cpu"]
+    where = machine_name(meta["machine"])
     temperature = meta.get("sampling", {}).get("temperature", 0)
     decoding = "greedy" if not temperature else f"T={temperature}"
     questions = meta["questions"]
@@ -296,15 +304,24 @@ def plot(summary: dict, baseline: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")  # CPU features that change our kernels' speed
+
+
 def machine() -> dict:
+    """What ran a benchmark: CPU (name, family/model and the features in ISA, as cloud CPUs often hide their
+    name), threads, versions, GPU and commit."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor()
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
     info = {
-        "cpu": cpu,
+        "cpu": fields.get("model name") or platform.processor(),
+        "cpu_id": f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}",
+        "isa": [flag for flag in ISA if flag in fields.get("flags", "").split()],
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
