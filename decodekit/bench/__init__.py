@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import textwrap
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -289,16 +290,19 @@ def plot(summary: dict, baseline: str, path: Path, title: str) -> None:
     runners = [r for r in summary if r != baseline]
     tasks = list(next(iter(summary.values())))
     width = 0.8 / max(1, len(runners))
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(tasks) * max(1, len(runners)) ** 0.5), 4.2))
+    colors = plt.get_cmap("tab10" if len(runners) <= 10 else "tab20").colors  # one color per runner
+    fig_width = min(14, max(7, 1.3 * len(tasks) * max(1, len(runners)) ** 0.5))
+    fig, ax = plt.subplots(figsize=(fig_width, 4.2))
     for i, runner in enumerate(runners):
         xs = [t + (i - (len(runners) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [summary[runner][t].get("speedup", 0.0) for t in tasks], width, label=runner)
+        speedups = [summary[runner][t].get("speedup", 0.0) for t in tasks]
+        ax.bar(xs, speedups, width, label=runner, color=colors[i % len(colors)])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(tasks)), tasks, rotation=20)
     ax.set_ylabel(f"speedup over {baseline}")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, int(11 * fig_width)), fontsize=10)  # ~11 characters an inch at size 10
     if runners:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
