@@ -1,5 +1,6 @@
-"""The small-M AVX2 kernel (decodekit.runtime.fastlinear): agrees with F.linear, and each output row is bitwise
-independent of the other rows, of M, and of the thread count (plain decoding vs tree verification)."""
+"""The small-M kernel (decodekit.runtime.fastlinear): agrees with F.linear, and each output row is bitwise
+independent of the other rows, of M, of the thread count (plain decoding vs tree verification) and of the ISA
+path (AVX2 or AVX-512) that computes it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from decodekit.runtime import fastlinear
 
 needs_kernel = pytest.mark.skipif(not fastlinear.available(), reason="AVX2/FMA kernel unavailable here")
+ISAS = ("avx2", "avx512") if fastlinear.available() and fastlinear.has_avx512() else ("avx2",)
 
 MS = (1, 2, 3, 7, 8, 9, 24, 81, 130)
 KS = (576, 1536, 13, 64)
@@ -25,8 +27,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("k", "n"), list(itertools.product(KS, NS)))
-def test_matches_f_linear(k: int, n: int) -> None:
+def test_matches_f_linear(k: int, n: int, isa: str) -> None:
     g = torch.Generator().manual_seed(k * 10_000 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g)
@@ -34,7 +37,7 @@ def test_matches_f_linear(k: int, n: int) -> None:
     for m in MS:
         x = torch.randn(m, k, generator=g)
         for bias in (None, b):
-            y = fastlinear.linear(x, packed, bias)
+            y = fastlinear.linear(x, packed, bias, isa)
             assert y.shape == (m, n) and y.dtype == torch.float32
             # float32 sums of K unit-variance products (outputs ~ sqrt(K)): rounding error grows like sqrt(K)
             atol = 5e-6 * k**0.5
@@ -43,26 +46,39 @@ def test_matches_f_linear(k: int, n: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k", (576, 1536, 13))
 @pytest.mark.parametrize("bias", (False, True))
-def test_rows_are_bitwise_independent_of_the_batch(k: int, bias: bool) -> None:
+def test_rows_are_bitwise_independent_of_the_batch(k: int, bias: bool, isa: str) -> None:
     g = torch.Generator().manual_seed(k)
     n = 1000  # not a multiple of the 16-row panel: the last panel is partial
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     packed = fastlinear.pack(w)
     big = torch.randn(130, k, generator=g)
-    singles = [fastlinear.linear(big[i : i + 1], packed, b)[0] for i in range(big.shape[0])]
-    for m in (1, 2, 5, 6, 7, 12, 13, 24, 81, 130):
-        y = fastlinear.linear(big[:m], packed, b)
+    singles = [fastlinear.linear(big[i : i + 1], packed, b, isa)[0] for i in range(big.shape[0])]
+    for m in (1, 2, 5, 6, 7, 12, 13, 16, 24, 25, 81, 130):
+        y = fastlinear.linear(big[:m], packed, b, isa)
         for i in range(m):
             assert torch.equal(y[i], singles[i]), (m, i)
     # the same row among different neighbours, at a different position
     other = torch.randn(24, k, generator=g)
     other[17] = big[3]
-    assert torch.equal(fastlinear.linear(other, packed, b)[17], singles[3])
+    assert torch.equal(fastlinear.linear(other, packed, b, isa)[17], singles[3])
     # prepacked and pack-on-the-fly are the same kernel
     assert torch.equal(fastlinear.linear(big[:9], w, b), fastlinear.linear(big[:9], packed, b))
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("n", (1, 16, 40, 1000))  # one panel, two, a pair and a half, many with a partial last
+def test_avx2_and_avx512_give_the_same_bits(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    w, b = torch.randn(n, 576, generator=g), torch.randn(n, generator=g)
+    packed = fastlinear.pack(w)
+    for m in (1, 2, 11, 12, 13, 30):
+        x = torch.randn(m, 576, generator=g)
+        for bias in (None, b):
+            assert torch.equal(fastlinear.linear(x, packed, bias, "avx2"), fastlinear.linear(x, packed, bias, "avx512"))
 
 
 @needs_kernel
@@ -106,6 +122,8 @@ def test_rejects_other_dtypes() -> None:
         fastlinear.pack(w.half())
     with pytest.raises(ValueError):
         fastlinear.linear(torch.randn(2, 9), w)
+    with pytest.raises(ValueError):
+        fastlinear.linear(torch.randn(2, 8), w, isa="sse")
 
 
 def test_unavailable_without_avx2(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,5 @@
-"""Small-M float32 linear layers for CPU decoding: an AVX2 + FMA kernel (``kernels/small_gemm.cpp``).
+"""Small-M float32 linear layers for CPU decoding: an AVX2 + FMA kernel, AVX-512 where the CPU has it
+(``kernels/small_gemm.cpp``).
 
 A decode step multiplies a few rows of activations (1 for plain decoding, 8-81 for a draft tree) by every
 weight matrix, and the weights are cold in memory. The kernel streams each weight once, at close to memory
@@ -11,7 +12,8 @@ bandwidth, and does all the rows while a piece of it is in cache. It needs the w
 Exactness invariant: each output ``y[m, n]`` is ``fma``-accumulated over ``k = 0 .. K-1`` in order, in one
 float32 accumulator, then ``+ bias[n]``, whatever the number of rows, the other rows of ``x``, the thread count
 or how the work is split. So ``linear(x, w)[i]`` is bitwise equal to ``linear(x[i:i+1], w)[0]``: decoding one
-token and verifying it in a tree give identical floats. (The result is not bitwise equal to
+token and verifying it in a tree give identical floats, and the AVX2 and AVX-512 paths give the same floats too.
+(The result is not bitwise equal to
 ``torch.nn.functional.linear``, which sums in another order; it agrees to float32 rounding.)
 
 The extension is compiled on first use (``available()``), into torch's extension cache
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "small_gemm.cpp"
 NAME = "decodekit_small_gemm"  # the extension's name and its op namespace (torch.ops.decodekit_small_gemm)
-# -mavx2 -mfma rather than -march=native: the build may be cached and reused on another machine of the fleet.
+# -mavx2 -mfma rather than -march=native: the build may be cached and reused on another machine of the fleet;
+# the AVX-512 path is compiled for that ISA by a function attribute and taken only where the CPU has it.
 # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on one thread without it (the OpenMP
 # runtime itself comes from torch's own libgomp, already loaded).
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
@@ -118,10 +121,19 @@ def pack(w: torch.Tensor) -> PackedWeight:
     return PackedWeight(_ops().pack(w.detach()), w.shape[0], w.shape[1])
 
 
-def linear(x: torch.Tensor, w: PackedWeight | torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def has_avx512() -> bool:
+    """True if the kernel takes its AVX-512 path on this CPU."""
+    return bool(_ops().has_avx512())
+
+
+def linear(
+    x: torch.Tensor, w: PackedWeight | torch.Tensor, bias: torch.Tensor | None = None, isa: str = "auto"
+) -> torch.Tensor:
     """``x @ w.T + bias`` for float32 CPU tensors: x ``[..., K]``, w ``PackedWeight`` of ``[N, K]`` (or the raw
     ``[N, K]`` weight, packed on every call: fine for tests, slow in a loop), bias ``[N]`` or None; returns
     ``[..., N]``. Row ``i`` of the result depends only on row ``i`` of x (bitwise; see the module docstring).
+    ``isa``: ``"auto"`` (AVX-512 where the CPU has it), ``"avx2"`` or ``"avx512"``; every choice gives the same
+    bits.
     """
     packed = w if isinstance(w, PackedWeight) else pack(w)
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != packed.k:
@@ -130,6 +142,8 @@ def linear(x: torch.Tensor, w: PackedWeight | torch.Tensor, bias: torch.Tensor |
         )
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (packed.n,)):
         raise ValueError(f"fastlinear.linear: need a float32 bias [{packed.n}], got {bias.dtype} {tuple(bias.shape)}")
+    if isa not in ("auto", "avx2", "avx512"):
+        raise ValueError(f"fastlinear.linear: isa must be auto, avx2 or avx512, not {isa!r}")
     x2 = x.reshape(-1, packed.k).contiguous()
-    y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous())
+    y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous(), isa)
     return y.reshape(*x.shape[:-1], packed.n)
