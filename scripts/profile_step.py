@@ -21,8 +21,8 @@ from decodekit.runtime.tree import Tree
 
 PROMPT = "Explain how vaccines train the immune system, with an example, in about 200 words."
 GROUPS = {
-    "linear layers": ("linear", "mm", "addmm", "matmul", "small_gemm"),
-    "attention": ("scaled_dot_product", "flash_attention"),
+    "linear layers": ("linear", "mm", "addmm", "matmul"),
+    "attention": ("scaled_dot_product", "flash_attention", "decodekit_cpu::attention"),
     "top-k / argmax": ("topk", "argmax"),
 }
 

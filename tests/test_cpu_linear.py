@@ -1,4 +1,4 @@
-"""The small-M kernel (decodekit.runtime.fastlinear): agrees with F.linear, and each output row is bitwise
+"""The small-M kernel (decodekit.runtime.cpu.linear): agrees with F.linear, and each output row is bitwise
 independent of the other rows, of M, of the thread count (plain decoding vs tree verification) and of the ISA
 path (AVX2 or AVX-512) that computes it."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decodekit.runtime import fastlinear
+from decodekit.runtime import cpu
 
-needs_kernel = pytest.mark.skipif(not fastlinear.available(), reason="AVX2/FMA kernel unavailable here")
-ISAS = ("avx2", "avx512") if fastlinear.available() and fastlinear.has_avx512() else ("avx2",)
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="AVX2/FMA kernel unavailable here")
+ISAS = ("avx2", "avx512") if cpu.available() and cpu.has_avx512() else ("avx2",)
 
 MS = (1, 2, 3, 7, 8, 9, 24, 81, 130)
 KS = (576, 1536, 13, 64)
@@ -33,11 +33,11 @@ def test_matches_f_linear(k: int, n: int, isa: str) -> None:
     g = torch.Generator().manual_seed(k * 10_000 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g)
-    packed = fastlinear.pack(w)
+    packed = cpu.pack(w)
     for m in MS:
         x = torch.randn(m, k, generator=g)
         for bias in (None, b):
-            y = fastlinear.linear(x, packed, bias, isa)
+            y = cpu.linear(x, packed, bias, isa)
             assert y.shape == (m, n) and y.dtype == torch.float32
             # float32 sums of K unit-variance products (outputs ~ sqrt(K)): rounding error grows like sqrt(K)
             atol = 5e-6 * k**0.5
@@ -54,19 +54,19 @@ def test_rows_are_bitwise_independent_of_the_batch(k: int, bias: bool, isa: str)
     n = 1000  # not a multiple of the 16-row panel: the last panel is partial
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    packed = fastlinear.pack(w)
+    packed = cpu.pack(w)
     big = torch.randn(130, k, generator=g)
-    singles = [fastlinear.linear(big[i : i + 1], packed, b, isa)[0] for i in range(big.shape[0])]
+    singles = [cpu.linear(big[i : i + 1], packed, b, isa)[0] for i in range(big.shape[0])]
     for m in (1, 2, 5, 6, 7, 12, 13, 16, 24, 25, 81, 130):
-        y = fastlinear.linear(big[:m], packed, b, isa)
+        y = cpu.linear(big[:m], packed, b, isa)
         for i in range(m):
             assert torch.equal(y[i], singles[i]), (m, i)
     # the same row among different neighbours, at a different position
     other = torch.randn(24, k, generator=g)
     other[17] = big[3]
-    assert torch.equal(fastlinear.linear(other, packed, b, isa)[17], singles[3])
+    assert torch.equal(cpu.linear(other, packed, b, isa)[17], singles[3])
     # prepacked and pack-on-the-fly are the same kernel
-    assert torch.equal(fastlinear.linear(big[:9], w, b), fastlinear.linear(big[:9], packed, b))
+    assert torch.equal(cpu.linear(big[:9], w, b), cpu.linear(big[:9], packed, b))
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512")
@@ -74,11 +74,11 @@ def test_rows_are_bitwise_independent_of_the_batch(k: int, bias: bool, isa: str)
 def test_avx2_and_avx512_give_the_same_bits(n: int) -> None:
     g = torch.Generator().manual_seed(n)
     w, b = torch.randn(n, 576, generator=g), torch.randn(n, generator=g)
-    packed = fastlinear.pack(w)
+    packed = cpu.pack(w)
     for m in (1, 2, 11, 12, 13, 30):
         x = torch.randn(m, 576, generator=g)
         for bias in (None, b):
-            assert torch.equal(fastlinear.linear(x, packed, bias, "avx2"), fastlinear.linear(x, packed, bias, "avx512"))
+            assert torch.equal(cpu.linear(x, packed, bias, "avx2"), cpu.linear(x, packed, bias, "avx512"))
 
 
 @needs_kernel
@@ -86,13 +86,13 @@ def test_rows_do_not_depend_on_the_thread_count() -> None:
     g = torch.Generator().manual_seed(7)
     w = torch.randn(3072, 576, generator=g)
     x = torch.randn(24, 576, generator=g)
-    packed = fastlinear.pack(w)
+    packed = cpu.pack(w)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fastlinear.linear(x, packed)
+        one = cpu.linear(x, packed)
         torch.set_num_threads(max(2, threads))
-        many = fastlinear.linear(x, packed)
+        many = cpu.linear(x, packed)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
@@ -104,37 +104,37 @@ def test_leading_dims_and_edge_shapes() -> None:
     w = torch.randn(40, 24, generator=g)
     b = torch.randn(40, generator=g)
     x = torch.randn(2, 3, 24, generator=g)
-    y = fastlinear.linear(x, fastlinear.pack(w), b)
+    y = cpu.linear(x, cpu.pack(w), b)
     assert y.shape == (2, 3, 40)
-    assert torch.equal(y.reshape(6, 40), fastlinear.linear(x.reshape(6, 24), w, b))
-    assert fastlinear.linear(torch.empty(0, 24), w).shape == (0, 40)
+    assert torch.equal(y.reshape(6, 40), cpu.linear(x.reshape(6, 24), w, b))
+    assert cpu.linear(torch.empty(0, 24), w).shape == (0, 40)
     # non-contiguous x is accepted (copied)
     xt = torch.randn(24, 5, generator=g).t()
-    assert torch.equal(fastlinear.linear(xt, w), fastlinear.linear(xt.contiguous(), w))
+    assert torch.equal(cpu.linear(xt, w), cpu.linear(xt.contiguous(), w))
 
 
 @needs_kernel
 def test_rejects_other_dtypes() -> None:
     w = torch.randn(16, 8)
     with pytest.raises(ValueError):
-        fastlinear.linear(torch.randn(2, 8, dtype=torch.float64), w)
+        cpu.linear(torch.randn(2, 8, dtype=torch.float64), w)
     with pytest.raises(ValueError):
-        fastlinear.pack(w.half())
+        cpu.pack(w.half())
     with pytest.raises(ValueError):
-        fastlinear.linear(torch.randn(2, 9), w)
+        cpu.linear(torch.randn(2, 9), w)
     with pytest.raises(ValueError):
-        fastlinear.linear(torch.randn(2, 8), w, isa="sse")
+        cpu.linear(torch.randn(2, 8), w, isa="sse")
 
 
 def test_unavailable_without_avx2(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(fastlinear, "_state", None)
-    monkeypatch.setattr(fastlinear, "cpu_supported", lambda: False)
-    with caplog.at_level(logging.WARNING, logger=fastlinear.__name__):
-        assert fastlinear.available() is False
-        assert fastlinear.available() is False
+    monkeypatch.setattr(cpu, "_state", None)
+    monkeypatch.setattr(cpu, "cpu_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        assert cpu.available() is False
+        assert cpu.available() is False
     assert len(caplog.records) == 1
     with pytest.raises(RuntimeError):
-        fastlinear.pack(torch.randn(4, 4))
+        cpu.pack(torch.randn(4, 4))
 
 
 def test_unavailable_when_the_build_fails(
@@ -143,10 +143,10 @@ def test_unavailable_when_the_build_fails(
     bad = tmp_path / "broken.cpp"
     bad.write_text('#error "does not compile"\n')
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setattr(fastlinear, "_state", None)
-    monkeypatch.setattr(fastlinear, "cpu_supported", lambda: True)
-    monkeypatch.setattr(fastlinear, "SOURCE", bad)
-    monkeypatch.setattr(fastlinear, "NAME", "decodekit_small_gemm_broken_test")
-    with caplog.at_level(logging.WARNING, logger=fastlinear.__name__):
-        assert fastlinear.available() is False
+    monkeypatch.setattr(cpu, "_state", None)
+    monkeypatch.setattr(cpu, "cpu_supported", lambda: True)
+    monkeypatch.setattr(cpu, "SOURCES", [bad])
+    monkeypatch.setattr(cpu, "NAME", "decodekit_cpu_broken_test")
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        assert cpu.available() is False
     assert len(caplog.records) == 1 and "could not build" in caplog.records[0].getMessage()

@@ -1,25 +1,29 @@
-"""Small-M float32 linear layers for CPU decoding: an AVX2 + FMA kernel, AVX-512 where the CPU has it
-(``kernels/small_gemm.cpp``).
+"""Hand-written float32 CPU kernels for the decode hot path (``kernels/*.cpp``, one torch extension).
 
-A decode step multiplies a few rows of activations (1 for plain decoding, 8-81 for a draft tree) by every
-weight matrix, and the weights are cold in memory. The kernel streams each weight once, at close to memory
-bandwidth, and does all the rows while a piece of it is in cache. It needs the weight in its own layout:
-``pack(w)`` once (at load time, like oneDNN's reorder), then ``linear(x, packed)`` per call::
+A decode step pushes a few rows (1 for plain decoding, 8-81 for a draft tree) through every weight matrix and
+over the whole KV cache. Torch's kernels are built for many rows; these two are built for few, and for one
+invariant: **a row's result never depends on the other rows** (nor on their number, the thread count, or the
+ISA path), so decoding one token and verifying it in a tree give bitwise identical floats.
 
-    packed = fastlinear.pack(layer.weight)        # PackedWeight, same memory as the weight (+ padding)
-    y = fastlinear.linear(x, packed, layer.bias)  # x [..., K] -> y [..., N], float32
+- ``linear`` (``small_gemm.cpp``, AVX2 + FMA, AVX-512 where the CPU has it): streams each cold weight once,
+  at close to memory bandwidth, and does all the rows while a piece of it is in cache. It needs the weight in
+  its own layout: ``pack(w)`` once (at load time, like oneDNN's reorder), then ``linear(x, packed)``::
 
-Exactness invariant: each output ``y[m, n]`` is ``fma``-accumulated over ``k = 0 .. K-1`` in order, in one
-float32 accumulator, then ``+ bias[n]``, whatever the number of rows, the other rows of ``x``, the thread count
-or how the work is split. So ``linear(x, w)[i]`` is bitwise equal to ``linear(x[i:i+1], w)[0]``: decoding one
-token and verifying it in a tree give identical floats, and the AVX2 and AVX-512 paths give the same floats too.
-(The result is not bitwise equal to
-``torch.nn.functional.linear``, which sums in another order; it agrees to float32 rounding.)
+      packed = cpu.pack(layer.weight)        # PackedWeight, same memory as the weight (+ padding)
+      y = cpu.linear(x, packed, layer.bias)  # x [..., K] -> y [..., N], float32
+
+  Each ``y[m, n]`` is ``fma``-accumulated over ``k = 0 .. K-1`` in order in one float32 accumulator, then
+  ``+ bias[n]``. (Not bitwise ``torch.nn.functional.linear``, which sums in another order; equal to float32
+  rounding.)
+- ``attention`` (``attention.cpp``, AVX2 + FMA): a few queries over the cache, each query on its own: its
+  visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
+  on the keys and values it sees, in slot order. For 1-16 queries over ~1500 slots it reads the cache about
+  once, where torch's CPU flash attention costs 3-4x that.
 
 The extension is compiled on first use (``available()``), into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the cached build. On a CPU
 without AVX2/FMA, or if the build fails, ``available()`` is False (with one logged warning) and callers keep
-their default path. Inference only: the op has no autograd formula.
+their default path. Inference only: the ops have no autograd formula.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "small_gemm.cpp"
-NAME = "decodekit_small_gemm"  # the extension's name and its op namespace (torch.ops.decodekit_small_gemm)
+SOURCES = [Path(__file__).parent / "kernels" / name for name in ("small_gemm.cpp", "attention.cpp")]
+NAME = "decodekit_cpu"  # the extension's name and its op namespace (torch.ops.decodekit_cpu)
 # -mavx2 -mfma rather than -march=native: the build may be cached and reused on another machine of the fleet;
 # the AVX-512 path is compiled for that ISA by a function attribute and taken only where the CPU has it.
 # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on one thread without it (the OpenMP
@@ -89,16 +93,17 @@ def available() -> bool:
 
 def _load() -> bool:
     if not cpu_supported():
-        log.warning("decodekit.fastlinear: this CPU lacks AVX2/FMA; the small-M kernel is disabled")
+        log.warning("decodekit.runtime.cpu: this CPU lacks AVX2/FMA; the decode kernels are disabled")
         return False
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False, verbose=False)
-        getattr(torch.ops, NAME).linear  # noqa: B018 (raises if the library did not register its ops)
+        load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS, is_python_module=False)
+        for op in ("linear", "attention"):
+            getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
     except Exception as e:  # no compiler, no ninja, a compile error, ...: fall back
         log.warning(
-            "decodekit.fastlinear: could not build the small-M kernel (%s: %s); it is disabled",
+            "decodekit.runtime.cpu: could not build the decode kernels (%s: %s); they are disabled",
             type(e).__name__,
             str(e).strip().splitlines()[-1] if str(e).strip() else "",
         )
@@ -108,16 +113,14 @@ def _load() -> bool:
 
 def _ops():  # the torch.ops namespace of the extension
     if not available():
-        raise RuntimeError("decodekit.fastlinear: the small-M kernel is not available on this machine")
+        raise RuntimeError("decodekit.runtime.cpu: the decode kernels are not available on this machine")
     return getattr(torch.ops, NAME)
 
 
 def pack(w: torch.Tensor) -> PackedWeight:
     """Pack a float32 CPU weight ``w [N, K]`` (``nn.Linear.weight`` layout) for ``linear``."""
     if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
-        raise ValueError(
-            f"fastlinear.pack: need a float32 CPU [N, K] weight, got {w.dtype} {tuple(w.shape)} on {w.device}"
-        )
+        raise ValueError(f"cpu.pack: need a float32 CPU [N, K] weight, got {w.dtype} {tuple(w.shape)} on {w.device}")
     return PackedWeight(_ops().pack(w.detach()), w.shape[0], w.shape[1])
 
 
@@ -138,12 +141,36 @@ def linear(
     packed = w if isinstance(w, PackedWeight) else pack(w)
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != packed.k:
         raise ValueError(
-            f"fastlinear.linear: need float32 CPU x [..., {packed.k}], got {x.dtype} {tuple(x.shape)} on {x.device}"
+            f"cpu.linear: need float32 CPU x [..., {packed.k}], got {x.dtype} {tuple(x.shape)} on {x.device}"
         )
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (packed.n,)):
-        raise ValueError(f"fastlinear.linear: need a float32 bias [{packed.n}], got {bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(f"cpu.linear: need a float32 bias [{packed.n}], got {bias.dtype} {tuple(bias.shape)}")
     if isa not in ("auto", "avx2", "avx512"):
-        raise ValueError(f"fastlinear.linear: isa must be auto, avx2 or avx512, not {isa!r}")
+        raise ValueError(f"cpu.linear: isa must be auto, avx2 or avx512, not {isa!r}")
     x2 = x.reshape(-1, packed.k).contiguous()
     y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous(), isa)
     return y.reshape(*x.shape[:-1], packed.n)
+
+
+ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
+    """``softmax(scale * q k^T, masked) v`` per query, as ``F.scaled_dot_product_attention`` with a bool
+    ``attn_mask`` and grouped queries: q ``[B, H, n, d]``, k and v ``[B, G, W, d]`` (H a multiple of G, d in
+    ``ATTENTION_HEAD_DIMS``, unit stride in d: cache views are fine), mask bool ``[B, 1, n, W]`` (True = may
+    attend) or None (all); scale defaults to ``d ** -0.5``. Returns ``[B, H, n, d]``, a transposed view of a
+    contiguous ``[B, n, H, d]`` (so ``.transpose(1, 2).reshape(B, n, H * d)`` does not copy). Query ``(b, h, r)``
+    is bitwise a function of its own visible keys and values in slot order (see the module docstring).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4:
+            raise ValueError(f"cpu.attention: {name} must be a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)}")
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"cpu.attention: head_dim must be one of {ATTENTION_HEAD_DIMS}, not {q.shape[-1]}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"cpu.attention: mask must be bool, got {mask.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _ops().attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decodekit.errors import InvalidParameter
-from decodekit.runtime import fastlinear
+from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.tree import Tree, Trees, attention_mask, positions
@@ -35,7 +35,7 @@ def cpu_linear_backend() -> str:
         if choice not in ("small_gemm", "onednn", "torch"):
             raise InvalidParameter(f"DECODEKIT_LINEAR must be small_gemm, onednn or torch, not {choice!r}")
         return choice
-    if fastlinear.available():
+    if cpu.available():
         return "small_gemm"
     return "onednn" if onednn_available() else "torch"
 
@@ -55,7 +55,7 @@ class Linear(nn.Linear):
     def pack(self, backend: str, keep_weight: bool) -> None:
         weight = self.weight.detach()
         if backend == "small_gemm":
-            self.packed = fastlinear.pack(weight)
+            self.packed = cpu.pack(weight)
         elif backend == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         else:
@@ -66,7 +66,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "small_gemm":
-            return fastlinear.linear(x, self.packed, self.bias)
+            return cpu.linear(x, self.packed, self.bias)
         if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -92,7 +92,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+# Queries up to which a float32 CPU block uses cpu.attention (a row's output independent of the other rows),
+# past which torch's flash attention (faster for a long prompt's prefill). Every decode step stays under it:
+# drafts are at most 256 nodes (decodekit.drafters.base.MAX_DRAFT_NODES).
+KERNEL_ATTENTION_MAX_QUERIES = 256
+
+
 class Block(nn.Module):
+    cpu_attention = False  # set by Transformer.prepare where cpu.attention serves this model
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -121,7 +129,11 @@ class Block(nn.Module):
         keys, values = qk[:, :, self.heads :], qkv[:, :, self.heads + self.kv_heads :]
         cache.write(self.layer, keys.transpose(1, 2), values.transpose(1, 2))
         keys, values = cache.view(self.layer, width)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        if self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES:
+            attn = cpu.attention(q, keys, values, mask)
+        else:
+            gqa = self.heads != self.kv_heads
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         x = x + self.wo(attn.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(F.silu(gate) * up)
@@ -148,8 +160,12 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def prepare(self) -> Transformer:
-        """Final step after loading: on CPU in float32, pack every linear weight for the fastest backend."""
+        """Final step after loading: on CPU in float32, pack every linear weight for the fastest backend and
+        use the decode attention kernel where it builds."""
         if self.device.type == "cpu" and self.dtype == torch.float32:
+            use_kernel = cpu.available() and self.cfg.head_dim in cpu.ATTENTION_HEAD_DIMS
+            for block in self.blocks:
+                block.cpu_attention = use_kernel
             backend = cpu_linear_backend()
             for module in self.modules():
                 if isinstance(module, Linear):

@@ -272,13 +272,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
 
 // The op namespace; overridable so that benchmark variants can be loaded side by side in one process.
 #ifndef SG_LIBNAME
-#define SG_LIBNAME decodekit_small_gemm
+#define SG_LIBNAME decodekit_cpu
 #endif
-// One level of indirection so that SG_LIBNAME is expanded before TORCH_LIBRARY pastes it.
-#define SG_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+// One level of indirection so that SG_LIBNAME is expanded before TORCH_LIBRARY_FRAGMENT pastes it.
+#define SG_TORCH_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define SG_TORCH_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
-SG_TORCH_LIBRARY(SG_LIBNAME, m) {
+SG_TORCH_LIBRARY_FRAGMENT(SG_LIBNAME, m) {
   m.def("pack(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor wp, int n, Tensor? bias=None, str isa='auto') -> Tensor");
   m.def("has_avx512() -> bool", &has_avx512);
