@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from decodekit import Engine, load_model
-from decodekit.bench import machine
+from decodekit.bench import machine, machine_name
 from decodekit.runtime.tree import Tree
 
 PROMPT = "Explain how vaccines train the immune system, with an example, in about 200 words."
@@ -75,7 +75,8 @@ def main() -> None:
     costs = forward_costs(model, sizes)
     info = machine()
     lines = [
-        f"Forward of k tree nodes over a 300-token cache, {args.dtype}, {info['cpu']}, {info['threads']} threads:",
+        f"Forward of k tree nodes over a 300-token cache, {args.dtype}, {machine_name(info)},"
+        f" {info['threads']} threads, decodekit {info['decodekit_commit']}:",
         "",
     ]
     lines += ["| k | " + " | ".join(map(str, sizes)) + " |", "|---" * (len(sizes) + 1) + "|"]
