@@ -3,16 +3,16 @@
 // out[b, h, r] = softmax(scale * q[b, h, r] . k[b, g, j]) @ v[b, g, j] over the slots j that query r may see
 // (mask[b, 0, r, j], all slots when there is no mask), with g = h / (heads / kv_heads) (grouped queries).
 //
-// Each (b, h, r) is one task, computed alone: the visible slots are gathered in slot order, then
-//   s_t = scale * (q . k_t)  in groups of 8 keys (per-lane fma over d, then one fixed reduction tree),
+// Each (b, h, r) is computed as if alone: the visible slots are gathered in slot order, then
+//   s_t = scale * (q . k_t)  per key: per-lane fma over d, then one fixed reduction tree,
 //   p_t = exp(s_t - max s)   8 at a time with one polynomial,
 //   sum = lanes of p summed over chunks of 8, then one fixed reduction tree,
 //   out = (sum_t p_t v_t) / sum  with t in order.
 // So a query's output depends only on the sequence of (key, value) pairs it sees, not on the other queries,
 // their number, the masked slots or the thread: a token decoded alone and the same token verified in a
-// tree (same position, same visible keys in the same order) get bitwise the same output. Torch's CPU flash
-// attention has no such promise and, for a handful of queries over a long cache, takes 3-4x the time of
-// reading the cache once (the bound here: K and V of a group stay in L2 across its queries).
+// tree (same position, same visible keys in the same order) get bitwise the same output; torch's CPU flash
+// attention has no such promise. Up to 3 heads of a group go together, so each key and value row is loaded
+// once for all of them; a group's keys and values stay in L2 across its queries.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
