@@ -150,3 +150,18 @@ def test_unavailable_when_the_build_fails(
     with caplog.at_level(logging.WARNING, logger=cpu.__name__):
         assert cpu.available() is False
     assert len(caplog.records) == 1 and "could not build" in caplog.records[0].getMessage()
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torch waits forever on a build directory's `lock` file; one left by a killed process is cleared first."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpu, "_state", None)
+    monkeypatch.setattr(cpu, "cpu_supported", lambda: True)
+    stale = Path(cpp_extension._get_build_directory(cpu.NAME, verbose=False)) / "lock"
+    stale.touch()
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(stale.exists()))
+    cpu.available()
+    assert seen == [False]

@@ -28,6 +28,7 @@ their default path. Inference only: the ops have no autograd formula.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import platform
 import threading
@@ -96,9 +97,22 @@ def _load() -> bool:
         log.warning("decodekit.runtime.cpu: this CPU lacks AVX2/FMA; the decode kernels are disabled")
         return False
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS, is_python_module=False)
+        build = Path(_get_build_directory(NAME, verbose=False))
+        # torch guards a build with a plain `lock` file and waits forever while it exists, so a process killed
+        # mid-build (Ctrl-C on a first run) would hang every later one. Builds here hold an flock (released by
+        # the kernel when its holder dies) instead; holding it, any torch lock left in the directory is stale.
+        with open(build / "decodekit.flock", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)
+            load(
+                name=NAME,
+                sources=[str(path) for path in SOURCES],
+                extra_cflags=CFLAGS,
+                build_directory=str(build),
+                is_python_module=False,
+            )
         for op in ("linear", "attention"):
             getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
     except Exception as e:  # no compiler, no ninja, a compile error, ...: fall back
