@@ -19,6 +19,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "registration.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -253,12 +255,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 }  // namespace
-
-#ifndef SG_LIBNAME
-#define SG_LIBNAME decodekit_cpu
-#endif
-#define SG_TORCH_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define SG_TORCH_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 SG_TORCH_LIBRARY_FRAGMENT(SG_LIBNAME, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");

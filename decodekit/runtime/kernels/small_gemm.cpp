@@ -28,6 +28,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "registration.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -269,14 +271,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
 }
 
 }  // namespace
-
-// The op namespace; overridable so that benchmark variants can be loaded side by side in one process.
-#ifndef SG_LIBNAME
-#define SG_LIBNAME decodekit_cpu
-#endif
-// One level of indirection so that SG_LIBNAME is expanded before TORCH_LIBRARY_FRAGMENT pastes it.
-#define SG_TORCH_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define SG_TORCH_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 SG_TORCH_LIBRARY_FRAGMENT(SG_LIBNAME, m) {
   m.def("pack(Tensor w) -> Tensor");
