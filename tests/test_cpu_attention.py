@@ -4,12 +4,14 @@ gives a token scored in a tree bitwise the logits it gets alone."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from decodekit.runtime import cpu
-from decodekit.runtime.loader import LoadedModel
+from decodekit.runtime.loader import LoadedModel, load_model
 from decodekit.runtime.tree import Tree, attention_mask
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="AVX2/FMA kernels unavailable here")
@@ -61,10 +63,28 @@ def test_a_query_depends_only_on_what_it_sees_in_order() -> None:
     assert torch.equal(out2[1, 0, 4], alone[0, 0, 0])
 
 
+@pytest.mark.parametrize("d", cpu.ATTENTION_HEAD_DIMS)
+def test_bfloat16_computes_as_its_float32_widening(d: int) -> None:
+    """bf16 -> float32 is exact: bf16 q, k, v give bitwise the float32 kernel's output on their float32 copies,
+    rounded to bf16 once."""
+    g = torch.Generator().manual_seed(d)
+    n, width = 5, 300
+    q = torch.randn(2, n, 6, d, generator=g).bfloat16().transpose(1, 2)
+    k, v = torch.randn(2, 2, 2, width, d, generator=g).bfloat16()
+    mask = torch.rand(2, 1, n, width, generator=g) < 0.6
+    mask[..., 0] = True
+    for m in (mask, None):
+        out = cpu.attention(q, k, v, m)
+        assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+        assert torch.equal(out, cpu.attention(q.float(), k.float(), v.float(), m).bfloat16())
+
+
 def test_rejects_bad_input() -> None:
     q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 4, 64)
     with pytest.raises(ValueError):
         cpu.attention(q.double(), k, k, None)
+    with pytest.raises(ValueError):  # one dtype for all three
+        cpu.attention(q.bfloat16(), k, k, None)
     with pytest.raises(ValueError):
         cpu.attention(torch.randn(1, 2, 1, 48), torch.randn(1, 1, 4, 48), torch.randn(1, 1, 4, 48), None)
     with pytest.raises(ValueError):
@@ -73,10 +93,17 @@ def test_rejects_bad_input() -> None:
         cpu.attention(torch.randn(1, 3, 1, 64), torch.randn(1, 2, 4, 64), torch.randn(1, 2, 4, 64), None)
 
 
-def test_tree_logits_are_bitwise_those_of_plain_decoding(default_model: LoadedModel) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tree_logits_are_bitwise_those_of_plain_decoding(default_model: LoadedModel, dtype: str) -> None:
     """A chain of 10 tokens scored in one forward over a cache past torch's 512-slot attention blocks gets
-    bitwise the logits of decoding them one by one (torch's attention differs here by ~5e-5)."""
-    transformer = default_model.transformer
+    bitwise the logits of decoding them one by one (torch's attention differs here by ~5e-5), in float32 and in
+    bfloat16 (where torch's matmuls and attention flip near-ties between tree and plain decoding)."""
+    model = (
+        default_model
+        if dtype == "float32"
+        else load_model(None, dtype=dtype, cache_dir=os.environ.get("DECODEKIT_CACHE"))
+    )
+    transformer = model.transformer
     assert transformer.blocks[0].cpu_attention
     g = torch.Generator().manual_seed(1)
     prefix = 700

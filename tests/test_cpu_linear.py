@@ -1,6 +1,6 @@
 """The small-M kernel (decodekit.runtime.cpu.linear): agrees with F.linear, and each output row is bitwise
 independent of the other rows, of M, of the thread count (plain decoding vs tree verification) and of the ISA
-path (AVX2 or AVX-512) that computes it."""
+path (AVX2 or AVX-512) that computes it; bfloat16 weights compute exactly as their float32 widening."""
 
 from __future__ import annotations
 
@@ -82,6 +82,36 @@ def test_avx2_and_avx512_give_the_same_bits(n: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("k", "n"), [(576, 1000), (1536, 576), (13, 7)])
+def test_bfloat16_weights_compute_as_their_float32_widening(k: int, n: int, isa: str) -> None:
+    """bf16 -> float32 is exact, so a bf16 weight gives bitwise the float32 kernel's sums on its widened copy;
+    with bf16 x the result is those sums rounded to bf16 once (after the bias)."""
+    g = torch.Generator().manual_seed(k + n)
+    w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    packed, widened = cpu.pack(w), cpu.pack(w.float())
+    assert packed.data.dtype == torch.bfloat16
+    for m in (1, 5, 12, 13, 30):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        for bias in (None, b):
+            wide_bias = None if bias is None else bias.float()
+            exact = cpu.linear(x.float(), widened, wide_bias, isa)
+            assert torch.equal(cpu.linear(x.float(), packed, bias, isa), exact)
+            y = cpu.linear(x, packed, bias, isa)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, exact.bfloat16())
+            singles = torch.cat([cpu.linear(x[i : i + 1], packed, bias, isa) for i in range(m)])
+            assert torch.equal(y, singles)  # rows independent of the batch, as in float32
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512")
+def test_bfloat16_weights_give_the_same_bits_on_avx2_and_avx512() -> None:
+    g = torch.Generator().manual_seed(11)
+    packed = cpu.pack(torch.randn(40, 576, generator=g).bfloat16())
+    x = torch.randn(13, 576, generator=g).bfloat16()
+    assert torch.equal(cpu.linear(x, packed, isa="avx2"), cpu.linear(x, packed, isa="avx512"))
+
+
+@needs_kernel
 def test_rows_do_not_depend_on_the_thread_count() -> None:
     g = torch.Generator().manual_seed(7)
     w = torch.randn(3072, 576, generator=g)
@@ -120,6 +150,8 @@ def test_rejects_other_dtypes() -> None:
         cpu.linear(torch.randn(2, 8, dtype=torch.float64), w)
     with pytest.raises(ValueError):
         cpu.pack(w.half())
+    with pytest.raises(ValueError):  # bf16 x needs a bf16 weight
+        cpu.linear(torch.randn(2, 8).bfloat16(), w)
     with pytest.raises(ValueError):
         cpu.linear(torch.randn(2, 9), w)
     with pytest.raises(ValueError):

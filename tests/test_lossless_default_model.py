@@ -1,4 +1,5 @@
-"""Lossless on the real default model (float32): every method == plain greedy == transformers' greedy.
+"""Lossless on the real default model (float32, and bfloat16 through the CPU kernels): every method == plain
+greedy == transformers' greedy (float32).
 
 These run SmolLM2-135M for 128 tokens on 24 prompts per method and take a few minutes each on a 2-core CPU.
 """
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from decodekit import Engine
 from decodekit.drafters import METHODS
 from decodekit.prompts import builtin_questions
+from decodekit.runtime import cpu
+from decodekit.runtime.loader import load_model
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 128
@@ -86,6 +89,19 @@ def test_second_turns_equal_plain_greedy(default_model, method):
             ]
             outputs[name] = (first.token_ids, engine.generate(history, max_new_tokens=NEW_TOKENS).token_ids)
         assert outputs[method] == outputs["ar"]
+
+
+@pytest.mark.skipif(not cpu.available(), reason="bfloat16 is bitwise tree-safe only through our CPU kernels")
+def test_bfloat16_methods_equal_plain_greedy(default_model):
+    """In bfloat16 too (weights and activations), through the CPU kernels: every row is computed as if alone, so
+    a tree flips no near-tie; one prompt per task, and an edit-like one."""
+    bf16 = load_model(default_model.path, dtype="bfloat16")
+    prompts = PROMPTS[::4] + EDIT_PROMPTS[:1]
+    plain_bf16 = Engine(bf16, "ar")
+    expected = [plain_bf16.generate(p, max_new_tokens=64).token_ids for p in prompts]
+    for method in ("recycling", "suffix", "hybrid", "lookahead", "aggressive"):
+        engine = Engine(bf16, method)
+        assert [engine.generate(p, max_new_tokens=64).token_ids for p in prompts] == expected, method
 
 
 @pytest.mark.parametrize("method", ["recycling:tree=published", "recycling:seed_prompt=0,tree=8,k=4"])

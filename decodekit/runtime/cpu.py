@@ -1,4 +1,4 @@
-"""Hand-written float32 CPU kernels for the decode hot path (``kernels/*.cpp``, one torch extension).
+"""Hand-written CPU kernels for the decode hot path (``kernels/*.cpp``, one torch extension).
 
 A decode step pushes a few rows (1 for plain decoding, 8-81 for a draft tree) through every weight matrix and
 over the whole KV cache. Torch's kernels are built for many rows; these two are built for few, and for one
@@ -10,12 +10,14 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   its own layout: ``pack(w)`` once (at load time, like oneDNN's reorder), then ``linear(x, packed)``::
 
       packed = cpu.pack(layer.weight)        # PackedWeight, same memory as the weight (+ padding)
-      y = cpu.linear(x, packed, layer.bias)  # x [..., K] -> y [..., N], float32
+      y = cpu.linear(x, packed, layer.bias)  # x [..., K] -> y [..., N]
 
   Each ``y[m, n]`` is ``fma``-accumulated over ``k = 0 .. K-1`` in order in one float32 accumulator, then
   ``+ bias[n]``. (Not bitwise ``torch.nn.functional.linear``, which sums in another order; equal to float32
-  rounding.)
-- ``attention`` (``attention.cpp``, AVX2 + FMA): a few queries over the cache, each query on its own: its
+  rounding.) A bfloat16 weight streams half the bytes and is widened to float32 exactly as it is read, so the
+  same holds; with bfloat16 x, y is bfloat16, rounded once from that float32 result.
+- ``attention`` (``attention.cpp``, AVX2 + FMA; float32 or bfloat16, computed in float32): a few queries over
+  the cache, each query on its own: its
   visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
   on the keys and values it sees, in slot order. The heads of a group share each key and value load; for 1-10
   queries it takes 10-40% less time than torch's CPU flash attention, about the same at 64.
@@ -53,7 +55,7 @@ _state: bool | None = None  # None: not tried yet
 
 class PackedWeight(NamedTuple):
     """A weight ``w [n, k]`` in the kernel's layout: ``data [ceil(n / 16), k, 16]``, ``data[p, j, i] = w[16p + i, j]``
-    (rows past ``n`` are zero)."""
+    (rows past ``n`` are zero), of w's dtype."""
 
     data: torch.Tensor
     n: int
@@ -131,10 +133,15 @@ def _ops():  # the torch.ops namespace of the extension
     return getattr(torch.ops, NAME)
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def pack(w: torch.Tensor) -> PackedWeight:
-    """Pack a float32 CPU weight ``w [N, K]`` (``nn.Linear.weight`` layout) for ``linear``."""
-    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
-        raise ValueError(f"cpu.pack: need a float32 CPU [N, K] weight, got {w.dtype} {tuple(w.shape)} on {w.device}")
+    """Pack a float32 or bfloat16 CPU weight ``w [N, K]`` (``nn.Linear.weight`` layout) for ``linear``."""
+    if w.dim() != 2 or w.dtype not in WEIGHT_DTYPES or w.device.type != "cpu":
+        raise ValueError(
+            f"cpu.pack: need a float32 or bfloat16 CPU [N, K] weight, got {w.dtype} {tuple(w.shape)} on {w.device}"
+        )
     return PackedWeight(_ops().pack(w.detach()), w.shape[0], w.shape[1])
 
 
@@ -146,19 +153,23 @@ def has_avx512() -> bool:
 def linear(
     x: torch.Tensor, w: PackedWeight | torch.Tensor, bias: torch.Tensor | None = None, isa: str = "auto"
 ) -> torch.Tensor:
-    """``x @ w.T + bias`` for float32 CPU tensors: x ``[..., K]``, w ``PackedWeight`` of ``[N, K]`` (or the raw
-    ``[N, K]`` weight, packed on every call: fine for tests, slow in a loop), bias ``[N]`` or None; returns
-    ``[..., N]``. Row ``i`` of the result depends only on row ``i`` of x (bitwise; see the module docstring).
-    ``isa``: ``"auto"`` (AVX-512 where the CPU has it), ``"avx2"`` or ``"avx512"``; every choice gives the same
-    bits.
+    """``x @ w.T + bias`` on CPU tensors: x ``[..., K]``, w ``PackedWeight`` of ``[N, K]`` (or the raw ``[N, K]``
+    weight, packed on every call: fine for tests, slow in a loop), bias ``[N]`` or None; returns ``[..., N]`` of
+    x's dtype. x is float32, or bfloat16 with a bfloat16 weight; the bias float32 or bfloat16. Row ``i`` of the
+    result depends only on row ``i`` of x (bitwise; see the module docstring). ``isa``: ``"auto"`` (AVX-512
+    where the CPU has it), ``"avx2"`` or ``"avx512"``; every choice gives the same bits.
     """
     packed = w if isinstance(w, PackedWeight) else pack(w)
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != packed.k:
+    x_dtypes = (torch.float32, packed.data.dtype)
+    if x.dtype not in x_dtypes or x.device.type != "cpu" or x.shape[-1] != packed.k:
         raise ValueError(
-            f"cpu.linear: need float32 CPU x [..., {packed.k}], got {x.dtype} {tuple(x.shape)} on {x.device}"
+            f"cpu.linear: need CPU x [..., {packed.k}] of {' or '.join(map(str, set(x_dtypes)))}, "
+            f"got {x.dtype} {tuple(x.shape)} on {x.device}"
         )
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (packed.n,)):
-        raise ValueError(f"cpu.linear: need a float32 bias [{packed.n}], got {bias.dtype} {tuple(bias.shape)}")
+    if bias is not None and (bias.dtype not in WEIGHT_DTYPES or bias.shape != (packed.n,)):
+        raise ValueError(
+            f"cpu.linear: need a float32 or bfloat16 bias [{packed.n}], got {bias.dtype} {tuple(bias.shape)}"
+        )
     if isa not in ("auto", "avx2", "avx512"):
         raise ValueError(f"cpu.linear: isa must be auto, avx2 or avx512, not {isa!r}")
     x2 = x.reshape(-1, packed.k).contiguous()
@@ -173,15 +184,20 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
     """``softmax(scale * q k^T, masked) v`` per query, as ``F.scaled_dot_product_attention`` with a bool
-    ``attn_mask`` and grouped queries: q ``[B, H, n, d]``, k and v ``[B, G, W, d]`` (H a multiple of G, d in
+    ``attn_mask`` and grouped queries: q ``[B, H, n, d]``, k and v ``[B, G, W, d]`` (all float32 or all bfloat16,
+    computed in float32; H a multiple of G, d in
     ``ATTENTION_HEAD_DIMS``, unit stride in d: cache views are fine), mask bool ``[B, 1, n, W]`` (True = may
-    attend) or None (all); scale defaults to ``d ** -0.5``. Returns ``[B, H, n, d]``, a transposed view of a
-    contiguous ``[B, n, H, d]`` (so ``.transpose(1, 2).reshape(B, n, H * d)`` does not copy). Query ``(b, h, r)``
-    is bitwise a function of its own visible keys and values in slot order (see the module docstring).
+    attend) or None (all); scale defaults to ``d ** -0.5``. Returns ``[B, H, n, d]`` of q's dtype, a transposed
+    view of a contiguous ``[B, n, H, d]`` (so ``.transpose(1, 2).reshape(B, n, H * d)`` does not copy). Query
+    ``(b, h, r)`` is bitwise a function of its own visible keys and values in slot order (see the module
+    docstring).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4:
-            raise ValueError(f"cpu.attention: {name} must be a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)}")
+        if t.dtype not in WEIGHT_DTYPES or t.dtype != q.dtype or t.device.type != "cpu" or t.dim() != 4:
+            raise ValueError(
+                f"cpu.attention: {name} must be a 4-d float32 or bfloat16 CPU tensor of q's dtype, "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
     if q.shape[-1] not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"cpu.attention: head_dim must be one of {ATTENTION_HEAD_DIMS}, not {q.shape[-1]}")
     if mask is not None and mask.dtype != torch.bool:

@@ -28,8 +28,8 @@ def onednn_available() -> bool:
 
 
 def cpu_linear_backend() -> str:
-    """The packed backend for CPU float32 linears: ``$DECODEKIT_LINEAR`` if set (small_gemm, onednn, torch),
-    else our AVX2 kernel where it builds, else oneDNN where present, else plain torch."""
+    """The packed backend for CPU linears: ``$DECODEKIT_LINEAR`` if set (small_gemm, onednn, torch), else our
+    kernel where it builds, else oneDNN where present (float32 only), else plain torch."""
     choice = os.environ.get("DECODEKIT_LINEAR")
     if choice:
         if choice not in ("small_gemm", "onednn", "torch"):
@@ -41,7 +41,7 @@ def cpu_linear_backend() -> str:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can hand its weight to a packed CPU float32 backend.
+    """``nn.Linear`` that can hand its weight to a packed CPU backend (float32; small_gemm also bfloat16).
 
     Both packed backends compute a row's output the same way whatever the number of rows, so a token scored in
     a tree gets bitwise the logits it gets alone. One backend serves every call of a model: the two sum in
@@ -92,7 +92,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-# Queries up to which a float32 CPU block uses cpu.attention (a row's output independent of the other rows),
+# Queries up to which a CPU block uses cpu.attention (a row's output independent of the other rows),
 # past which torch's flash attention (faster for a long prompt's prefill). Every decode step stays under it:
 # drafts are at most 256 nodes (decodekit.drafters.base.MAX_DRAFT_NODES).
 KERNEL_ATTENTION_MAX_QUERIES = 256
@@ -160,13 +160,17 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def prepare(self) -> Transformer:
-        """Final step after loading: on CPU in float32, pack every linear weight for the fastest backend and
-        use the decode attention kernel where it builds."""
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        """Final step after loading: on CPU in float32 or bfloat16, pack every linear weight for the fastest
+        backend (in bfloat16: our kernel where it builds, else torch's) and use the decode attention kernel where
+        it builds."""
+        if self.device.type == "cpu" and self.dtype in cpu.WEIGHT_DTYPES:
+            float32 = self.dtype == torch.float32
             use_kernel = cpu.available() and self.cfg.head_dim in cpu.ATTENTION_HEAD_DIMS
             for block in self.blocks:
                 block.cpu_attention = use_kernel
             backend = cpu_linear_backend()
+            if not float32 and backend != "small_gemm":
+                backend = "torch"
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.pack(backend, keep_weight=module is self.lm_head and self.cfg.tie_embeddings)

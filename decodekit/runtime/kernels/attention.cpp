@@ -1,4 +1,6 @@
-// Attention of a few queries (a decode step, a draft tree) over a float32 KV cache, on AVX2 + FMA CPUs.
+// Attention of a few queries (a decode step, a draft tree) over a float32 or bfloat16 KV cache, on AVX2 + FMA
+// CPUs. bfloat16 keys and values are widened to float32 as they are loaded (exact), bfloat16 queries before;
+// the arithmetic below is float32 either way and the output is rounded to the queries' dtype once.
 //
 // out[b, h, r] = softmax(scale * q[b, h, r] . k[b, g, j]) @ v[b, g, j] over the slots j that query r may see
 // (mask[b, 0, r, j], all slots when there is no mask), with g = h / (heads / kv_heads) (grouped queries).
@@ -20,6 +22,7 @@
 #include <torch/library.h>
 
 #include "registration.h"
+#include "widen.h"
 
 #include <immintrin.h>
 
@@ -60,20 +63,20 @@ inline float hsum8(__m256 v) {
 // s[r][0..4) = scale * (q[r] . key[i]) for R rows of q and 4 keys of C * 8 floats, the keys loaded once for
 // all rows. Each dot is hsum8 of the per-lane fma chain (lane l: q[l] k[l], then fma over l + 8, l + 16, ...),
 // whatever R is and wherever the key sits among the 4.
-template <int C, int R>
-inline void dot4(const float* const* q, const float* const* key, float scale, float* const* s) {
+template <int C, int R, typename T>
+inline void dot4(const float* const* q, const T* const* key, float scale, float* const* s) {
   __m256 acc[R][4];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m256 q0 = _mm256_loadu_ps(q[r]);
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_mul_ps(q0, _mm256_loadu_ps(key[i]));
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_mul_ps(q0, load8(key[i]));
   }
 #pragma GCC unroll 16
   for (int c = 1; c < C; ++c) {
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      const __m256 kc = _mm256_loadu_ps(key[i] + 8 * c);
+      const __m256 kc = load8(key[i] + 8 * c);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) acc[r][i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + 8 * c), kc, acc[r][i]);
     }
@@ -116,13 +119,13 @@ struct Visible {
 struct Scratch {
   Visible visible;
   std::vector<float> p;     // per row: scores, then probabilities (padded to a multiple of 8)
-  std::vector<float> zero;  // a zero key for padding the last group of keys
+  std::vector<float> zero;  // a zero key for padding the last group of keys (all bits zero: float or bf16)
 };
 
 // R heads of one query (they share its visible slots): q[r] [C * 8], keys/values rows at k + j * ks,
 // v + j * vs for the slots j in sc.visible; writes out[r] [C * 8]. Each head's result is what it would be alone.
-template <int C, int R>
-void heads_of_query(const float* const* q, const float* k, int64_t ks, const float* v, int64_t vs, float scale,
+template <int C, int R, typename T>
+void heads_of_query(const float* const* q, const T* k, int64_t ks, const T* v, int64_t vs, float scale,
                     float* const* out, Scratch& sc) {
   const Visible& vis = sc.visible;
   const int64_t cnt = vis.count();
@@ -135,10 +138,11 @@ void heads_of_query(const float* const* q, const float* k, int64_t ks, const flo
   sc.zero.assign(8 * C, 0.0f);
   float* p[R];
   for (int r = 0; r < R; ++r) p[r] = sc.p.data() + r * padded;
-  const float* key[4];
+  const T* key[4];
+  const T* zero = reinterpret_cast<const T*>(sc.zero.data());
   float* s[R];
   for (int64_t t = 0; t < padded; t += 4) {
-    for (int i = 0; i < 4; ++i) key[i] = t + i < cnt ? k + vis.slot(t + i) * ks : sc.zero.data();
+    for (int i = 0; i < 4; ++i) key[i] = t + i < cnt ? k + vis.slot(t + i) * ks : zero;
     for (int r = 0; r < R; ++r) s[r] = p[r] + t;
     dot4<C, R>(q, key, scale, s);
   }
@@ -168,10 +172,10 @@ void heads_of_query(const float* const* q, const float* k, int64_t ks, const flo
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
-    auto add_value = [&](int64_t t, const float* row) __attribute__((always_inline)) {
+    auto add_value = [&](int64_t t, const T* row) __attribute__((always_inline)) {
       __m256 vc[4];
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) vc[c] = _mm256_loadu_ps(row + 8 * (c0 + c));
+      for (int c = 0; c < 4; ++c) vc[c] = load8(row + 8 * (c0 + c));
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const __m256 pt = _mm256_broadcast_ss(p[r] + t);
@@ -190,8 +194,8 @@ void heads_of_query(const float* const* q, const float* k, int64_t ks, const flo
 
 constexpr int HEADS_PER_TASK = 3;  // R: 3 x 4 dot accumulators and 3 x 4 value accumulators fit 16 ymm
 
-template <int C>
-void heads_any(int R, const float* const* q, const float* k, int64_t ks, const float* v, int64_t vs, float scale,
+template <int C, typename T>
+void heads_any(int R, const float* const* q, const T* k, int64_t ks, const T* v, int64_t vs, float scale,
                float* const* out, Scratch& sc) {
   static_assert(HEADS_PER_TASK == 3, "heads_any instantiates 1 .. 3 heads");
   switch (R) {
@@ -201,14 +205,12 @@ void heads_any(int R, const float* const* q, const float* k, int64_t ks, const f
   }
 }
 
-// q [B, H, n, d], k and v [B, G, W, d] (each with unit stride in d), mask bool [B, 1, n, W] or none;
-// returns [B, H, n, d] (a view of a contiguous [B, n, H, d] buffer, so that .transpose(1, 2) is contiguous).
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-d");
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->stride(3) == 1,
-                "attention: q, k, v must be float32 CPU tensors, contiguous in the last dimension");
+// q [B, H, n, d], k and v [B, G, W, d] (each with unit stride in d; all float32 or all bfloat16), mask bool
+// [B, 1, n, W] or none; returns [B, H, n, d] of q's dtype (a view of a contiguous [B, n, H, d] buffer, so that
+// .transpose(1, 2) is contiguous).
+template <typename T>
+at::Tensor attention_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mask, double scale) {
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), G = k.size(1), W = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == G && v.size(2) == W && k.size(3) == d &&
                   v.size(3) == d && G > 0 && H % G == 0,
@@ -223,8 +225,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 "attention: mask must be bool [B, 1, n, W]");
     mp = m.data_ptr<bool>();
   }
-  at::Tensor out = at::empty({B, n, H, d}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const at::Tensor qf = q.to(at::kFloat);  // exact for bfloat16; q itself for float32
+  at::Tensor out = at::empty({B, n, H, d}, qf.options());
+  const float* qp = qf.data_ptr<float>();
+  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / G, blocks = (group + HEADS_PER_TASK - 1) / HEADS_PER_TASK;
   const float sc = static_cast<float>(scale);
@@ -239,19 +243,32 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const int64_t h0 = g * group + blk * HEADS_PER_TASK;
       const int R = static_cast<int>(std::min<int64_t>(HEADS_PER_TASK, (g + 1) * group - h0));
       for (int i = 0; i < R; ++i) {
-        qr[i] = qp + b * q.stride(0) + (h0 + i) * q.stride(1) + r * q.stride(2);
+        qr[i] = qp + b * qf.stride(0) + (h0 + i) * qf.stride(1) + r * qf.stride(2);
         o[i] = op + ((b * n + r) * H + h0 + i) * d;
       }
       scratch.visible.assign(mp != nullptr ? mp + (b * n + r) * W : nullptr, W);
-      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
+      const T* kb = kp + b * k.stride(0) + g * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + g * v.stride(1);
       if (d == 64)
         heads_any<8>(R, qr, kb, k.stride(2), vb, v.stride(2), sc, o, scratch);
       else
         heads_any<16>(R, qr, kb, k.stride(2), vb, v.stride(2), sc, o, scratch);
     }
   });
-  return out.transpose(1, 2);
+  return out.to(q.scalar_type()).transpose(1, 2);  // rounded once for bfloat16
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-d");
+  const at::ScalarType dtype = q.scalar_type();
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->stride(3) == 1 &&
+                    (dtype == at::kFloat || dtype == at::kBFloat16),
+                "attention: q, k, v must be float32 or bfloat16 CPU tensors of one dtype, contiguous in the last "
+                "dimension");
+  return dtype == at::kBFloat16 ? attention_of<c10::BFloat16>(q, k, v, mask, scale)
+                                : attention_of<float>(q, k, v, mask, scale);
 }
 
 }  // namespace

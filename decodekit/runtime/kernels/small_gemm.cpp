@@ -21,6 +21,11 @@
 // (one lane of one accumulator, k in order, one rounding per fma, then one float add for the bias). So plain
 // decoding (M = 1) and tree verification (M = 24) give bitwise identical rows, on AVX2 and AVX-512 alike.
 // Build without -ffast-math.
+//
+// Weights may also be bfloat16 (half the bytes to stream): pack(w) keeps w's dtype, and each panel load widens
+// its 16 weights to float32 exactly (a bf16 is the top half of a float32), so the fma sequence above, and the
+// invariant, hold unchanged. bfloat16 x is widened to float32 before the tiles; y is rounded to x's dtype once,
+// after the bias.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +34,7 @@
 #include <torch/library.h>
 
 #include "registration.h"
+#include "widen.h"
 
 #include <immintrin.h>
 
@@ -59,14 +65,14 @@ struct Prefetch {
 };
 
 // MB rows of x (row stride K) against one panel: y[j, i] for j < MB, i < nvalid (row stride ldy).
-template <int MB>
-inline void tile(const float* __restrict x, int64_t K, const float* __restrict panel, float* __restrict y,
+template <int MB, typename W>
+inline void tile(const float* __restrict x, int64_t K, const W* __restrict panel, float* __restrict y,
                  int64_t ldy, const float* __restrict bias, int nvalid, Prefetch& pf) {
   __m256 a0[MB], a1[MB];
 #pragma GCC unroll 8
   for (int j = 0; j < MB; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
   auto step = [&](int64_t k) __attribute__((always_inline)) {
-    const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8);
+    const __m256 w0 = load8(panel + k * NR), w1 = load8(panel + k * NR + 8);
 #pragma GCC unroll 8
     for (int j = 0; j < MB; ++j) {
       const __m256 xb = _mm256_broadcast_ss(x + j * K + k);
@@ -106,7 +112,8 @@ inline void tile(const float* __restrict x, int64_t K, const float* __restrict p
 }
 
 // mb in 1 .. MR
-inline void tile_any(int mb, const float* x, int64_t K, const float* panel, float* y, int64_t ldy,
+template <typename W>
+inline void tile_any(int mb, const float* x, int64_t K, const W* panel, float* y, int64_t ldy,
                      const float* bias, int nvalid, Prefetch& pf) {
   static_assert(MR == 6, "tile_any instantiates tiles of 1 .. 6 rows");
   switch (mb) {
@@ -120,8 +127,9 @@ inline void tile_any(int mb, const float* x, int64_t K, const float* panel, floa
 }
 
 // Panels [p0, p1) against all of x, AVX2.
-void panels_avx2(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias, float* y,
-            int64_t p0, int64_t p1) {
+template <typename W>
+void panels_avx2(const float* x, int64_t M, int64_t K, const W* wp, int64_t N, const float* bias, float* y,
+                 int64_t p0, int64_t p1) {
   const int64_t npanels = (N + NR - 1) / NR;
   const char* wend = reinterpret_cast<const char*>(wp + npanels * K * NR);
   const int64_t tiles = (M + MR - 1) / MR;
@@ -129,9 +137,9 @@ void panels_avx2(const float* x, int64_t M, int64_t K, const float* wp, int64_t 
   // read once, as a plain sequential stream, which the hardware prefetcher handles best on its own.
   const int rate = M >= 2 ? static_cast<int>((4 + tiles - 1) / tiles) : 0;
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = wp + p * K * NR;
+    const W* panel = wp + p * K * NR;
     const char* next = reinterpret_cast<const char*>(panel + K * NR);
-    Prefetch pf{next, std::min(next + K * NR * 4, wend), rate};
+    Prefetch pf{next, std::min(next + K * NR * sizeof(W), wend), rate};
     const int64_t n = p * NR;
     const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - n));
     const float* b = bias != nullptr ? bias + n : nullptr;
@@ -149,8 +157,8 @@ void panels_avx2(const float* x, int64_t M, int64_t K, const float* wp, int64_t 
 constexpr int MR512 = 12;  // most x rows per tile: 2 * MR512 = 24 zmm accumulators (+ 2 panel + broadcasts)
 
 // MB rows of x against P (1 or 2) adjacent panels: y[j, i] for j < MB, i < nvalid (P * 16 at most).
-template <int MB, int P>
-SG_AVX512 void tile512(const float* __restrict x, int64_t K, const float* __restrict panel, float* __restrict y,
+template <int MB, int P, typename W>
+SG_AVX512 void tile512(const float* __restrict x, int64_t K, const W* __restrict panel, float* __restrict y,
                        int64_t ldy, const float* __restrict bias, int nvalid) {
   __m512 acc[P][MB];
 #pragma GCC unroll 2
@@ -161,7 +169,7 @@ SG_AVX512 void tile512(const float* __restrict x, int64_t K, const float* __rest
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[P];
 #pragma GCC unroll 2
-    for (int p = 0; p < P; ++p) w[p] = _mm512_loadu_ps(panel + p * K * NR + k * NR);
+    for (int p = 0; p < P; ++p) w[p] = load16(panel + p * K * NR + k * NR);
 #pragma GCC unroll 12
     for (int j = 0; j < MB; ++j) {
       const __m512 xb = _mm512_set1_ps(x[j * K + k]);
@@ -180,18 +188,21 @@ SG_AVX512 void tile512(const float* __restrict x, int64_t K, const float* __rest
   }
 }
 
-using Tile512 = void (*)(const float*, int64_t, const float*, float*, int64_t, const float*, int);
-template <int P, size_t... I>
-constexpr std::array<Tile512, sizeof...(I)> tiles512(std::index_sequence<I...>) {
-  return {&tile512<static_cast<int>(I) + 1, P>...};
+template <typename W>
+using Tile512 = void (*)(const float*, int64_t, const W*, float*, int64_t, const float*, int);
+template <int P, typename W, size_t... I>
+constexpr std::array<Tile512<W>, sizeof...(I)> tiles512(std::index_sequence<I...>) {
+  return {&tile512<static_cast<int>(I) + 1, P, W>...};
 }
 // [P - 1][MB - 1]
-const std::array<Tile512, MR512> kTile512[2] = {tiles512<1>(std::make_index_sequence<MR512>()),
-                                                tiles512<2>(std::make_index_sequence<MR512>())};
+template <typename W>
+const std::array<Tile512<W>, MR512> kTile512[2] = {tiles512<1, W>(std::make_index_sequence<MR512>()),
+                                                   tiles512<2, W>(std::make_index_sequence<MR512>())};
 
 // Panels [p0, p1) against all of x, AVX-512. The rows go in balanced blocks (M = 16: two of 8, not 12 + 4).
 // No software prefetch: two sequential streams per thread are what the hardware prefetcher does best.
-SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
+template <typename W>
+SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const W* wp, int64_t N, const float* bias,
                              float* y, int64_t p0, int64_t p1) {
   const int64_t blocks = (M + MR512 - 1) / MR512;
   const int64_t mr = (M + blocks - 1) / blocks;
@@ -201,7 +212,7 @@ SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const float* 
     const int nvalid = static_cast<int>(std::min<int64_t>(np * NR, N - n));
     for (int64_t m = 0; m < M; m += mr) {
       const int64_t mb = std::min(mr, M - m);
-      kTile512[np - 1][mb - 1](x + m * K, K, wp + p * K * NR, y + m * N + n, N,
+      kTile512<W>[np - 1][mb - 1](x + m * K, K, wp + p * K * NR, y + m * N + n, N,
                                bias != nullptr ? bias + n : nullptr, nvalid);
     }
   }
@@ -209,65 +220,82 @@ SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const float* 
 
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
 
-const float* check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                  bias->size(0) == N && bias->is_contiguous(),
-              "small_gemm: bias must be a contiguous float32 [N] CPU tensor");
-  return bias->data_ptr<float>();
-}
+bool is_weight_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
-// w [N, K] -> wp [ceil(N / 16), K, 16], rows past N zero.
-at::Tensor pack(const at::Tensor& w) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2,
-              "small_gemm.pack: w must be a float32 [N, K] CPU tensor");
-  const at::Tensor wc = w.contiguous();
-  const int64_t N = w.size(0), K = w.size(1), np = (N + NR - 1) / NR;
-  at::Tensor out = at::zeros({np, K, NR}, w.options());
-  const float* src = wc.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+template <typename T>
+void pack_panels(const T* src, T* dst, int64_t N, int64_t K) {
+  at::parallel_for(0, (N + NR - 1) / NR, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t i = 0; i < NR && p * NR + i < N; ++i) {
-        const float* row = src + (p * NR + i) * K;
-        float* col = dst + p * K * NR + i;
+        const T* row = src + (p * NR + i) * K;
+        T* col = dst + p * K * NR + i;
         for (int64_t k = 0; k < K; ++k) col[k * NR] = row[k];
       }
   });
+}
+
+// w [N, K] -> wp [ceil(N / 16), K, 16] of w's dtype (float32 or bfloat16), rows past N zero.
+at::Tensor pack(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && is_weight_dtype(w.scalar_type()) && w.dim() == 2,
+              "small_gemm.pack: w must be a float32 or bfloat16 [N, K] CPU tensor");
+  const at::Tensor wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor out = at::zeros({(N + NR - 1) / NR, K, NR}, w.options());
+  if (w.scalar_type() == at::kBFloat16)
+    pack_panels(wc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), N, K);
+  else
+    pack_panels(wc.data_ptr<float>(), out.data_ptr<float>(), N, K);
   return out;
 }
 
 // x [M, K] @ w.T (+ bias) with wp = pack(w) and n = w.size(0); isa: "auto" (AVX-512 where the CPU has it),
-// "avx2" or "avx512" (all give bitwise the same y).
+// "avx2" or "avx512" (all give bitwise the same y). x and y are float32 with float32 weights; with bfloat16
+// weights, float32 or bfloat16 (y has x's dtype); bias float32 or bfloat16.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const std::optional<at::Tensor>& bias,
                   std::string_view isa) {
   TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512",
               "small_gemm.linear: isa must be auto, avx2 or avx512");
   TORCH_CHECK(isa != "avx512" || has_avx512(), "small_gemm.linear: this CPU has no AVX-512");
   const bool wide = isa == "avx512" || (isa == "auto" && has_avx512());
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "small_gemm.linear: x must be a contiguous float32 [M, K] CPU tensor");
+  const bool bf16 = wp.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || (bf16 && x.scalar_type() == at::kBFloat16)),
+              "small_gemm.linear: x must be a contiguous [M, K] CPU tensor, float32 (or bfloat16 with bfloat16 "
+              "weights)");
   const int64_t M = x.size(0), K = x.size(1), N = n;
-  TORCH_CHECK(N >= 0 && wp.device().is_cpu() && wp.scalar_type() == at::kFloat && wp.is_contiguous() &&
+  TORCH_CHECK(N >= 0 && wp.device().is_cpu() && is_weight_dtype(wp.scalar_type()) && wp.is_contiguous() &&
                   wp.dim() == 3 && wp.size(0) == (N + NR - 1) / NR && wp.size(1) == K && wp.size(2) == NR,
               "small_gemm.linear: wp must be pack(w) of a [n, K] weight (x is [M, K])");
-  const float* b = check_bias(bias, N);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* w = wp.data_ptr<float>();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && is_weight_dtype(bias->scalar_type()) && bias->dim() == 1 &&
+                    bias->size(0) == N,
+                "small_gemm: bias must be a float32 or bfloat16 [N] CPU tensor");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const at::Tensor xf = x.to(at::kFloat);  // exact for bfloat16; x itself for float32
+  at::Tensor y = at::empty({M, N}, xf.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // Threads take whole panels (which thread computes a panel does not change any y[m, n]); a thread's share
-  // is at least ~256 KB of weights so that small matrices do not pay for waking the other threads.
+  // is at least ~256 KB of float32 weights so that small matrices do not pay for waking the other threads.
   const int64_t npanels = (N + NR - 1) / NR;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K * NR));
-  at::parallel_for(0, npanels, grain, [&](int64_t p0, int64_t p1) {
-    if (wide)
-      panels_avx512(xp, M, K, w, N, b, yp, p0, p1);
-    else
-      panels_avx2(xp, M, K, w, N, b, yp, p0, p1);
-  });
-  return y;
+  auto run = [&](const auto* w) {
+    at::parallel_for(0, npanels, grain, [&](int64_t p0, int64_t p1) {
+      if (wide)
+        panels_avx512(xp, M, K, w, N, bp, yp, p0, p1);
+      else
+        panels_avx2(xp, M, K, w, N, bp, yp, p0, p1);
+    });
+  };
+  if (bf16)
+    run(wp.data_ptr<c10::BFloat16>());
+  else
+    run(wp.data_ptr<float>());
+  return y.to(x.scalar_type());  // round to nearest even, once per output, for bfloat16 x
 }
 
 }  // namespace
