@@ -1,4 +1,4 @@
-// Small-M float32 GEMM for decoding on x86-64 CPUs: y[M, N] = x[M, K] @ w[N, K]^T (+ bias).
+// Small-M GEMM for decoding on x86-64 CPUs, float32 arithmetic: y[M, N] = x[M, K] @ w[N, K]^T (+ bias).
 //
 // Decoding multiplies a few rows of x (1 for plain decoding, 8-81 for a draft tree) by weights that are cold
 // in memory. This kernel streams the weights once, as one sequential stream per thread, and does all M rows
@@ -9,7 +9,7 @@
 //     rows, each block an outer-product register tile: per k, the panel's 16 floats are loaded and each x[m, k]
 //     is broadcast and fma'd into them. Two implementations, chosen at run time:
 //       - AVX2 + FMA: one panel at a time, blocks of up to 6 rows (6 x 16 floats in 12 ymm accumulators); the
-//         panel (64 bytes per k) stays in L1/L2 across the blocks while the next one is prefetched.
+//         panel (64 bytes per k in float32) stays in L1/L2 across the blocks while the next one is prefetched.
 //       - AVX-512 (where the CPU has it): two panels at a time, blocks of up to 12 rows (12 x 32 floats in 24
 //         of the 32 zmm registers). Up to 12 rows, each weight byte is read once and used for every row, so
 //         a tree of 2-12 nodes costs little more than one token while memory is the bound (on a Zen 4,
@@ -213,7 +213,7 @@ SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const W* wp, 
     for (int64_t m = 0; m < M; m += mr) {
       const int64_t mb = std::min(mr, M - m);
       kTile512<W>[np - 1][mb - 1](x + m * K, K, wp + p * K * NR, y + m * N + n, N,
-                               bias != nullptr ? bias + n : nullptr, nvalid);
+                                  bias != nullptr ? bias + n : nullptr, nvalid);
     }
   }
 }
