@@ -28,3 +28,9 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
         return load_model(None, dtype="float32", cache_dir=os.environ.get("DECODEKIT_CACHE"))
     except Exception as err:  # the default model is an install step; say so instead of erroring every test
         pytest.fail(f"default model unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def default_model_bf16(default_model: LoadedModel) -> LoadedModel:
+    """The default model's checkpoint in bfloat16."""
+    return load_model(default_model.path, dtype="bfloat16")

@@ -4,14 +4,11 @@ gives a token scored in a tree bitwise the logits it gets alone."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from decodekit.runtime import cpu
-from decodekit.runtime.loader import LoadedModel, load_model
 from decodekit.runtime.tree import Tree, attention_mask
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="AVX2/FMA kernels unavailable here")
@@ -94,15 +91,11 @@ def test_rejects_bad_input() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tree_logits_are_bitwise_those_of_plain_decoding(default_model: LoadedModel, dtype: str) -> None:
+def test_tree_logits_are_bitwise_those_of_plain_decoding(request: pytest.FixtureRequest, dtype: str) -> None:
     """A chain of 10 tokens scored in one forward over a cache past torch's 512-slot attention blocks gets
     bitwise the logits of decoding them one by one (torch's attention differs here by ~5e-5), in float32 and in
     bfloat16 (where torch's matmuls and attention flip near-ties between tree and plain decoding)."""
-    model = (
-        default_model
-        if dtype == "float32"
-        else load_model(None, dtype=dtype, cache_dir=os.environ.get("DECODEKIT_CACHE"))
-    )
+    model = request.getfixturevalue("default_model" if dtype == "float32" else "default_model_bf16")
     transformer = model.transformer
     assert transformer.blocks[0].cpu_attention
     g = torch.Generator().manual_seed(1)

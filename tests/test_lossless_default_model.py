@@ -15,7 +15,6 @@ from decodekit import Engine
 from decodekit.drafters import METHODS
 from decodekit.prompts import builtin_questions
 from decodekit.runtime import cpu
-from decodekit.runtime.loader import load_model
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 128
@@ -92,10 +91,10 @@ def test_second_turns_equal_plain_greedy(default_model, method):
 
 
 @pytest.mark.skipif(not cpu.available(), reason="bfloat16 is bitwise tree-safe only through our CPU kernels")
-def test_bfloat16_methods_equal_plain_greedy(default_model):
+def test_bfloat16_methods_equal_plain_greedy(default_model_bf16):
     """In bfloat16 too (weights and activations), through the CPU kernels: every row is computed as if alone, so
     a tree flips no near-tie; one prompt per task, and an edit-like one."""
-    bf16 = load_model(default_model.path, dtype="bfloat16")
+    bf16 = default_model_bf16
     prompts = PROMPTS[::4] + EDIT_PROMPTS[:1]
     plain_bf16 = Engine(bf16, "ar")
     expected = [plain_bf16.generate(p, max_new_tokens=64).token_ids for p in prompts]
