@@ -1,6 +1,7 @@
 """The small-M kernel (decodekit.runtime.cpu.linear): agrees with F.linear, and each output row is bitwise
 independent of the other rows, of M, of the thread count (plain decoding vs tree verification) and of the ISA
-path (AVX2 or AVX-512) that computes it; bfloat16 weights compute exactly as their float32 widening."""
+path (AVX2 or AVX-512) that computes it; bfloat16 weights compute exactly as their float32 widening, except on
+the AVX-512 BF16 path (bf16 pair products), whose rows are again independent of everything but themselves."""
 
 from __future__ import annotations
 
@@ -111,11 +112,38 @@ def test_bfloat16_weights_give_the_same_bits_on_avx2_and_avx512() -> None:
     assert torch.equal(cpu.linear(x, packed, isa="avx2"), cpu.linear(x, packed, isa="avx512"))
 
 
+needs_bf16_products = pytest.mark.skipif(
+    not (cpu.available() and cpu.has_avx512_bf16()), reason="this CPU has no AVX-512 BF16"
+)
+
+
+@needs_bf16_products
+@pytest.mark.parametrize(("k", "n"), [(576, 1000), (1536, 576), (13, 7), (577, 40)])
+def test_bfloat16_pair_products_rows_are_independent_of_the_batch(k: int, n: int) -> None:
+    """bf16 x and weights multiply as bf16 pairs (an odd K pads its last pair with zeros): close to the exact
+    product, each row bitwise the same alone or among any others, and what "auto" picks."""
+    g = torch.Generator().manual_seed(k * 7 + n)
+    w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    packed = cpu.pack(w)
+    big = torch.randn(130, k, generator=g).bfloat16()
+    for bias in (None, b):
+        singles = torch.cat([cpu.linear(big[i : i + 1], packed, bias, "avx512_bf16") for i in range(130)])
+        exact = reference(big.double(), w, bias)
+        assert singles.dtype == torch.bfloat16
+        # float32 sums (error ~ sqrt(K) ulps of float32), then one rounding to bf16 (2^-8 of the value)
+        torch.testing.assert_close(singles.double(), exact, rtol=2**-8, atol=1e-4 * k**0.5)
+        for m in (1, 2, 11, 12, 13, 16, 25, 130):
+            y = cpu.linear(big[:m], packed, bias, "avx512_bf16")
+            assert torch.equal(y, singles[:m]), m
+        assert torch.equal(cpu.linear(big[:9], packed, bias), singles[:9])  # "auto"
+
+
 @needs_kernel
-def test_rows_do_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_rows_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(3072, 576, generator=g)
-    x = torch.randn(24, 576, generator=g)
+    w = torch.randn(3072, 576, generator=g).to(dtype)
+    x = torch.randn(24, 576, generator=g).to(dtype)
     packed = cpu.pack(w)
     threads = torch.get_num_threads()
     try:
@@ -156,6 +184,9 @@ def test_rejects_other_dtypes() -> None:
         cpu.linear(torch.randn(2, 9), w)
     with pytest.raises(ValueError):
         cpu.linear(torch.randn(2, 8), w, isa="sse")
+    if cpu.has_avx512_bf16():
+        with pytest.raises(ValueError, match="bfloat16 x and weights"):
+            cpu.linear(torch.randn(2, 8), w, isa="avx512_bf16")
 
 
 def test_unavailable_without_avx2(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

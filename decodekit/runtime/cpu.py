@@ -15,7 +15,10 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   Each ``y[m, n]`` is ``fma``-accumulated over ``k = 0 .. K-1`` in order in one float32 accumulator, then
   ``+ bias[n]``. (Not bitwise ``torch.nn.functional.linear``, which sums in another order; equal to float32
   rounding.) A bfloat16 weight streams half the bytes and is widened to float32 exactly as it is read, so the
-  same holds; with bfloat16 x, y is bfloat16, rounded once from that float32 result.
+  same holds; with bfloat16 x, y is bfloat16, rounded once from that float32 result. Except where the CPU
+  has AVX-512 BF16 (Zen 4, Sapphire Rapids): there bfloat16 x and weights multiply as bf16 pairs
+  (``vdpbf16ps``, twice the fma rate, which is what bounds a tree of more than a few rows), so the sums differ
+  from the float32 kernel's in their last bits, while each row is still its own fixed sequence.
 - ``attention`` (``attention.cpp``, AVX2 + FMA; float32 or bfloat16, computed in float32): a few queries over
   the cache, each query on its own: its
   visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
@@ -150,14 +153,23 @@ def has_avx512() -> bool:
     return bool(_ops().has_avx512())
 
 
+def has_avx512_bf16() -> bool:
+    """True if the kernel multiplies bfloat16 x and weights as bf16 pairs on this CPU (AVX-512 BF16)."""
+    return bool(_ops().has_avx512_bf16())
+
+
+ISAS = ("auto", "avx2", "avx512", "avx512_bf16")
+
+
 def linear(
     x: torch.Tensor, w: PackedWeight | torch.Tensor, bias: torch.Tensor | None = None, isa: str = "auto"
 ) -> torch.Tensor:
     """``x @ w.T + bias`` on CPU tensors: x ``[..., K]``, w ``PackedWeight`` of ``[N, K]`` (or the raw ``[N, K]``
     weight, packed on every call: fine for tests, slow in a loop), bias ``[N]`` or None; returns ``[..., N]`` of
     x's dtype. x is float32, or bfloat16 with a bfloat16 weight; the bias float32 or bfloat16. Row ``i`` of the
-    result depends only on row ``i`` of x (bitwise; see the module docstring). ``isa``: ``"auto"`` (AVX-512
-    where the CPU has it), ``"avx2"`` or ``"avx512"``; every choice gives the same bits.
+    result depends only on row ``i`` of x (bitwise; see the module docstring). ``isa``: ``"auto"`` (the bf16
+    pair products for bfloat16 x and weights where the CPU has AVX-512 BF16, else AVX-512 where it has that),
+    ``"avx2"``, ``"avx512"`` (these two give the same bits) or ``"avx512_bf16"`` (bfloat16 x and weights only).
     """
     packed = w if isinstance(w, PackedWeight) else pack(w)
     x_dtypes = (torch.float32, packed.data.dtype)
@@ -170,8 +182,10 @@ def linear(
         raise ValueError(
             f"cpu.linear: need a float32 or bfloat16 bias [{packed.n}], got {bias.dtype} {tuple(bias.shape)}"
         )
-    if isa not in ("auto", "avx2", "avx512"):
-        raise ValueError(f"cpu.linear: isa must be auto, avx2 or avx512, not {isa!r}")
+    if isa not in ISAS:
+        raise ValueError(f"cpu.linear: isa must be one of {', '.join(ISAS)}, not {isa!r}")
+    if isa == "avx512_bf16" and not (x.dtype == packed.data.dtype == torch.bfloat16):
+        raise ValueError("cpu.linear: the avx512_bf16 path needs bfloat16 x and weights")
     x2 = x.reshape(-1, packed.k).contiguous()
     y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous(), isa)
     return y.reshape(*x.shape[:-1], packed.n)
