@@ -35,7 +35,7 @@ def test_write_goes_to_scratch_slots_and_view_covers_width():
     cache = KVCache(layers=1, batch=2, kv_heads=1, capacity=8, head_dim=2, dtype=torch.float32)
     cache.lengths = [1, 3]
     keys = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2)
-    cache.write(0, keys, -keys)
+    cache.write(0, torch.stack((keys, -keys)))
     assert torch.equal(cache.kv[0, 0, 0, :, 1:3], keys[0]) and torch.equal(cache.kv[0, 0, 1, :, 3:5], keys[1])
     k, v = cache.view(0, 5)
     assert k.shape == (2, 1, 5, 2) and torch.equal(v[1, :, 3:5], -keys[1])
@@ -46,7 +46,7 @@ def test_row_views_share_storage_and_lengths_and_rows_move():
     cache = KVCache(layers=1, batch=3, kv_heads=1, capacity=8, head_dim=1, dtype=torch.float32)
     view = cache.rows(1, 3)
     assert view.batch == 2
-    view.write(0, torch.full((2, 1, 2, 1), 5.0), torch.full((2, 1, 2, 1), -5.0))
+    view.write(0, torch.stack((torch.full((2, 1, 2, 1), 5.0), torch.full((2, 1, 2, 1), -5.0))))
     view.commit(1, 2)
     assert cache.lengths == [0, 0, 2] and view.lengths == [0, 2]
     assert cache.kv[0, 0, 2, 0, :2, 0].tolist() == [5.0, 5.0] and not cache.kv[0, :, 0].any()

@@ -1,7 +1,7 @@
 """Hand-written CPU kernels for the decode hot path (``kernels/*.cpp``, one torch extension).
 
 A decode step pushes a few rows (1 for plain decoding, 8-81 for a draft tree) through every weight matrix and
-over the whole KV cache. Torch's kernels are built for many rows; these two are built for few, and for one
+over the whole KV cache. Torch's kernels are built for many rows; these are built for few, and for one
 invariant: **a row's result never depends on the other rows** (nor on their number, the thread count, or the
 ISA path), so decoding one token and verifying it in a tree give bitwise identical floats.
 
@@ -24,6 +24,9 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
   on the keys and values it sees, in slot order. The heads of a group share each key and value load; for 1-10
   queries it takes 10-40% less time than torch's CPU flash attention, about the same at 64.
+- ``rms_norm``, ``rope_``, ``silu_mul`` (``elementwise.cpp``): a block's elementwise steps, one op each where
+  torch takes 3-8 small ones (at a few rows an op costs its dispatch, not its arithmetic). Each row on its own,
+  in a fixed order.
 
 The extension is compiled on first use (``available()``), into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the cached build. On a CPU
@@ -44,7 +47,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "kernels" / name for name in ("small_gemm.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).parent / "kernels" / name for name in ("small_gemm.cpp", "attention.cpp", "elementwise.cpp")]
 NAME = "decodekit_cpu"  # the extension's name and its op namespace (torch.ops.decodekit_cpu)
 # -mavx2 -mfma rather than -march=native: the build may be cached and reused on another machine of the fleet;
 # the AVX-512 path is compiled for that ISA by a function attribute and taken only where the CPU has it.
@@ -118,7 +121,7 @@ def _load() -> bool:
                 build_directory=str(build),
                 is_python_module=False,
             )
-        for op in ("linear", "attention"):
+        for op in ("linear", "attention", "rms_norm", "rope_", "silu_mul"):
             getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
     except Exception as e:  # no compiler, no ninja, a compile error, ...: fall back
         log.warning(
@@ -189,6 +192,25 @@ def linear(
     x2 = x.reshape(-1, packed.k).contiguous()
     y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous(), isa)
     return y.reshape(*x.shape[:-1], packed.n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x**2, -1) + eps))`` for x ``[..., D]`` and weight ``[D]`` of x's dtype (float32 or
+    bfloat16; statistics in float32, the normalized row rounded to the dtype before the weight, as the Llama
+    reference). Each row bitwise independent of the others."""
+    return _ops().rms_norm(x.contiguous(), weight.detach(), eps)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    """Rotate the first ``heads`` heads of a contiguous ``x [B, n, all heads, d]`` in place (rotary embedding,
+    half-split convention): ``x * cos + rotate_half(x) * sin`` with cos, sin ``[B, n, d]`` (or ``[B, n, 1, d]``)
+    of x's dtype; in float32 bitwise torch's mul, mul, add."""
+    _ops().rope_(x, cos.contiguous(), sin.contiguous(), heads)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up [..., 2I]`` = (gate | up); returns ``[..., I]`` of its dtype."""
+    return _ops().silu_mul(gate_up.contiguous())
 
 
 ATTENTION_HEAD_DIMS = (64, 128)

@@ -70,12 +70,11 @@ class KVCache:
         if max(self.lengths) + n > self.capacity:
             raise PromptTooLong(f"sequence would need {max(self.lengths) + n} cache slots, capacity is {self.capacity}")
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store new entries ``[B, kv_heads, n, head_dim]`` in each row's scratch slots."""
-        n = keys.shape[2]
+    def write(self, layer: int, entries: torch.Tensor) -> None:
+        """Store new keys and values ``entries [2, B, kv_heads, n, head_dim]`` in each row's scratch slots."""
+        n = entries.shape[3]
         for b, length in enumerate(self.lengths):
-            self.kv[layer, 0, b, :, length : length + n] = keys[b]
-            self.kv[layer, 1, b, :, length : length + n] = values[b]
+            self.kv[layer, :, b, :, length : length + n] = entries[:, b]
 
     def view(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``width`` slots: two ``[B, kv_heads, width, head_dim]`` views."""

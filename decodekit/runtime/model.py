@@ -73,12 +73,16 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    fused = False  # set by Transformer.prepare where cpu.rms_norm serves this model
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return cpu.rms_norm(x, self.weight, self.eps)
         # statistics in float32 whatever the model dtype, as the reference implementation does
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -99,7 +103,9 @@ KERNEL_ATTENTION_MAX_QUERIES = 256
 
 
 class Block(nn.Module):
-    cpu_attention = False  # set by Transformer.prepare where cpu.attention serves this model
+    # set by Transformer.prepare where the CPU kernels serve this model
+    cpu_attention = False
+    fused = False  # cpu.rope_ and cpu.silu_mul
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -123,19 +129,25 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, n, _ = x.shape
-        qkv = self.wqkv(self.attn_norm(x)).view(B, n, self.heads + 2 * self.kv_heads, self.head_dim)
-        qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
-        q = qk[:, :, : self.heads].transpose(1, 2)
-        keys, values = qk[:, :, self.heads :], qkv[:, :, self.heads + self.kv_heads :]
-        cache.write(self.layer, keys.transpose(1, 2), values.transpose(1, 2))
+        H, G, d = self.heads, self.kv_heads, self.head_dim
+        qkv = self.wqkv(self.attn_norm(x)).view(B, n, H + 2 * G, d)
+        if self.fused:
+            cpu.rope_(qkv, cos, sin, H + G)
+        else:
+            qkv[:, :, : H + G] = rotate(qkv[:, :, : H + G], cos, sin)
+        q = qkv[:, :, :H].transpose(1, 2)
+        cache.write(self.layer, qkv[:, :, H:].view(B, n, 2, G, d).permute(2, 0, 3, 1, 4))
         keys, values = cache.view(self.layer, width)
         if self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES:
             attn = cpu.attention(q, keys, values, mask)
         else:
             gqa = self.heads != self.kv_heads
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        x = x + self.wo(attn.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))
-        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        x = x + self.wo(attn.transpose(1, 2).reshape(B, n, H * d))
+        gate_up = self.w_gate_up(self.mlp_norm(x))
+        if self.fused:
+            return x + self.w_down(cpu.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return x + self.w_down(F.silu(gate) * up)
 
 
@@ -161,13 +173,16 @@ class Transformer(nn.Module):
 
     def prepare(self) -> Transformer:
         """Final step after loading: on CPU in float32 or bfloat16, pack every linear weight for the fastest
-        backend (in bfloat16: our kernel where it builds, else torch's) and use the decode attention kernel where
-        it builds."""
+        backend (in bfloat16: our kernel where it builds, else torch's) and use the decode attention and the fused
+        elementwise kernels where they build."""
         if self.device.type == "cpu" and self.dtype in cpu.WEIGHT_DTYPES:
             float32 = self.dtype == torch.float32
-            use_kernel = cpu.available() and self.cfg.head_dim in cpu.ATTENTION_HEAD_DIMS
             for block in self.blocks:
-                block.cpu_attention = use_kernel
+                block.cpu_attention = cpu.available() and self.cfg.head_dim in cpu.ATTENTION_HEAD_DIMS
+                block.fused = cpu.available()
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.fused = cpu.available()
             backend = cpu_linear_backend()
             if not float32 and backend != "small_gemm":
                 backend = "torch"
