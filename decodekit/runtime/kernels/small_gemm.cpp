@@ -52,6 +52,7 @@
 #include <cstring>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 namespace {
@@ -208,11 +209,12 @@ template <typename W>
 const std::array<Tile512<W>, MR512> kTile512[2] = {tiles512<1, W>(std::make_index_sequence<MR512>()),
                                                    tiles512<2, W>(std::make_index_sequence<MR512>())};
 
-// Panels [p0, p1) against all of x, AVX-512. The rows go in balanced blocks (M = 16: two of 8, not 12 + 4).
-// No software prefetch: two sequential streams per thread are what the hardware prefetcher does best.
-template <typename W>
-SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const W* wp, int64_t N, const float* bias,
-                             float* y, int64_t p0, int64_t p1) {
+// Panels [p0, p1) against all of x, with tiles of up to MR512 rows and two panels from `tiles` ([P - 1][MB - 1]):
+// the AVX-512 paths. The rows go in balanced blocks (M = 16: two of 8, not 12 + 4). No software prefetch: two
+// sequential streams per thread are what the hardware prefetcher does best.
+template <typename X, typename W, typename Y, typename Tile>
+void panel_pairs(const std::array<Tile, MR512> (&tiles)[2], const X* x, int64_t M, int64_t K, const W* wp, int64_t N,
+                 const float* bias, Y* y, int64_t p0, int64_t p1) {
   const int64_t blocks = (M + MR512 - 1) / MR512;
   const int64_t mr = (M + blocks - 1) / blocks;
   for (int64_t p = p0; p < p1; p += 2) {
@@ -221,8 +223,8 @@ SG_AVX512 void panels_avx512(const float* x, int64_t M, int64_t K, const W* wp, 
     const int nvalid = static_cast<int>(std::min<int64_t>(np * NR, N - n));
     for (int64_t m = 0; m < M; m += mr) {
       const int64_t mb = std::min(mr, M - m);
-      kTile512<W>[np - 1][mb - 1](x + m * K, K, wp + p * K * NR, y + m * N + n, N,
-                                  bias != nullptr ? bias + n : nullptr, nvalid);
+      tiles[np - 1][mb - 1](x + m * K, K, wp + p * K * NR, y + m * N + n, N, bias != nullptr ? bias + n : nullptr,
+                            nvalid);
     }
   }
 }
@@ -297,23 +299,6 @@ constexpr std::array<TileDot, sizeof...(I)> tiles_dot(std::index_sequence<I...>)
 const std::array<TileDot, MR512> kTileDot[2] = {tiles_dot<1>(std::make_index_sequence<MR512>()),
                                                 tiles_dot<2>(std::make_index_sequence<MR512>())};
 
-// Panels [p0, p1) against all of x, as panels_avx512.
-SG_AVX512_BF16 void panels_avx512_dot(const bf16* x, int64_t M, int64_t K, const bf16* wp, int64_t N,
-                                      const float* bias, bf16* y, int64_t p0, int64_t p1) {
-  const int64_t blocks = (M + MR512 - 1) / MR512;
-  const int64_t mr = (M + blocks - 1) / blocks;
-  for (int64_t p = p0; p < p1; p += 2) {
-    const int np = static_cast<int>(std::min<int64_t>(2, p1 - p));
-    const int64_t n = p * NR;
-    const int nvalid = static_cast<int>(std::min<int64_t>(np * NR, N - n));
-    for (int64_t m = 0; m < M; m += mr) {
-      const int64_t mb = std::min(mr, M - m);
-      kTileDot[np - 1][mb - 1](x + m * K, K, wp + p * K * NR, y + m * N + n, N,
-                               bias != nullptr ? bias + n : nullptr, nvalid);
-    }
-  }
-}
-
 bool is_weight_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
 template <typename T>
@@ -385,7 +370,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
     const bf16* w = wp.data_ptr<bf16>();
     bf16* yp = y.data_ptr<bf16>();
     at::parallel_for(0, npanels, grain, [&](int64_t p0, int64_t p1) {
-      panels_avx512_dot(xp, M, K, w, N, bp, yp, p0, p1);
+      panel_pairs(kTileDot, xp, M, K, w, N, bp, yp, p0, p1);
     });
     return y;
   }
@@ -397,7 +382,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
   auto run = [&](const auto* w) {
     at::parallel_for(0, npanels, grain, [&](int64_t p0, int64_t p1) {
       if (wide)
-        panels_avx512(xp, M, K, w, N, bp, yp, p0, p1);
+        panel_pairs(kTile512<std::remove_cv_t<std::remove_pointer_t<decltype(w)>>>, xp, M, K, w, N, bp, yp, p0, p1);
       else
         panels_avx2(xp, M, K, w, N, bp, yp, p0, p1);
     });
