@@ -176,18 +176,17 @@ class Transformer(nn.Module):
         backend (in bfloat16: our kernel where it builds, else torch's) and use the decode attention and the fused
         elementwise kernels where they build."""
         if self.device.type == "cpu" and self.dtype in cpu.WEIGHT_DTYPES:
-            float32 = self.dtype == torch.float32
-            for block in self.blocks:
-                block.cpu_attention = cpu.available() and self.cfg.head_dim in cpu.ATTENTION_HEAD_DIMS
-                block.fused = cpu.available()
-            for module in self.modules():
-                if isinstance(module, RMSNorm):
-                    module.fused = cpu.available()
+            float32, kernels = self.dtype == torch.float32, cpu.available()
             backend = cpu_linear_backend()
             if not float32 and backend != "small_gemm":
                 backend = "torch"
             for module in self.modules():
-                if isinstance(module, Linear):
+                if isinstance(module, Block):
+                    module.cpu_attention = kernels and self.cfg.head_dim in cpu.ATTENTION_HEAD_DIMS
+                    module.fused = kernels
+                elif isinstance(module, RMSNorm):
+                    module.fused = kernels
+                elif isinstance(module, Linear):
                     module.pack(backend, keep_weight=module is self.lm_head and self.cfg.tie_embeddings)
         return self
 
