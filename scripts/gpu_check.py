@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import write_tokenizer
 
 from decodekit import Engine, load_model
+from decodekit.runtime import model as runtime_model
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Transformer
 from decodekit.runtime.tree import Tree
@@ -80,6 +82,34 @@ def step_costs(cfg: ModelConfig, dtype: torch.dtype, sizes: list[int], device: s
     return out
 
 
+def step_profile(cfg: ModelConfig, dtype: torch.dtype, k: int, device: str, steps: int = 20) -> dict:
+    """Where one forward of ``k`` tree nodes spends its time: host-side calls that wait on the GPU (syncs, copies
+    to host) and the ops with the most host time, from torch's profiler over ``steps`` forwards."""
+    with torch.device(device):
+        model = Transformer(cfg).to(dtype)
+    model.eval()
+    cache = model.new_cache(600)
+    model(torch.randint(0, 1000, (1, 256), device=device), cache)
+    cache.commit(0, 256)
+    tokens, tree = torch.randint(0, 1000, (1, k), device=device), Tree.chain(k)
+    model(tokens, cache, tree)
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            model(tokens, cache, tree)
+        sync()
+    events = prof.key_averages()
+    waits = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    del model, cache
+    return {
+        "k": k,
+        "per_step": {e.key: e.count / steps for e in events if e.key in waits or e.key.startswith("cudaMemcpy")},
+        "launches_per_step": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel")) / steps,
+        "top_self_cpu_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 3) for e in top},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu_check.json")
@@ -133,6 +163,10 @@ def main() -> None:
         p = prompts[1]
         ar.generate(p, max_new_tokens=8)
         ours = ar.generate(p, max_new_tokens=128).stats
+        allowed = runtime_model.CUDA_ATTENTION_BACKENDS
+        runtime_model.CUDA_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *allowed]  # as torch would pick
+        with_cudnn = ar.generate(p, max_new_tokens=128).stats
+        runtime_model.CUDA_ATTENTION_BACKENDS = allowed
         sync()
         t = time.perf_counter()
         with torch.no_grad():
@@ -145,7 +179,12 @@ def main() -> None:
             )
         sync()
         hf_tps = 128 / (time.perf_counter() - t)
-        result[f"smol_{dtype}"] = {"rows": rows, "ours_ar_tokens_per_s": ours.tokens_per_s, "hf_tokens_per_s": hf_tps}
+        result[f"smol_{dtype}"] = {
+            "rows": rows,
+            "ours_ar_tokens_per_s": ours.tokens_per_s,
+            "ours_ar_tokens_per_s_cudnn_attention": with_cudnn.tokens_per_s,
+            "hf_tokens_per_s": hf_tps,
+        }
         print(dtype, result[f"smol_{dtype}"], flush=True)
         del model, hf, ar, rec, pub
 
@@ -155,6 +194,10 @@ def main() -> None:
         cfg = ModelConfig.from_hf(LlamaConfig(**shape))
         result[f"step_ms_{name}_bf16"] = step_costs(cfg, torch.bfloat16, sizes, device)
         print(name, result[f"step_ms_{name}_bf16"], flush=True)
+    # 3. why a step costs what it does: host waits and launches per forward (SmolLM2 shape, bf16)
+    cfg = ModelConfig.from_hf(LlamaConfig(**SMOL))
+    result["profile_smol_bf16"] = [step_profile(cfg, torch.bfloat16, k, device) for k in (1, 16)]
+    print(json.dumps(result["profile_smol_bf16"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

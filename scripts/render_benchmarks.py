@@ -123,21 +123,35 @@ def gpu_section(name: str) -> str:
     lines = [f"{data['gpu']}, torch {data['torch']}, random weights (`scripts/gpu_check.py`).", ""]
     lines += [
         "| dtype | recycling == ar | published tree == ar | ar == transformers | ours ar tokens/s | "
-        "transformers tokens/s |",
-        "|---|---|---|---|---|---|",
+        "ours, cuDNN attention allowed | transformers tokens/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dtype in ("float32", "bfloat16"):
         d = data[f"smol_{dtype}"]
         equal = {key: f"{sum(r[key] for r in d['rows'])}/{len(d['rows'])}" for key in d["rows"][0] if "equal" in key}
+        cudnn = d.get("ours_ar_tokens_per_s_cudnn_attention")
         lines.append(
             f"| {dtype} | {equal['recycling_equal']} | {equal['published_equal']} | {equal['hf_equal']} | "
-            f"{d['ours_ar_tokens_per_s']:.1f} | {d['hf_tokens_per_s']:.1f} |"
+            f"{d['ours_ar_tokens_per_s']:.1f} | {'-' if cudnn is None else f'{cudnn:.1f}'} | "
+            f"{d['hf_tokens_per_s']:.1f} |"
         )
     for key, label in (("step_ms_smol_bf16", "SmolLM2-135M shape"), ("step_ms_llama7b_bf16", "Llama-2-7B shape")):
         costs = data[key]
         lines += ["", f"Forward of k tree nodes over a 512-token cache, bfloat16, {label} (ms):", ""]
         lines += ["| k | " + " | ".join(costs) + " |", "|---" * (len(costs) + 1) + "|"]
         lines += ["| ms | " + " | ".join(f"{v:.1f}" for v in costs.values()) + " |"]
+    if "profile_smol_bf16" in data:
+        lines += ["", "Host side of one forward, bfloat16, SmolLM2-135M shape (torch profiler, per forward):", ""]
+        lines += ["| k | kernel launches | syncs with the GPU | copies | top host time (ms) |", "|---|---|---|---|---|"]
+        for prof in data["profile_smol_bf16"]:
+            per_step, top = prof["per_step"], list(prof["top_self_cpu_ms_per_step"].items())[:5]
+            syncs = sum(v for k, v in per_step.items() if "Synchronize" in k or k.startswith("aten::"))
+            copies = sum(v for k, v in per_step.items() if k.startswith("cudaMemcpy"))
+            lines.append(
+                f"| {prof['k']} | {prof['launches_per_step']:.0f} | {syncs:.1f} | {copies:.0f} | "
+                + ", ".join(f"{name} {ms:.1f}" for name, ms in top)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

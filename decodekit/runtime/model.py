@@ -8,16 +8,22 @@ scratch slots and returns logits. Projections are fused (q|k|v and gate|up) so a
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decodekit.errors import InvalidParameter
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.tree import Tree, Trees, attention_mask, positions
+
+# Attention kernels allowed on CUDA. Not cuDNN's: it builds an execution plan for every new key length, and the
+# key length grows by one or more every step (measured on an H200: a bfloat16 decode step took ~4x its forward).
+CUDA_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def onednn_available() -> bool:
@@ -236,8 +242,9 @@ class Transformer(nn.Module):
             else:
                 masks[window] = attention_mask(lengths, tree, window).to(self.device)
         x = self.embed(tokens)
-        for block, window in zip(self.blocks, self.cfg.layer_windows, strict=True):
-            x = block(x, cos, sin, cache, width, masks[window])
+        with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext():
+            for block, window in zip(self.blocks, self.cfg.layer_windows, strict=True):
+                x = block(x, cos, sin, cache, width, masks[window])
         if logits_at is not None:
             x = x[:, logits_at]
         return self.lm_head(self.norm(x)).float()
