@@ -184,9 +184,9 @@ def test_hybrid_scores_nodes_it_cut_from_the_committed_text():
     assert merged.tokens.tolist() == [0, 1]  # budget 1: the second part's chain 2 -> 3 is cut
     hybrid.observe(StepOutcome(merged, torch.zeros(2, TARGET.vocab_size), torch.tensor([0]), [2]))
     # the target said 2: the cut node 2 would have been accepted, node 1 was not; node 3 was not tested
-    assert hybrid._hits[1, 1] - PRIOR_HITS == 1 and hybrid._trials[1, 1] - PRIOR_TRIALS == 1
-    assert hybrid._trials[1, 2] == PRIOR_TRIALS
-    assert hybrid._hits[0, 1] == PRIOR_HITS and hybrid._trials[0, 1] - PRIOR_TRIALS == 1
+    assert hybrid._hits[1][1] - PRIOR_HITS == 1 and hybrid._trials[1][1] - PRIOR_TRIALS == 1
+    assert hybrid._trials[1][2] == PRIOR_TRIALS
+    assert hybrid._hits[0][1] == PRIOR_HITS and hybrid._trials[0][1] - PRIOR_TRIALS == 1
     assert hybrid.propose(torch.tensor([0])).tokens.tolist() == [0, 2]
 
 
@@ -200,8 +200,8 @@ def test_hybrid_ranks_a_part_by_its_own_estimates_calibrated_by_what_matched():
     for _ in range(6):  # the target keeps saying 3: node 1's tenth (0.9) and 2's (0.8) never match, 3's tenth does
         hybrid.observe(StepOutcome(merged, torch.zeros(3, TARGET.vocab_size), torch.tensor([0]), [3]))
         merged = hybrid.propose(torch.tensor([0]))
-    assert hybrid._bin_trials[0, 8] - 4 == 6 and hybrid._bin_hits[0, 8] == 4 * 0.85  # node 2: known to miss
-    assert hybrid._bin_hits[0, 1] - 4 * 0.15 == 6  # node 3, cut from the merged drafts, matched every time
+    assert hybrid._bin_trials[0][8] - 4 == 6 and hybrid._bin_hits[0][8] == 4 * 0.85  # node 2: known to miss
+    assert hybrid._bin_hits[0][1] - 4 * 0.15 == 6  # node 3, cut from the merged drafts, matched every time
     assert merged.tokens.tolist() == [0, 3, 1]  # 3 now ranks first (0.66), then 1 (0.38) over the chain (0.12)
 
 

@@ -20,7 +20,6 @@ from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetI
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
-from decodekit.verify import continuation_matches
 
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0  # a node nobody has seen yet is taken as a coin flip
 BINS, BIN_PRIOR = 10, 4.0  # a part's own estimates, in tenths; each tenth starts as 4 nodes at its middle
@@ -49,13 +48,12 @@ class Hybrid:
             raise InvalidParameter("hybrid merges deterministic drafts only: not lookahead's side tokens or sjd")
         self.budget, self.min_score = budget, min_score
         self.wants_prompt_logits = any(part.wants_prompt_logits for part in self.parts)
-        self._hits = torch.full((len(self.parts), MAX_DRAFT_NODES), PRIOR_HITS, dtype=torch.float64)
-        self._trials = torch.full((len(self.parts), MAX_DRAFT_NODES), PRIOR_TRIALS, dtype=torch.float64)
-        middles = (torch.arange(BINS, dtype=torch.float64) + 0.5) / BINS
-        self._bin_hits = (BIN_PRIOR * middles).repeat(len(self.parts), 1)
-        self._bin_trials = torch.full((len(self.parts), BINS), BIN_PRIOR, dtype=torch.float64)
-        self._drafts: list[Draft] = []
-        self._kept: list[list[int]] = []  # per part: merged-draft index of each of its nodes, -1 if cut
+        # running counts per part, kept as Python floats: a step reads and updates a few of them at a time
+        self._hits = [[PRIOR_HITS] * MAX_DRAFT_NODES for _ in self.parts]
+        self._trials = [[PRIOR_TRIALS] * MAX_DRAFT_NODES for _ in self.parts]
+        self._bin_hits = [[BIN_PRIOR * ((b + 0.5) / BINS) for b in range(BINS)] for _ in self.parts]
+        self._bin_trials = [[BIN_PRIOR] * BINS for _ in self.parts]
+        self._drafts: list[_PartDraft] = []
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         for part in self.parts:
@@ -66,22 +64,23 @@ class Hybrid:
         self._drafts, trie_nodes = [], []
         for p, part in enumerate(self.parts):
             draft = part.propose(sequence)
-            parents, tokens = draft.tree.parents.tolist(), draft.tokens.tolist()
-            if draft.estimates is not None:
-                bins = _bins(draft.estimates)
-                reach = (self._bin_hits[p, bins] / self._bin_trials[p, bins]).tolist()
+            own = _PartDraft(draft, draft.tokens.tolist(), draft.tree.parents.tolist())
+            if own.bins is not None:
+                hits, trials = self._bin_hits[p], self._bin_trials[p]
+                reach = [hits[b] / trials[b] for b in own.bins]
             else:
-                rate = (self._hits[p, : draft.tree.size] / self._trials[p, : draft.tree.size]).tolist()
-                reach = [1.0] * len(tokens)
-                for i in range(1, len(tokens)):
-                    reach[i] = reach[parents[i]] * rate[i]
-            nodes = [0] * len(tokens)
-            for i in range(1, len(tokens)):
-                nodes[i] = trie.insert(nodes[parents[i]], tokens[i], reach[i])
-            self._drafts.append(draft)
+                hits, trials = self._hits[p], self._trials[p]
+                reach = [1.0] * len(own.tokens)
+                for i in range(1, len(own.tokens)):
+                    reach[i] = reach[own.parents[i]] * hits[i] / trials[i]
+            nodes = [0] * len(own.tokens)
+            for i in range(1, len(own.tokens)):
+                nodes[i] = trie.insert(nodes[own.parents[i]], own.tokens[i], reach[i])
+            self._drafts.append(own)
             trie_nodes.append(nodes)
         merged = trie.build(int(sequence[-1]), self.budget, self.min_score)
-        self._kept = [[trie.draft_index.get(node, -1) for node in nodes] for nodes in trie_nodes]
+        for own, nodes in zip(self._drafts, trie_nodes, strict=True):
+            own.kept = [trie.draft_index.get(node, -1) for node in nodes]
         return merged
 
     def observe(self, outcome: StepOutcome) -> None:
@@ -89,42 +88,57 @@ class Hybrid:
             for part in self.parts:
                 part.observe(outcome)
             return
-        on_path = torch.zeros(outcome.draft.tree.size, dtype=torch.bool)
-        on_path[outcome.accepted] = True
-        for p, (part, draft, kept) in enumerate(zip(self.parts, self._drafts, self._kept, strict=True)):
-            tried, matched = continuation_matches(draft.tokens, draft.tree, outcome.committed)
-            if draft.estimates is not None:  # known: reached, or below a node that missed
-                known = tried | ~matched[draft.tree.parents.clamp(min=0)]
-                bins = _bins(draft.estimates[1:])
-                self._bin_trials[p].index_add_(0, bins, known[1:].double())
-                self._bin_hits[p].index_add_(0, bins, matched[1:].double())
+        verified = outcome.draft.tree.size  # the engine may verify a prefix of the merged draft
+        on_path = set(outcome.accepted.tolist())
+        for p, (part, own) in enumerate(zip(self.parts, self._drafts, strict=True)):
+            reached, matched = _matches(own.tokens, own.parents, outcome.committed)
+            if own.bins is not None:  # known: reached, or below a node that missed
+                hits, trials = self._bin_hits[p], self._bin_trials[p]
+                for i in range(1, len(own.tokens)):
+                    if reached[i] or not matched[own.parents[i]]:
+                        trials[own.bins[i]] += 1
+                        hits[own.bins[i]] += matched[i]
             else:
-                tried[0] = matched[0] = False  # the root is no guess
-                self._trials[p, : draft.tree.size] += tried
-                self._hits[p, : draft.tree.size] += matched
-            index = torch.tensor(kept)
-            index[index >= outcome.draft.tree.size] = -1  # the engine may verify a prefix of the merged draft
-            part.observe(_restrict(outcome, on_path, draft, index))
+                hits, trials = self._hits[p], self._trials[p]
+                for i in range(1, len(own.tokens)):
+                    trials[i] += reached[i]
+                    hits[i] += matched[i]
+            part.observe(_restrict(outcome, own, verified, on_path))
 
 
-def _bins(estimates: torch.Tensor) -> torch.Tensor:
-    """The tenth of [0, 1] each estimate falls in (int64, same shape)."""
-    return (estimates * BINS).long().clamp(0, BINS - 1)
+class _PartDraft:
+    """One part's draft in the current step, as lists; ``kept``: the merged-draft index of each of its nodes,
+    -1 where the merge cut it; ``bins``: the tenth of each node's own estimate, None without estimates."""
+
+    def __init__(self, draft: Draft, tokens: list[int], parents: list[int]) -> None:
+        self.draft, self.tokens, self.parents = draft, tokens, parents
+        self.kept: list[int] = []
+        self.bins = (
+            None if draft.estimates is None else [min(int(e * BINS), BINS - 1) for e in draft.estimates.tolist()]
+        )
 
 
-def _restrict(outcome: StepOutcome, on_path: torch.Tensor, draft: Draft, index: torch.Tensor) -> StepOutcome:
-    """The outcome as one part sees it: its nodes that made it into the merged draft (``index``: merged index of
-    each part node, -1 if cut), renumbered, with their logits and its share of the accepted path (``on_path``:
-    bool over the merged draft)."""
-    own = (index >= 0).nonzero().flatten()  # closed under parents: a kept trie node's parent is kept
-    renumber = torch.full((draft.tree.size,), -1, dtype=torch.int64)
-    renumber[own] = torch.arange(own.numel())
-    parents = torch.where(own == 0, -1, renumber[draft.tree.parents[own].clamp(min=0)])
-    merged_rows = index[own]
+def _matches(tokens: list[int], parents: list[int], continuation: list[int]) -> tuple[list[bool], list[bool]]:
+    """Which nodes the committed ``continuation`` reached (parent matched, text long enough) and which of those
+    matched it; the root counts as neither (it is no guess)."""
+    depth, reached, matched = [0] * len(tokens), [False] * len(tokens), [True] + [False] * (len(tokens) - 1)
+    for i in range(1, len(tokens)):
+        depth[i] = depth[parents[i]] + 1
+        reached[i] = matched[parents[i]] and depth[i] <= len(continuation)
+        matched[i] = reached[i] and tokens[i] == continuation[depth[i] - 1]
+    return reached, matched
+
+
+def _restrict(outcome: StepOutcome, own: _PartDraft, verified: int, on_path: set[int]) -> StepOutcome:
+    """The outcome as one part sees it: its nodes that made it into the verified draft, renumbered, with their
+    logits and its share of the accepted path (``on_path``: merged-draft indices)."""
+    nodes = [i for i, m in enumerate(own.kept) if 0 <= m < verified]  # closed under parents, like the merged draft
+    renumber = {node: j for j, node in enumerate(nodes)}
+    rows = [own.kept[i] for i in nodes]
     return StepOutcome(
-        Draft(draft.tokens[own], Tree(parents)),
-        outcome.logits[merged_rows],
-        on_path[merged_rows].nonzero().flatten(),
+        Draft(own.draft.tokens[nodes], Tree(torch.tensor([-1] + [renumber[own.parents[i]] for i in nodes[1:]]))),
+        outcome.logits[rows],
+        torch.tensor([j for j, row in enumerate(rows) if row in on_path], dtype=torch.int64),
         outcome.committed,
         outcome.sampler,
     )
