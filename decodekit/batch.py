@@ -281,7 +281,8 @@ class Batch:
                 return
             row.unscored.pop(0)
             continuation = decoding.sequence[start : min(decoding.length, start + depth)].tolist()
-            _, matched = continuation_matches(draft.tokens, draft.tree, continuation)
+            _, matches = continuation_matches(draft.tokens.tolist(), draft.tree.parents.tolist(), continuation)
+            matched = torch.tensor(matches)
             if draft.candidates is not None:
                 matched &= draft.candidates
             accepted = torch.zeros(MAX_DRAFT_NODES, dtype=torch.float64)  # nodes the draft lacked count as rejected

@@ -1,4 +1,4 @@
-"""Lossless verification of a draft tree: pure functions on small CPU tensors."""
+"""Lossless verification of a draft tree: pure functions on small CPU tensors and lists."""
 
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ from decodekit.runtime.tree import Tree
 
 
 def continuation_matches(
-    tokens: torch.Tensor, tree: Tree, continuation: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score a draft against the tokens that actually followed its root: which nodes the ``continuation`` reached
-    (their parent matched and it is long enough for their depth) and which of those matched it. Under greedy
-    decoding a matched node is exactly one verification would have accepted. Both bool ``[n]``; the root counts
-    as reached and matched."""
-    depth, parents, values = tree.depth.tolist(), tree.parents.tolist(), tokens.tolist()
-    matched, reached = [True] * len(values), [True] * len(values)
-    for i in range(1, len(values)):
+    tokens: list[int], parents: list[int], continuation: list[int]
+) -> tuple[list[bool], list[bool]]:
+    """Score a draft (its ``tokens`` laid out by ``parents``, topologically ordered) against the tokens that
+    actually followed its root: which nodes the ``continuation`` reached (their parent matched and it is long
+    enough for their depth) and which of those matched it. Under greedy decoding a matched node is exactly one
+    verification would have accepted. The root counts as reached and matched. Plain lists: drafts are small and
+    this runs every step."""
+    depth, reached, matched = [0] * len(tokens), [True] * len(tokens), [True] * len(tokens)
+    for i in range(1, len(tokens)):
+        depth[i] = depth[parents[i]] + 1
         reached[i] = matched[parents[i]] and depth[i] <= len(continuation)
-        matched[i] = reached[i] and values[i] == continuation[depth[i] - 1]
-    return torch.tensor(reached), torch.tensor(matched)
+        matched[i] = reached[i] and tokens[i] == continuation[depth[i] - 1]
+    return reached, matched
 
 
 def verify_greedy(

@@ -20,6 +20,7 @@ from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetI
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
+from decodekit.verify import continuation_matches
 
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0  # a node nobody has seen yet is taken as a coin flip
 BINS, BIN_PRIOR = 10, 4.0  # a part's own estimates, in tenths; each tenth starts as 4 nodes at its middle
@@ -91,7 +92,7 @@ class Hybrid:
         verified = outcome.draft.tree.size  # the engine may verify a prefix of the merged draft
         on_path = set(outcome.accepted.tolist())
         for p, (part, own) in enumerate(zip(self.parts, self._drafts, strict=True)):
-            reached, matched = _matches(own.tokens, own.parents, outcome.committed)
+            reached, matched = continuation_matches(own.tokens, own.parents, outcome.committed)
             if own.bins is not None:  # known: reached, or below a node that missed
                 hits, trials = self._bin_hits[p], self._bin_trials[p]
                 for i in range(1, len(own.tokens)):
@@ -116,17 +117,6 @@ class _PartDraft:
         self.bins = (
             None if draft.estimates is None else [min(int(e * BINS), BINS - 1) for e in draft.estimates.tolist()]
         )
-
-
-def _matches(tokens: list[int], parents: list[int], continuation: list[int]) -> tuple[list[bool], list[bool]]:
-    """Which nodes the committed ``continuation`` reached (parent matched, text long enough) and which of those
-    matched it; the root counts as neither (it is no guess)."""
-    depth, reached, matched = [0] * len(tokens), [False] * len(tokens), [True] + [False] * (len(tokens) - 1)
-    for i in range(1, len(tokens)):
-        depth[i] = depth[parents[i]] + 1
-        reached[i] = matched[parents[i]] and depth[i] <= len(continuation)
-        matched[i] = reached[i] and tokens[i] == continuation[depth[i] - 1]
-    return reached, matched
 
 
 def _restrict(outcome: StepOutcome, own: _PartDraft, verified: int, on_path: set[int]) -> StepOutcome:
