@@ -1,7 +1,8 @@
 """The small-M kernel (decodekit.runtime.cpu.linear): agrees with F.linear, and each output row is bitwise
 independent of the other rows, of M, of the thread count (plain decoding vs tree verification) and of the ISA
 path (AVX2 or AVX-512) that computes it; bfloat16 weights compute exactly as their float32 widening, except on
-the AVX-512 BF16 path (bf16 pair products), whose rows are again independent of everything but themselves."""
+the AVX-512 BF16 path (bf16 pair products) and the AMX path (the tile unit), whose rows are again independent of
+everything but themselves."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_bfloat16_weights_compute_as_their_float32_widening(k: int, n: int, isa:
     with bf16 x the result is those sums rounded to bf16 once (after the bias)."""
     g = torch.Generator().manual_seed(k + n)
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
-    packed, widened = cpu.pack(w), cpu.pack(w.float())
+    packed, widened = cpu.pack(w, amx=False), cpu.pack(w.float())
     assert packed.data.dtype == torch.bfloat16
     for m in (1, 5, 12, 13, 30):
         x = torch.randn(m, k, generator=g).bfloat16()
@@ -107,7 +108,7 @@ def test_bfloat16_weights_compute_as_their_float32_widening(k: int, n: int, isa:
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512")
 def test_bfloat16_weights_give_the_same_bits_on_avx2_and_avx512() -> None:
     g = torch.Generator().manual_seed(11)
-    packed = cpu.pack(torch.randn(40, 576, generator=g).bfloat16())
+    packed = cpu.pack(torch.randn(40, 576, generator=g).bfloat16(), amx=False)
     x = torch.randn(13, 576, generator=g).bfloat16()
     assert torch.equal(cpu.linear(x, packed, isa="avx2"), cpu.linear(x, packed, isa="avx512"))
 
@@ -124,7 +125,7 @@ def test_bfloat16_pair_products_rows_are_independent_of_the_batch(k: int, n: int
     product, each row bitwise the same alone or among any others, and what "auto" picks."""
     g = torch.Generator().manual_seed(k * 7 + n)
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
-    packed = cpu.pack(w)
+    packed = cpu.pack(w, amx=False)
     big = torch.randn(130, k, generator=g).bfloat16()
     for bias in (None, b):
         singles = torch.cat([cpu.linear(big[i : i + 1], packed, bias, "avx512_bf16") for i in range(130)])
@@ -135,7 +136,45 @@ def test_bfloat16_pair_products_rows_are_independent_of_the_batch(k: int, n: int
         for m in (1, 2, 11, 12, 13, 16, 25, 130):
             y = cpu.linear(big[:m], packed, bias, "avx512_bf16")
             assert torch.equal(y, singles[:m]), m
-        assert torch.equal(cpu.linear(big[:9], packed, bias), singles[:9])  # "auto"
+        assert torch.equal(cpu.linear(big[:9], packed, bias), singles[:9])  # "auto" on this layout
+
+
+needs_amx = pytest.mark.skipif(not (cpu.available() and cpu.has_amx()), reason="this CPU has no AMX")
+
+
+@needs_amx
+@pytest.mark.parametrize(("k", "n"), [(576, 1000), (1536, 576), (13, 7), (577, 40), (31, 33)])
+def test_amx_rows_are_independent_of_the_batch(k: int, n: int) -> None:
+    """On the tile unit (K padded to 32-wide chunks, rows to 16-row tiles, N to 32-column panel pairs): close to
+    the exact product, each row bitwise the same alone or among any others, and what "auto" picks for a weight
+    packed by default on this CPU."""
+    g = torch.Generator().manual_seed(k * 5 + n)
+    w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    packed = cpu.pack(w)
+    assert packed.data.dim() == 4  # the default layout here
+    big = torch.randn(130, k, generator=g).bfloat16()
+    for bias in (None, b):
+        singles = torch.cat([cpu.linear(big[i : i + 1], packed, bias, "amx") for i in range(130)])
+        assert singles.dtype == torch.bfloat16
+        torch.testing.assert_close(singles.double(), reference(big.double(), w, bias), rtol=2**-8, atol=1e-4 * k**0.5)
+        for m in (1, 2, 15, 16, 17, 31, 33, 130):
+            assert torch.equal(cpu.linear(big[:m], packed, bias, "amx"), singles[:m]), m
+        other = torch.randn(20, k, generator=g).bfloat16()
+        other[17] = big[3]
+        assert torch.equal(cpu.linear(other, packed, bias)[17], singles[3])  # "auto"
+
+
+@needs_amx
+def test_amx_layout_is_read_by_the_amx_path_only() -> None:
+    w = torch.randn(40, 64).bfloat16()
+    with pytest.raises(ValueError, match="does not read this layout"):
+        cpu.linear(torch.randn(2, 64).bfloat16(), cpu.pack(w, amx=True), isa="avx512_bf16")
+    with pytest.raises(ValueError, match="does not read this layout"):
+        cpu.linear(torch.randn(2, 64).bfloat16(), cpu.pack(w, amx=False), isa="amx")
+    with pytest.raises(ValueError, match="needs bfloat16 x"):
+        cpu.linear(torch.randn(2, 64), cpu.pack(w, amx=True))
+    with pytest.raises(ValueError, match="AMX layout needs a bfloat16 weight"):
+        cpu.pack(w.float(), amx=True)
 
 
 @needs_kernel

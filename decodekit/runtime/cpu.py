@@ -18,7 +18,9 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   same holds; with bfloat16 x, y is bfloat16, rounded once from that float32 result. Except where the CPU
   has AVX-512 BF16 (Zen 4, Sapphire Rapids): there bfloat16 x and weights multiply as bf16 pairs
   (``vdpbf16ps``, twice the fma rate, which is what bounds a tree of more than a few rows), so the sums differ
-  from the float32 kernel's in their last bits, while each row is still its own fixed sequence.
+  from the float32 kernel's in their last bits, while each row is still its own fixed sequence; and where it
+  also has AMX (Sapphire Rapids and later), on the tile unit, whose far higher rate makes a tree's extra rows
+  nearly free (another fixed sequence per row, other last bits again).
 - ``attention`` (``attention.cpp``, AVX2 + FMA; float32 or bfloat16, computed in float32): a few queries over
   the cache, each query on its own: its
   visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
@@ -61,7 +63,9 @@ _state: bool | None = None  # None: not tried yet
 
 class PackedWeight(NamedTuple):
     """A weight ``w [n, k]`` in the kernel's layout: ``data [ceil(n / 16), k, 16]``, ``data[p, j, i] = w[16p + i, j]``
-    (rows past ``n`` are zero), of w's dtype."""
+    (rows past ``n`` are zero), of w's dtype; or, for the AMX path, the tile unit's pair layout
+    ``data [ceil(n / 32) * 2, kp / 2, 16, 2]``, ``data[p, r, i, j] = w[16p + i, 2r + j]`` (``kp``: k rounded up to
+    32, zeros past n and k)."""
 
     data: torch.Tensor
     n: int
@@ -142,13 +146,18 @@ def _ops():  # the torch.ops namespace of the extension
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def pack(w: torch.Tensor) -> PackedWeight:
-    """Pack a float32 or bfloat16 CPU weight ``w [N, K]`` (``nn.Linear.weight`` layout) for ``linear``."""
+def pack(w: torch.Tensor, amx: bool | None = None) -> PackedWeight:
+    """Pack a float32 or bfloat16 CPU weight ``w [N, K]`` (``nn.Linear.weight`` layout) for ``linear``. ``amx``:
+    lay a bfloat16 weight out for the AMX path (then only that path reads it); None: where the CPU has AMX."""
     if w.dim() != 2 or w.dtype not in WEIGHT_DTYPES or w.device.type != "cpu":
         raise ValueError(
             f"cpu.pack: need a float32 or bfloat16 CPU [N, K] weight, got {w.dtype} {tuple(w.shape)} on {w.device}"
         )
-    return PackedWeight(_ops().pack(w.detach()), w.shape[0], w.shape[1])
+    if amx is None:
+        amx = w.dtype == torch.bfloat16 and has_amx()
+    if amx and (w.dtype != torch.bfloat16 or not has_amx()):
+        raise ValueError("cpu.pack: the AMX layout needs a bfloat16 weight and a CPU with AMX")
+    return PackedWeight(_ops().pack(w.detach(), amx), w.shape[0], w.shape[1])
 
 
 def has_avx512() -> bool:
@@ -161,7 +170,13 @@ def has_avx512_bf16() -> bool:
     return bool(_ops().has_avx512_bf16())
 
 
-ISAS = ("auto", "avx2", "avx512", "avx512_bf16")
+def has_amx() -> bool:
+    """True if the kernel multiplies bfloat16 x and weights on the AMX tile unit on this CPU."""
+    return bool(_ops().has_amx())
+
+
+ISAS = ("auto", "avx2", "avx512", "avx512_bf16", "amx")
+BF16_ONLY_ISAS = ("avx512_bf16", "amx")
 
 
 def linear(
@@ -170,11 +185,12 @@ def linear(
     """``x @ w.T + bias`` on CPU tensors: x ``[..., K]``, w ``PackedWeight`` of ``[N, K]`` (or the raw ``[N, K]``
     weight, packed on every call: fine for tests, slow in a loop), bias ``[N]`` or None; returns ``[..., N]`` of
     x's dtype. x is float32, or bfloat16 with a bfloat16 weight; the bias float32 or bfloat16. Row ``i`` of the
-    result depends only on row ``i`` of x (bitwise; see the module docstring). ``isa``: ``"auto"`` (the bf16
-    pair products for bfloat16 x and weights where the CPU has AVX-512 BF16, else AVX-512 where it has that),
-    ``"avx2"``, ``"avx512"`` (these two give the same bits) or ``"avx512_bf16"`` (bfloat16 x and weights only).
+    result depends only on row ``i`` of x (bitwise; see the module docstring). ``isa``: ``"auto"`` (a weight
+    packed for AMX takes the tile unit; else the bf16 pair products for bfloat16 x and weights where the CPU has
+    AVX-512 BF16, else AVX-512 where it has that), ``"avx2"``, ``"avx512"`` (these two give the same bits),
+    ``"avx512_bf16"`` (bfloat16 x and weights) or ``"amx"`` (bfloat16 x, a weight packed for AMX).
     """
-    packed = w if isinstance(w, PackedWeight) else pack(w)
+    packed = w if isinstance(w, PackedWeight) else pack(w, None if isa == "auto" else isa == "amx")
     x_dtypes = (torch.float32, packed.data.dtype)
     if x.dtype not in x_dtypes or x.device.type != "cpu" or x.shape[-1] != packed.k:
         raise ValueError(
@@ -187,8 +203,14 @@ def linear(
         )
     if isa not in ISAS:
         raise ValueError(f"cpu.linear: isa must be one of {', '.join(ISAS)}, not {isa!r}")
-    if isa == "avx512_bf16" and not (x.dtype == packed.data.dtype == torch.bfloat16):
-        raise ValueError("cpu.linear: the avx512_bf16 path needs bfloat16 x and weights")
+    if isa in BF16_ONLY_ISAS and not (x.dtype == packed.data.dtype == torch.bfloat16):
+        raise ValueError(f"cpu.linear: the {isa} path needs bfloat16 x and weights")
+    if (packed.data.dim() == 4) != (isa == "amx") and isa != "auto":
+        raise ValueError(
+            f"cpu.linear: isa {isa!r} does not read this layout: the amx path, and only it, reads pack(w, amx=True)"
+        )
+    if packed.data.dim() == 4 and x.dtype != torch.bfloat16:
+        raise ValueError("cpu.linear: a weight packed for AMX needs bfloat16 x")
     x2 = x.reshape(-1, packed.k).contiguous()
     y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous(), isa)
     return y.reshape(*x.shape[:-1], packed.n)

@@ -34,6 +34,14 @@
 //     y = bf16(acc (+ bias))
 // (an odd K pairs its last k with zeros): another sum than the fma paths', so other bits, but again the same
 // sequence whatever M, the other rows or the thread, which is what lossless tree verification needs.
+//
+// Where the CPU also has AMX (Sapphire Rapids and later), "auto" takes the tile unit instead (isa "amx"): the
+// same pair products, 16 rows x 16 columns x 32 k per instruction, so a tree's extra rows cost next to nothing
+// where the vector paths are bound by arithmetic past a few rows (on a 2-vCPU Sapphire Rapids guest, 12 rows
+// took 2.3x one row's forward through vdpbf16ps). x is staged into 16-row blocks padded with zero rows, K into
+// 32-wide chunks padded with zeros, and each panel pair's weights are interleaved into pairs once per call;
+// every y[m, n] is then the tile unit's fixed sequence of pair products over the chunks in order, from row m of
+// x alone: a third set of bits, and again the same whatever M, the other rows or the thread.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -44,13 +52,17 @@
 #include "registration.h"
 #include "widen.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -299,6 +311,91 @@ constexpr std::array<TileDot, sizeof...(I)> tiles_dot(std::index_sequence<I...>)
 const std::array<TileDot, MR512> kTileDot[2] = {tiles_dot<1>(std::make_index_sequence<MR512>()),
                                                 tiles_dot<2>(std::make_index_sequence<MR512>())};
 
+// ---- AMX: bf16 x and weights through the tile unit (tdpbf16ps) --------------------------------------------
+
+constexpr int AMX_ROWS = 16;   // x rows per A tile
+constexpr int AMX_CHUNK = 32;  // k per A tile row (64 bytes)
+
+// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-BF16 (EDX bit 22); then the kernel's permission to use the tile
+// data (Linux asks each process to request it once, or the first tile instruction faults).
+bool has_amx() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+#define SG_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16,avx2,fma")))
+
+// Tiles: 0 and 1 accumulate two panels' outputs (16 rows x 16 floats), 2 holds x (16 rows x 32 bf16), 3 and 4
+// the two panels' weights (16 pair rows x 16 pairs).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64};
+  uint8_t rows[16] = {AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_CHUNK / 2, AMX_CHUNK / 2};
+};
+
+// Panel pairs [q0, q1) of a pair-packed weight (see pack): y[m, 32 q .. 32 q + 31] for every m. xs: x staged as
+// [Mp, Kp] bf16 (Mp, Kp multiples of 16 and 32, zero padded).
+SG_AMX void amx_panels(const bf16* xs, int64_t M, int64_t Mp, int64_t Kp, const bf16* wp, int64_t N,
+                       const float* bias, bf16* y, int64_t q0, int64_t q1) {
+  const TileConfig config;
+  _tile_loadconfig(&config);
+  alignas(64) float out[AMX_ROWS][2 * NR];
+  for (int64_t q = q0; q < q1; ++q) {
+    const bf16* panels = wp + 2 * q * Kp * NR;
+    const int64_t n = 2 * q * NR;
+    const int nvalid = static_cast<int>(std::min<int64_t>(2 * NR, N - n));
+    for (int64_t m = 0; m < Mp; m += AMX_ROWS) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < Kp; k += AMX_CHUNK) {
+        _tile_loadd(2, xs + m * Kp + k, Kp * sizeof(bf16));
+        _tile_loadd(3, panels + k * NR, 2 * NR * sizeof(bf16));
+        _tile_loadd(4, panels + (Kp + k) * NR, 2 * NR * sizeof(bf16));
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+      }
+      _tile_stored(0, &out[0][0], 2 * NR * sizeof(float));
+      _tile_stored(1, &out[0][NR], 2 * NR * sizeof(float));
+      for (int64_t j = 0; j < std::min<int64_t>(AMX_ROWS, M - m); ++j) {
+        bf16* row = y + (m + j) * N + n;
+        for (int i = 0; i < nvalid; ++i) row[i] = bf16(bias != nullptr ? out[j][i] + bias[n + i] : out[j][i]);
+      }
+    }
+  }
+  _tile_release();
+}
+
+int64_t amx_depth(int64_t K) { return (K + AMX_CHUNK - 1) / AMX_CHUNK * AMX_CHUNK; }
+
+// The pair layout of w [N, K] bf16: [Q, Kp / 2, 16, 2] with Q = ceil(N / 32) * 2 panels and Kp = K rounded up
+// to 32; element (p, r, i, j) is w[16 p + i, 2 r + j] (zero past N or K). Each 32 x 16 block (r in a chunk of
+// 16) is a tile of weights as the tile unit reads them.
+void pack_pairs(const bf16* src, bf16* dst, int64_t N, int64_t K) {
+  const int64_t Kp = amx_depth(K), panels = (N + 2 * NR - 1) / (2 * NR) * 2;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t i = 0; i < NR && p * NR + i < N; ++i)
+        for (int64_t k = 0; k < K; ++k) dst[(p * Kp / 2 + k / 2) * 2 * NR + 2 * i + k % 2] = src[(p * NR + i) * K + k];
+  });
+}
+
+// y = x @ w.T (+ bias) through the tile unit; x [M, K] and y [M, N] bf16, wp pair-packed.
+void amx_linear(const bf16* x, int64_t M, int64_t K, const bf16* wp, int64_t N, const float* bias, bf16* y,
+                int64_t grain) {
+  const int64_t Mp = (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS, Kp = amx_depth(K);
+  std::vector<bf16> xs(Mp * Kp, bf16(0.0f));
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * Kp, x + m * K, K * sizeof(bf16));
+  at::parallel_for(0, (N + 2 * NR - 1) / (2 * NR), std::max<int64_t>(1, grain / 2), [&](int64_t q0, int64_t q1) {
+    amx_panels(xs.data(), M, Mp, Kp, wp, N, bias, y, q0, q1);
+  });
+}
+
 bool is_weight_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
 template <typename T>
@@ -313,12 +410,20 @@ void pack_panels(const T* src, T* dst, int64_t N, int64_t K) {
   });
 }
 
-// w [N, K] -> wp [ceil(N / 16), K, 16] of w's dtype (float32 or bfloat16), rows past N zero.
-at::Tensor pack(const at::Tensor& w) {
+// w [N, K] -> wp [ceil(N / 16), K, 16] of w's dtype (float32 or bfloat16), rows past N zero; or with `pairs`
+// (bfloat16 only) the tile unit's layout [ceil(N / 32) * 2, Kp / 2, 16, 2] (see pack_pairs), which only the
+// AMX path reads.
+at::Tensor pack(const at::Tensor& w, bool pairs) {
   TORCH_CHECK(w.device().is_cpu() && is_weight_dtype(w.scalar_type()) && w.dim() == 2,
               "small_gemm.pack: w must be a float32 or bfloat16 [N, K] CPU tensor");
+  TORCH_CHECK(!pairs || w.scalar_type() == at::kBFloat16, "small_gemm.pack: the pair layout is for bfloat16");
   const at::Tensor wc = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
+  if (pairs) {
+    at::Tensor out = at::zeros({(N + 2 * NR - 1) / (2 * NR) * 2, amx_depth(K) / 2, NR, 2}, w.options());
+    pack_pairs(wc.data_ptr<bf16>(), out.data_ptr<bf16>(), N, K);
+    return out;
+  }
   at::Tensor out = at::zeros({(N + NR - 1) / NR, K, NR}, w.options());
   if (w.scalar_type() == at::kBFloat16)
     pack_panels(wc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), N, K);
@@ -327,29 +432,37 @@ at::Tensor pack(const at::Tensor& w) {
   return out;
 }
 
-// x [M, K] @ w.T (+ bias) with wp = pack(w) and n = w.size(0); isa: "auto" (the AVX-512 BF16 path for bf16 x
-// and weights where the CPU has it, else AVX-512 where it has that), "avx2", "avx512" (these two give bitwise
-// the same y) or "avx512_bf16". x and y are float32 with float32 weights; with bfloat16 weights, float32 or
-// bfloat16 (y has x's dtype); bias float32 or bfloat16.
+// x [M, K] @ w.T (+ bias) with wp = pack(w, pairs) and n = w.size(0). A pair-packed wp takes the AMX path
+// (isa "auto" or "amx"; bfloat16 x). Otherwise isa: "auto" (the bf16 pair products for bfloat16 x and weights
+// where the CPU has AVX-512 BF16, else AVX-512 where it has that), "avx2", "avx512" (these two give bitwise the
+// same y) or "avx512_bf16" (bfloat16 x and weights). x and y are float32 with float32 weights; with bfloat16
+// weights, float32 or bfloat16 (y has x's dtype); bias float32 or bfloat16.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const std::optional<at::Tensor>& bias,
                   std::string_view isa) {
-  TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512" || isa == "avx512_bf16",
-              "small_gemm.linear: isa must be auto, avx2, avx512 or avx512_bf16");
+  TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512" || isa == "avx512_bf16" || isa == "amx",
+              "small_gemm.linear: isa must be auto, avx2, avx512, avx512_bf16 or amx");
+  const bool tiles = wp.dim() == 4;
+  TORCH_CHECK(!tiles || isa == "auto" || isa == "amx", "small_gemm.linear: a pair-packed weight takes the amx path");
+  TORCH_CHECK(tiles || isa != "amx", "small_gemm.linear: the amx path needs a pair-packed weight");
+  TORCH_CHECK(!tiles || has_amx(), "small_gemm.linear: this CPU has no AMX (or the OS does not allow it)");
   TORCH_CHECK(isa != "avx512" || has_avx512(), "small_gemm.linear: this CPU has no AVX-512");
   TORCH_CHECK(isa != "avx512_bf16" || has_avx512_bf16(), "small_gemm.linear: this CPU has no AVX-512 BF16");
   const bool wide = isa == "avx512" || (isa == "auto" && has_avx512());
   const bool bf16_w = wp.scalar_type() == at::kBFloat16;
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(isa != "avx512_bf16" || (bf16_w && bf16_x),
-              "small_gemm.linear: the avx512_bf16 path needs bfloat16 x and weights");
-  const bool dot = bf16_w && bf16_x && (isa == "avx512_bf16" || (isa == "auto" && has_avx512_bf16()));
+  TORCH_CHECK((isa != "avx512_bf16" && !tiles) || (bf16_w && bf16_x),
+              "small_gemm.linear: the avx512_bf16 and amx paths need bfloat16 x and weights");
+  const bool dot = bf16_w && bf16_x && !tiles && (isa == "avx512_bf16" || (isa == "auto" && has_avx512_bf16()));
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || (bf16_w && bf16_x)),
               "small_gemm.linear: x must be a contiguous [M, K] CPU tensor, float32 (or bfloat16 with bfloat16 "
               "weights)");
   const int64_t M = x.size(0), K = x.size(1), N = n;
+  const bool plain_shape = wp.dim() == 3 && wp.size(0) == (N + NR - 1) / NR && wp.size(1) == K && wp.size(2) == NR;
+  const bool pair_shape = tiles && wp.size(0) == (N + 2 * NR - 1) / (2 * NR) * 2 && wp.size(1) == amx_depth(K) / 2 &&
+                          wp.size(2) == NR && wp.size(3) == 2;
   TORCH_CHECK(N >= 0 && wp.device().is_cpu() && is_weight_dtype(wp.scalar_type()) && wp.is_contiguous() &&
-                  wp.dim() == 3 && wp.size(0) == (N + NR - 1) / NR && wp.size(1) == K && wp.size(2) == NR,
+                  (plain_shape || pair_shape),
               "small_gemm.linear: wp must be pack(w) of a [n, K] weight (x is [M, K])");
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -363,12 +476,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
   // is at least ~256 KB of float32 weights so that small matrices do not pay for waking the other threads.
   const int64_t npanels = (N + NR - 1) / NR;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K * NR));
-  if (dot) {
+  if (tiles || dot) {
     at::Tensor y = at::empty({M, N}, x.options());
     if (M == 0 || N == 0) return y;
     const bf16* xp = x.data_ptr<bf16>();
     const bf16* w = wp.data_ptr<bf16>();
     bf16* yp = y.data_ptr<bf16>();
+    if (tiles) {
+      amx_linear(xp, M, K, w, N, bp, yp, grain);
+      return y;
+    }
     at::parallel_for(0, npanels, grain, [&](int64_t p0, int64_t p1) {
       panel_pairs(kTileDot, xp, M, K, w, N, bp, yp, p0, p1);
     });
@@ -397,10 +514,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
 }  // namespace
 
 SG_TORCH_LIBRARY_FRAGMENT(SG_LIBNAME, m) {
-  m.def("pack(Tensor w) -> Tensor");
+  m.def("pack(Tensor w, bool pairs=False) -> Tensor");
   m.def("linear(Tensor x, Tensor wp, int n, Tensor? bias=None, str isa='auto') -> Tensor");
   m.def("has_avx512() -> bool", &has_avx512);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
+  m.def("has_amx() -> bool", &has_amx);
 }
 SG_TORCH_LIBRARY_IMPL(SG_LIBNAME, CPU, m) {
   m.impl("pack", &pack);
