@@ -35,13 +35,14 @@
 // (an odd K pairs its last k with zeros): another sum than the fma paths', so other bits, but again the same
 // sequence whatever M, the other rows or the thread, which is what lossless tree verification needs.
 //
-// Where the CPU also has AMX (Sapphire Rapids and later), "auto" takes the tile unit instead (isa "amx"): the
-// same pair products, 16 rows x 16 columns x 32 k per instruction, so a tree's extra rows cost next to nothing
-// where the vector paths are bound by arithmetic past a few rows (on a 2-vCPU Sapphire Rapids guest, 12 rows
-// took 2.3x one row's forward through vdpbf16ps). x is staged into 16-row blocks padded with zero rows, K into
-// 32-wide chunks padded with zeros, and each panel pair's weights are interleaved into pairs once per call;
-// every y[m, n] is then the tile unit's fixed sequence of pair products over the chunks in order, from row m of
-// x alone: a third set of bits, and again the same whatever M, the other rows or the thread.
+// Where the CPU also has AMX (Sapphire Rapids and later), bf16 weights are packed for the tile unit instead
+// (pack(w, pairs), isa "amx"; the layout picks the path): pair products again, 16 rows x 16 columns x 32 k per
+// instruction, so a tree's extra rows cost next to nothing where the vector paths are bound by arithmetic past a
+// few rows (on a 2-vCPU Xeon guest a 12-node forward took 2.3x one token's through vdpbf16ps, 1.1-1.3x here).
+// The weights are laid out once as the tile unit reads them (pairs of k, 32-column panel pairs, K padded to
+// 32-wide chunks with zeros); x is staged per call into 16-row tiles padded with zero rows. Every y[m, n] is the
+// tile unit's fixed sequence of pair products over the chunks in order, from row m of x alone: a third set of
+// bits, and again the same whatever M, the other rows or the thread.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
