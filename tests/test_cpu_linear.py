@@ -99,6 +99,7 @@ def test_bfloat16_weights_compute_as_their_float32_widening(k: int, n: int, isa:
             wide_bias = None if bias is None else bias.float()
             exact = cpu.linear(x.float(), widened, wide_bias, isa)
             assert torch.equal(cpu.linear(x.float(), packed, bias, isa), exact)
+            assert torch.equal(cpu.linear(x.float(), w, bias), exact)  # a raw weight, packed as float32 x reads it
             y = cpu.linear(x, packed, bias, isa)
             assert y.dtype == torch.bfloat16 and torch.equal(y, exact.bfloat16())
             singles = torch.cat([cpu.linear(x[i : i + 1], packed, bias, isa) for i in range(m)])

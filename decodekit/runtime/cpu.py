@@ -190,7 +190,10 @@ def linear(
     AVX-512 BF16, else AVX-512 where it has that), ``"avx2"``, ``"avx512"`` (these two give the same bits),
     ``"avx512_bf16"`` (bfloat16 x and weights) or ``"amx"`` (bfloat16 x, a weight packed for AMX).
     """
-    packed = w if isinstance(w, PackedWeight) else pack(w, None if isa == "auto" else isa == "amx")
+    if isinstance(w, PackedWeight):
+        packed = w
+    else:  # the layout that isa reads ("auto": AMX's where it serves, for bfloat16 x)
+        packed = pack(w, (None if x.dtype == torch.bfloat16 else False) if isa == "auto" else isa == "amx")
     x_dtypes = (torch.float32, packed.data.dtype)
     if x.dtype not in x_dtypes or x.device.type != "cpu" or x.shape[-1] != packed.k:
         raise ValueError(
