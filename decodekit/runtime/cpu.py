@@ -208,11 +208,12 @@ def linear(
         raise ValueError(f"cpu.linear: isa must be one of {', '.join(ISAS)}, not {isa!r}")
     if isa in BF16_ONLY_ISAS and not (x.dtype == packed.data.dtype == torch.bfloat16):
         raise ValueError(f"cpu.linear: the {isa} path needs bfloat16 x and weights")
-    if (packed.data.dim() == 4) != (isa == "amx") and isa != "auto":
+    amx_layout = packed.data.dim() == 4
+    if amx_layout != (isa == "amx") and isa != "auto":
         raise ValueError(
             f"cpu.linear: isa {isa!r} does not read this layout: the amx path, and only it, reads pack(w, amx=True)"
         )
-    if packed.data.dim() == 4 and x.dtype != torch.bfloat16:
+    if amx_layout and x.dtype != torch.bfloat16:
         raise ValueError("cpu.linear: a weight packed for AMX needs bfloat16 x")
     x2 = x.reshape(-1, packed.k).contiguous()
     y = _ops().linear(x2, packed.data, packed.n, None if bias is None else bias.detach().contiguous(), isa)

@@ -63,10 +63,10 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <vector>
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -373,12 +373,14 @@ SG_AMX void amx_panels(const bf16* xs, int64_t M, int64_t Mp, int64_t Kp, const 
 }
 
 int64_t amx_depth(int64_t K) { return (K + AMX_CHUNK - 1) / AMX_CHUNK * AMX_CHUNK; }
+// Panels of the pair layout for N outputs: whole pairs of 16-row panels.
+int64_t amx_panels_for(int64_t N) { return (N + 2 * NR - 1) / (2 * NR) * 2; }
 
 // The pair layout of w [N, K] bf16: [Q, Kp / 2, 16, 2] with Q = ceil(N / 32) * 2 panels and Kp = K rounded up
 // to 32; element (p, r, i, j) is w[16 p + i, 2 r + j] (zero past N or K). Each 32 x 16 block (r in a chunk of
 // 16) is a tile of weights as the tile unit reads them.
 void pack_pairs(const bf16* src, bf16* dst, int64_t N, int64_t K) {
-  const int64_t Kp = amx_depth(K), panels = (N + 2 * NR - 1) / (2 * NR) * 2;
+  const int64_t Kp = amx_depth(K), panels = amx_panels_for(N);
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t i = 0; i < NR && p * NR + i < N; ++i)
@@ -392,7 +394,7 @@ void amx_linear(const bf16* x, int64_t M, int64_t K, const bf16* wp, int64_t N, 
   const int64_t Mp = (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS, Kp = amx_depth(K);
   std::vector<bf16> xs(Mp * Kp, bf16(0.0f));
   for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * Kp, x + m * K, K * sizeof(bf16));
-  at::parallel_for(0, (N + 2 * NR - 1) / (2 * NR), std::max<int64_t>(1, grain / 2), [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, amx_panels_for(N) / 2, std::max<int64_t>(1, grain / 2), [&](int64_t q0, int64_t q1) {
     amx_panels(xs.data(), M, Mp, Kp, wp, N, bias, y, q0, q1);
   });
 }
@@ -421,7 +423,7 @@ at::Tensor pack(const at::Tensor& w, bool pairs) {
   const at::Tensor wc = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
   if (pairs) {
-    at::Tensor out = at::zeros({(N + 2 * NR - 1) / (2 * NR) * 2, amx_depth(K) / 2, NR, 2}, w.options());
+    at::Tensor out = at::zeros({amx_panels_for(N), amx_depth(K) / 2, NR, 2}, w.options());
     pack_pairs(wc.data_ptr<bf16>(), out.data_ptr<bf16>(), N, K);
     return out;
   }
@@ -460,7 +462,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& wp, int64_t n, const st
               "weights)");
   const int64_t M = x.size(0), K = x.size(1), N = n;
   const bool plain_shape = wp.dim() == 3 && wp.size(0) == (N + NR - 1) / NR && wp.size(1) == K && wp.size(2) == NR;
-  const bool pair_shape = tiles && wp.size(0) == (N + 2 * NR - 1) / (2 * NR) * 2 && wp.size(1) == amx_depth(K) / 2 &&
+  const bool pair_shape = tiles && wp.size(0) == amx_panels_for(N) && wp.size(1) == amx_depth(K) / 2 &&
                           wp.size(2) == NR && wp.size(3) == 2;
   TORCH_CHECK(N >= 0 && wp.device().is_cpu() && is_weight_dtype(wp.scalar_type()) && wp.is_contiguous() &&
                   (plain_shape || pair_shape),
