@@ -195,6 +195,7 @@ class Decoding:
         self.out: list[int] = []
         self.done = False
         self.last_path = torch.zeros(1, dtype=torch.int64)  # node indices the last step accepted, root first
+        self._proposed = False  # the drafter proposed since the last step
         self._start = time.perf_counter()
 
     @property
@@ -223,6 +224,7 @@ class Decoding:
         draft = self.drafter.propose(self.sequence[: self.length])
         _check(draft, int(self.sequence[self.length - 1]), self.method)
         self.stats.draft_s += time.perf_counter() - start
+        self._proposed = True
         return draft
 
     def root_draft(self) -> Draft:
@@ -244,7 +246,8 @@ class Decoding:
         if keep is not None:
             committed, finish = committed[:keep], "stop"
         start = time.perf_counter()
-        self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler))
+        self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler, self._proposed))
+        self._proposed = False
         self.stats.draft_s += time.perf_counter() - start
         self.sampler.advance(committed)
         self.out.extend(committed)

@@ -5,6 +5,7 @@ from decodekit.drafters import TargetInfo, make_drafter, parse_method
 from decodekit.drafters.base import StepOutcome
 from decodekit.drafters.recycling import PUBLISHED_TREE, TemplateTree, TokenRecycling, path_score, subtree
 from decodekit.errors import InvalidParameter
+from decodekit.runtime.tree import Tree
 
 VOCAB = 50
 
@@ -63,6 +64,11 @@ def test_observe_overwrites_every_nodes_row_with_topk():
     assert drafter.adjacency[5].tolist() == [21, 31, 41]  # a rejected node's row is recycled too
     assert drafter.adjacency[6].tolist() == [22, 32, 42]
     assert drafter.adjacency.dtype == torch.int32
+    undrafted = StepOutcome(
+        type(draft)(draft_tokens[:1], Tree.chain(1)), logits[:1] * 0, torch.tensor([0]), [0], None, False
+    )
+    drafter.observe(undrafted)  # a step the engine did not draft (under load) leaves the matrix alone
+    assert drafter.adjacency[4].tolist() == [20, 30, 40]
 
 
 def test_prompt_seeding_fills_rows_from_prompt_logits():

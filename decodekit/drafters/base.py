@@ -76,6 +76,8 @@ class StepOutcome:
     path, root first. ``committed``: the tokens appended to the sequence this step (accepted drafts then the
     target's bonus token), already cut at EOS, a stop string or the token budget. ``sampler``: the request's
     sampling state (parameters, random generator, the target distribution of any node), None in unit tests.
+    ``drafted``: False when the engine skipped ``propose`` this step (plain decoding under load; the draft is
+    the root alone): a drafter may then skip learning that costs, since its drafts are not wanted for now.
     """
 
     draft: Draft
@@ -83,6 +85,7 @@ class StepOutcome:
     accepted: torch.Tensor
     committed: list[int]
     sampler: Sampler | None = None
+    drafted: bool = True
 
 
 @runtime_checkable
