@@ -3,8 +3,9 @@
 Per request the engine calls ``begin`` once, then repeats ``propose`` -> (one forward + verification) ->
 ``observe``. Drafters see token ids and target logits only; they never touch the model or the KV cache.
 Under load the server may verify only a prefix of a draft (``Draft.prefix``), or skip ``propose`` for a step:
-``observe`` then gets a draft of the root alone, which the drafter did not propose. So a drafter lists its most
-promising nodes first (parents still before children): a cut then keeps the best subtree of its size.
+``observe`` then gets a draft of the root alone, which the drafter did not propose (``StepOutcome.drafted``).
+So a drafter lists its most promising nodes first (parents still before children): a cut then keeps the best
+subtree of its size.
 """
 
 from __future__ import annotations
