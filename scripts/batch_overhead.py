@@ -22,6 +22,7 @@ import torch
 
 from decodekit.batch import Batch
 from decodekit.drafters import make_drafter
+from decodekit.drafters.base import MAX_DRAFT_NODES
 from decodekit.engine import Decoding, encode_prompt, target_info
 from decodekit.prompts import builtin_questions
 from decodekit.runtime.loader import load_model
@@ -67,7 +68,7 @@ def main() -> None:
 
     model = load_model(args.model, dtype=args.dtype)
     prompts = [encode_prompt(model, question.turns[0]) for question in builtin_questions()]
-    capacity = max(map(len, prompts)) + args.max_tokens + 256 + 1
+    capacity = max(map(len, prompts)) + args.max_tokens + MAX_DRAFT_NODES  # as Decoding.capacity
     setups = {"ar": Batch(model, args.rows, capacity, adaptive=False)}
     setups[args.method] = Batch(model, args.rows, capacity, adaptive=True)
     for name, batch in setups.items():  # warm-up

@@ -10,9 +10,8 @@ from test_engine import Oracle
 from decodekit import Engine
 from decodekit.batch import Batch, StepCost, best_width, interpolate
 from decodekit.drafters import METHODS, make_drafter
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
+from decodekit.drafters.base import MAX_DRAFT_NODES, Autoregressive
 from decodekit.engine import Decoding, target_info
-from decodekit.runtime.tree import Tree
 from decodekit.sampling import GREEDY, SamplingParams
 
 PROMPTS = [
@@ -210,11 +209,11 @@ def test_rates_are_kept_for_a_bounded_number_of_methods(tiny_model, monkeypatch)
     assert list(batch.method_rates) == ["lookup:num_tokens=4", "recycling"] == list(batch.method_drafts)
 
 
-class Recorder(Broken):
-    """Drafts the root alone and records each step's ``drafted`` flag."""
+class Recorder(Autoregressive):
+    """Plain decoding that records each step's ``drafted`` flag."""
 
-    def propose(self, sequence):
-        return Draft(sequence[-1:], Tree.chain(1))
+    def __init__(self):
+        self.drafted = []
 
     def observe(self, outcome):
         self.drafted.append(outcome.drafted)
@@ -223,7 +222,6 @@ class Recorder(Broken):
 def test_a_step_without_propose_tells_the_drafter_it_did_not_draft(tiny_model):
     ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
     recorder = Recorder()
-    recorder.drafted = []
     request = Decoding(tiny_model, recorder, "recorder", ids, 10, [], GREEDY)
     cache = tiny_model.transformer.new_cache(request.capacity)
     request.prefill(cache)
