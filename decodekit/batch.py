@@ -16,7 +16,8 @@ start, corrected by the steps since measured at each batch size and width. Draft
 cut to their first ``w`` nodes (still a tree). At ``w = 1`` no drafter proposes (each still observes the step):
 plain decoding. Rates come from scoring each whole draft against the text that followed it, which greedy
 verification would have accepted node for node, so nodes cut off (or never verified) are scored too; in steps
-at ``w = 1`` the drafters still propose every ``SHADOW_EVERY`` steps, only to be scored. Under load-aware
+at ``w = 1`` each drafter still proposes every ``max(SHADOW_EVERY, B)`` steps, only to be scored, the rows taking
+turns, so a step carries about one such proposal at most rather than every row's at once. Under load-aware
 speculation only a request that decodes alone (or a pinned one) gets prompt logits: they cost a vocabulary-wide
 projection per prompt token, batch of one, and only seed drafters such as recycling, whose pooled state is warm
 from earlier requests anyway.
@@ -43,7 +44,7 @@ WARMUP_DRAFTS = 8  # a method drafts its whole tree until this many of its draft
 # goodput a wider tree may give up when one request decodes alone: its drafter learns from every verified node
 # (Token Recycling's matrix), which the estimate leaves out; under load, ties go to the narrower tree
 WIDTH_TOLERANCE = 0.03
-SHADOW_EVERY = 8  # in steps without drafts, every so many steps the drafters propose anyway, to keep scoring
+SHADOW_EVERY = 8  # in steps without drafts, a row proposes anyway every so many steps (or B), to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
 MAX_METHODS = 64  # method specs whose rates are kept (the oldest is forgotten first)
 COST_RATE = 0.1  # weight of a step in the running ratio of measured to table seconds at its batch size and width
@@ -157,6 +158,7 @@ class Row:
     decoding: Decoding
     pinned: bool  # always drafts its whole tree (a seeded sample must not depend on the load)
     node_rates: torch.Tensor | None  # float64 [MAX_DRAFT_NODES]
+    turn: int  # its turn among the rows to propose in steps without drafts (the join count)
     draft_seconds: float = 0.0  # running seconds of its drafter per drafting step
     unscored: list[tuple[int, Draft]] = field(default_factory=list)  # (sequence length when proposed, draft)
 
@@ -176,6 +178,7 @@ class Batch:
         self.cost = StepCost.calibrate(model.transformer, self.cache) if adaptive else None
         self.last_width = 0  # the width of the last step (metrics)
         self.steps = 0
+        self.joined = 0
 
     @property
     def full(self) -> bool:
@@ -190,7 +193,9 @@ class Batch:
         view.check_room(decoding.capacity)
         decoding.prefill(view, prompt_logits=pinned or not self.adaptive or not self.rows)
         warm = self.method_drafts.get(decoding.method, 0) >= WARMUP_DRAFTS
-        self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
+        rates = self.method_rates[decoding.method].clone() if warm else None
+        self.rows.append(Row(decoding, pinned, rates, turn=self.joined))
+        self.joined += 1
 
     def leave(self, decoding: Decoding) -> None:
         """Free ``decoding``'s row (the last live row moves into it)."""
@@ -206,7 +211,7 @@ class Batch:
         stays until the caller makes it leave)."""
         step_start = time.perf_counter()
         width = self._width()
-        shadow = self.cost is not None and self.steps % SHADOW_EVERY == 0
+        shadow_every = max(SHADOW_EVERY, len(self.rows))
         self.steps += 1
         drafts: list[Draft] = []
         proposed: list[bool] = []
@@ -214,6 +219,7 @@ class Batch:
         spent_before = [row.decoding.stats.draft_s for row in self.rows]
         for b, row in enumerate(self.rows):
             draft = row.decoding.root_draft()
+            shadow = self.cost is not None and (self.steps + row.turn) % shadow_every == 0
             if row.pinned or width > 1 or shadow:
                 try:
                     whole = row.decoding.propose()

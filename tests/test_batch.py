@@ -230,3 +230,26 @@ def test_a_step_without_propose_tells_the_drafter_it_did_not_draft(tiny_model):
         logits = tiny_model.transformer(draft.tokens[None], cache, draft.tree)[0]
         request.accept(draft, logits, cache, 0, 0.0)
     assert recorder.drafted == [True, False, True]
+
+
+def test_without_drafts_the_rows_take_turns_to_propose(tiny_model):
+    """At width 1 a row still proposes (only to be scored) every max(SHADOW_EVERY, B) steps, one row a step."""
+    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
+    batch = Batch(tiny_model, max_rows=10, capacity=512, adaptive=True)
+    recorders = [Recorder() for _ in range(10)]
+    for recorder in recorders:
+        batch.join(Decoding(tiny_model, recorder, "recorder", ids, 40, [], GREEDY))
+    chosen = []  # each step's width, as the batch chose it before drafting
+    while batch.rows:
+        chosen.append(batch._width())
+        for request, _ in batch.step():
+            if request.done:
+                batch.leave(request)
+    plain = chosen.index(1)  # root-only drafts never pay: width 1 once the method's rates are warm
+    assert plain <= 2 and set(chosen[plain:]) == {1}
+    drafted = torch.tensor([recorder.drafted for recorder in recorders])
+    assert drafted[:, :plain].all()  # the warm-up drafted whole trees
+    drafted = drafted[:, plain:]
+    assert (drafted.sum(dim=0) == 1).all()  # ten rows, every tenth step each: exactly one a step
+    for row in drafted:
+        assert set(row.nonzero().flatten().diff().tolist()) == {10}
