@@ -158,7 +158,6 @@ class Row:
     decoding: Decoding
     pinned: bool  # always drafts its whole tree (a seeded sample must not depend on the load)
     node_rates: torch.Tensor | None  # float64 [MAX_DRAFT_NODES]
-    turn: int  # its turn among the rows to propose in steps without drafts (the join count)
     draft_seconds: float = 0.0  # running seconds of its drafter per drafting step
     unscored: list[tuple[int, Draft]] = field(default_factory=list)  # (sequence length when proposed, draft)
 
@@ -178,7 +177,6 @@ class Batch:
         self.cost = StepCost.calibrate(model.transformer, self.cache) if adaptive else None
         self.last_width = 0  # the width of the last step (metrics)
         self.steps = 0
-        self.joined = 0
 
     @property
     def full(self) -> bool:
@@ -193,9 +191,7 @@ class Batch:
         view.check_room(decoding.capacity)
         decoding.prefill(view, prompt_logits=pinned or not self.adaptive or not self.rows)
         warm = self.method_drafts.get(decoding.method, 0) >= WARMUP_DRAFTS
-        rates = self.method_rates[decoding.method].clone() if warm else None
-        self.rows.append(Row(decoding, pinned, rates, turn=self.joined))
-        self.joined += 1
+        self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
 
     def leave(self, decoding: Decoding) -> None:
         """Free ``decoding``'s row (the last live row moves into it)."""
@@ -219,7 +215,7 @@ class Batch:
         spent_before = [row.decoding.stats.draft_s for row in self.rows]
         for b, row in enumerate(self.rows):
             draft = row.decoding.root_draft()
-            shadow = self.cost is not None and (self.steps + row.turn) % shadow_every == 0
+            shadow = self.cost is not None and (self.steps + b) % shadow_every == 0  # rows take turns
             if row.pinned or width > 1 or shadow:
                 try:
                     whole = row.decoding.propose()
