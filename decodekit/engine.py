@@ -236,7 +236,10 @@ class Decoding:
         commit the accepted path there, let the drafter observe and hand out the committed tokens. Sets ``done``
         after the last step."""
         start = time.perf_counter()
-        path, bonus = self.sampler.verify(draft.tokens, draft.tree, logits, draft.candidates, draft.draft_probs)
+        greedy_choices = self.sampler.greedy_choices(draft.tokens, draft.tree, logits)
+        path, bonus = self.sampler.verify(
+            draft.tokens, draft.tree, logits, greedy_choices, draft.candidates, draft.draft_probs
+        )
         cache.commit(row, path)
         self.last_path = path
         self.stats.forward_s += forward_s + time.perf_counter() - start
@@ -246,7 +249,7 @@ class Decoding:
         if keep is not None:
             committed, finish = committed[:keep], "stop"
         start = time.perf_counter()
-        self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler, self._proposed))
+        self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler, self._proposed, greedy_choices))
         self._proposed = False
         self.stats.draft_s += time.perf_counter() - start
         self.sampler.advance(committed)

@@ -16,7 +16,7 @@ import torch
 
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
-from decodekit.verify import verify_greedy, verify_sampled
+from decodekit.verify import greedy_choice, verify_greedy, verify_sampled
 
 
 @dataclass(frozen=True)
@@ -142,19 +142,26 @@ class Sampler:
         """The target distribution p (float64 ``[V]``) for the token after draft node ``node``."""
         return warp(self.node_logits(logits, tokens, tree, torch.tensor([node]))[0], self.params)
 
+    def greedy_choices(self, tokens: torch.Tensor, tree: Tree, logits: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]`` on the CPU: the token greedy decoding picks after every draft node, the first maximum of
+        its penalized logits row (``logits`` ``[n, V]`` on any device)."""
+        scores = logits if self.seen is None else self.node_logits(logits, tokens, tree, torch.arange(tree.size))
+        return greedy_choice(scores).cpu()
+
     def verify(
         self,
         tokens: torch.Tensor,
         tree: Tree,
         logits: torch.Tensor,
+        greedy_choices: torch.Tensor,
         candidates: torch.Tensor | None = None,
         draft_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Accepted path (node indices, root first) and the next token, by the greedy rule at temperature 0 and
-        by rejection sampling otherwise. ``logits`` ``[n, V]`` on any device."""
+        """Accepted path (node indices, root first) and the next token: by the greedy rule against
+        ``greedy_choices`` (from :meth:`greedy_choices`) at temperature 0, by rejection sampling over ``logits``
+        ``[n, V]`` (any device) otherwise."""
         if self.params.greedy:
-            scores = logits if self.seen is None else self.node_logits(logits, tokens, tree, torch.arange(tree.size))
-            return verify_greedy(tokens, tree, scores.argmax(dim=-1).cpu(), candidates)
+            return verify_greedy(tokens, tree, greedy_choices, candidates)
         logits = logits.cpu()
         return verify_sampled(
             tokens,

@@ -30,7 +30,7 @@ def step(d: AggressiveDecoding, sequence: list[int], target: list[int]) -> list[
     while k < len(proposed) and k < len(target) and proposed[k] == target[k]:
         k += 1
     committed = target[: k + 1]
-    d.observe(StepOutcome(draft, torch.empty(0), torch.arange(k + 1), committed))
+    d.observe(StepOutcome(draft, torch.zeros(draft.tree.size, 1), torch.arange(k + 1), committed))
     sequence.extend(committed)
     return proposed
 

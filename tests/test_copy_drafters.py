@@ -154,6 +154,13 @@ def test_hybrid_merges_parts_and_hands_each_its_own_outcome():
     assert seen_a.logits[:, 0].tolist() == [0, 1, 3, 5]
     assert seen_b.draft.tokens.tolist() == [0, 1, 4, 5] and seen_b.accepted.tolist() == [0, 1, 2]
     assert seen_b.logits[:, 0].tolist() == [0, 1, 4, 2]
+    # a part that never reads logits gets none copied, but its rows of the greedy choices all the same
+    a.wants_step_logits = False
+    choices = torch.tensor([10, 11, 12, 13, 14, 15])
+    hybrid.observe(StepOutcome(merged, logits, torch.tensor([0, 1, 4]), [1, 4, 9], greedy_choices=choices))
+    seen_a, seen_b = a.seen[-1], b.seen[-1]
+    assert seen_a.logits.shape == (4, 0) and seen_a.greedy_choices.tolist() == [10, 11, 13, 15]
+    assert seen_b.logits[:, 0].tolist() == [0, 1, 4, 2] and seen_b.greedy_choices.tolist() == [10, 11, 14, 12]
 
 
 def test_hybrid_learns_which_parts_nodes_get_accepted():

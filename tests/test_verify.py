@@ -1,7 +1,7 @@
 import torch
 
 from decodekit.runtime.tree import Tree
-from decodekit.verify import continuation_matches, verify_greedy
+from decodekit.verify import continuation_matches, greedy_choice, verify_greedy
 
 PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # see test_tree.py
 
@@ -68,3 +68,10 @@ def test_continuation_matches_scores_a_tree_against_the_text_that_followed():
     target = torch.tensor([5, 6, 0, 7, 0, 1])
     path, _ = verify_greedy(tokens, tree, target)
     assert [i for i, m in enumerate(matched) if m] == path.tolist() == [0, 1, 3, 5]
+
+
+def test_greedy_choice_is_argmax_ties_and_nan_included():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [float("nan"), 5.0, 5.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    assert greedy_choice(logits).tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 0]
+    tied = torch.randint(-2, 2, (16, 49152), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(greedy_choice(tied), tied.argmax(dim=-1))

@@ -4,7 +4,7 @@ State: a trigram table, two-token context -> decayed counts of the tokens that f
 one token -> counts, consulted when the trigram context is unseen. Both learn online from
 
 - the prompt, added at ``begin``;
-- the target's verdict after every draft node: ``argmax(logits[i])`` is the token the model emits after node i,
+- the target's verdict after every draft node: ``greedy_choices[i]`` is the token the model emits after node i,
   a fact for the context (parent token, node token). Along the accepted path these facts are the committed
   tokens; on rejected branches they are what the model would have said there;
 - optionally the prompt's logits (``seed_logits``) and a corpus of token ids (``corpus``, loaded once).
@@ -28,6 +28,7 @@ import torch
 from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
+from decodekit.verify import greedy_choice
 
 MAX_NODES = MAX_DRAFT_NODES - 1  # the root is not counted
 RESCALE_AT = 1e30  # lazy decay: counts grow by 1/decay per token and are scaled back to ~1 past this
@@ -61,6 +62,8 @@ class AdaptiveNgram:
     ~28 MB when full at the defaults). With decay 0.999 a context seen once falls under ``min_prob`` after
     ~3300 tokens, and a request touches ~3 contexts per token, so 16384 rows hold what can still be drafted.
     """
+
+    wants_step_logits = False  # observe reads StepOutcome.greedy_choices only
 
     def __init__(
         self,
@@ -105,7 +108,7 @@ class AdaptiveNgram:
             self._tick(1)
             self._add(tokens[j - 2] if j >= 2 else None, tokens[j - 1], tokens[j])
         if prompt_logits is not None:
-            for i, predicted in enumerate(prompt_logits.argmax(dim=-1).tolist()):
+            for i, predicted in enumerate(greedy_choice(prompt_logits).tolist()):
                 self._add(tokens[i - 1] if i else None, tokens[i], predicted)
 
     def propose(self, sequence: torch.Tensor) -> Draft:
@@ -133,7 +136,7 @@ class AdaptiveNgram:
         tokens = outcome.draft.tokens.tolist()
         parents = outcome.draft.tree.parents.tolist()
         self._tick(len(outcome.committed))
-        for i, predicted in enumerate(outcome.logits.argmax(dim=-1).tolist()):
+        for i, predicted in enumerate(outcome.greedy_choices.tolist()):
             self._add(tokens[parents[i]] if i else self._before_root, tokens[i], predicted)
         self._before_root = [tokens[0], *outcome.committed][-2]  # kept here too: a step may skip propose
 

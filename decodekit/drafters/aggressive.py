@@ -63,6 +63,7 @@ class AggressiveDecoding:
     """
 
     wants_prompt_logits = False
+    wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(self, target: TargetInfo, max_draft: int = 16, min_match: int = 1, source_tokens: int = 0) -> None:
         if max_draft < 1:

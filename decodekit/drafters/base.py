@@ -5,7 +5,8 @@ Per request the engine calls ``begin`` once, then repeats ``propose`` -> (one fo
 Under load the server may verify only a prefix of a draft (``Draft.prefix``), or skip ``propose`` for a step:
 ``observe`` then gets a draft of the root alone, which the drafter did not propose (``StepOutcome.drafted``).
 So a drafter lists its most promising nodes first (parents still before children): a cut then keeps the best
-subtree of its size.
+subtree of its size. A drafter whose ``observe`` never reads ``StepOutcome.logits`` may say so with a class
+attribute ``wants_step_logits = False``: a hybrid then hands it ``[n, 0]`` logits instead of copying its rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from decodekit.runtime.tree import Tree
 from decodekit.sampling import Sampler
+from decodekit.verify import greedy_choice
 
 MAX_DRAFT_NODES = 256  # the largest tree (root included) a drafter may propose; the engine reserves cache for it
 
@@ -73,12 +75,16 @@ class StepOutcome:
     """What one verification step found, handed to ``Drafter.observe``.
 
     ``logits`` float ``[n, vocab]``: the target's logits after every draft node, rejected ones included
-    (row i predicts the token that follows node i). ``accepted`` int64 ``[m]``: node indices of the accepted
+    (row i predicts the token that follows node i); ``[n, 0]`` inside a hybrid for a drafter whose
+    ``wants_step_logits`` is False. ``accepted`` int64 ``[m]``: node indices of the accepted
     path, root first. ``committed``: the tokens appended to the sequence this step (accepted drafts then the
     target's bonus token), already cut at EOS, a stop string or the token budget. ``sampler``: the request's
     sampling state (parameters, random generator, the target distribution of any node), None in unit tests.
     ``drafted``: False when the engine skipped ``propose`` this step (plain decoding under load; the draft is
     the root alone): a drafter may then skip learning that costs, since its drafts are not wanted for now.
+    ``greedy_choices`` int64 ``[n]``: the token greedy decoding picks after every node, the first maximum of its
+    logits row after any repetition penalty (what greedy verification compared the drafts with); the engine
+    hands it on, and when left out it is taken from ``logits``. Cheaper to read than an argmax over ``logits``.
     """
 
     draft: Draft
@@ -87,6 +93,11 @@ class StepOutcome:
     committed: list[int]
     sampler: Sampler | None = None
     drafted: bool = True
+    greedy_choices: torch.Tensor = None  # type: ignore[assignment]  # filled in by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.greedy_choices is None:
+            object.__setattr__(self, "greedy_choices", greedy_choice(self.logits))
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ class CopySpec:
     back to its last ``history`` tokens whenever it doubles)."""
 
     wants_prompt_logits = False
+    wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(
         self, target: TargetInfo, gamma: int = 3, num_tokens: int = 8, max_tokens: int = 32, history: int = 16384

@@ -104,7 +104,7 @@ class Hybrid:
                 for i in range(1, len(own.tokens)):
                     trials[i] += reached[i]
                     hits[i] += matched[i]
-            part.observe(_restrict(outcome, own, verified, on_path))
+            part.observe(_restrict(outcome, own, verified, on_path, getattr(part, "wants_step_logits", True)))
 
 
 class _PartDraft:
@@ -119,16 +119,21 @@ class _PartDraft:
         )
 
 
-def _restrict(outcome: StepOutcome, own: _PartDraft, verified: int, on_path: set[int]) -> StepOutcome:
+def _restrict(
+    outcome: StepOutcome, own: _PartDraft, verified: int, on_path: set[int], with_logits: bool
+) -> StepOutcome:
     """The outcome as one part sees it: its nodes that made it into the verified draft, renumbered, with their
-    logits and its share of the accepted path (``on_path``: merged-draft indices)."""
+    greedy choices, their logits (``[n, 0]`` unless ``with_logits``: a vocabulary-wide copy that most parts never
+    read) and its share of the accepted path (``on_path``: merged-draft indices)."""
     nodes = [i for i, m in enumerate(own.kept) if 0 <= m < verified]  # closed under parents, like the merged draft
     renumber = {node: j for j, node in enumerate(nodes)}
     rows = [own.kept[i] for i in nodes]
+    at = torch.tensor(rows)
     return StepOutcome(
         Draft(own.draft.tokens[nodes], Tree(torch.tensor([-1] + [renumber[own.parents[i]] for i in nodes[1:]]))),
-        outcome.logits[rows],
+        outcome.logits.index_select(0, at) if with_logits else outcome.logits.new_empty(len(rows), 0),
         torch.tensor([j for j, row in enumerate(rows) if row in on_path], dtype=torch.int64),
         outcome.committed,
         outcome.sampler,
+        greedy_choices=outcome.greedy_choices[at],
     )

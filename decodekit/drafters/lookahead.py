@@ -70,7 +70,7 @@ class Lookahead:
         # slots: the root and the window; predicted[i] is the target's token after slots[0..i], a guess for
         # the position after slot i. That is one Jacobi iteration over the window.
         slots = outcome.draft.tokens[torch.cat([torch.tensor([0]), side])].tolist()
-        predicted = outcome.logits[torch.cat([torch.tensor([0]), side])].argmax(dim=-1).tolist()
+        predicted = outcome.greedy_choices[torch.cat([torch.tensor([0]), side])].tolist()
         for i in range(self.ngram - 2, len(slots)):
             self._remember((*slots[i - self.ngram + 2 : i + 1], predicted[i]))
         fresh = predicted[len(outcome.committed) :]  # guesses for the positions after what was committed

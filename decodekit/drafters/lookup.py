@@ -66,6 +66,7 @@ class PromptLookup:
     """Method ``lookup``. Memory: the n-gram index of one request (see :class:`NgramIndex`)."""
 
     wants_prompt_logits = False
+    wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(
         self, target: TargetInfo, min_ngram: int = 1, max_ngram: int = 4, num_tokens: int = 10, branches: int = 1

@@ -52,7 +52,7 @@ class SpeculativeJacobi:
             return
         rows += rows[-1:] * (self.window_size - len(rows))
         if sampler is None or sampler.params.greedy:
-            guesses = outcome.logits[rows].argmax(dim=-1).tolist()
+            guesses = outcome.greedy_choices[rows].tolist()
             self.window, self.window_probs = guesses, None
             return
         probs = {row: sampler.node_probs(outcome.logits, draft.tokens, draft.tree, row) for row in set(rows)}

@@ -193,6 +193,7 @@ class SuffixDrafter:
     """
 
     wants_prompt_logits = False
+    wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(
         self,
