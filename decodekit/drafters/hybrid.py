@@ -28,14 +28,15 @@ BINS, BIN_PRIOR = 10, 4.0  # a part's own estimates, in tenths; each tenth start
 
 class Hybrid:
     """Method ``hybrid``. ``parts``: method specs joined by ``+`` (default options each; build a Hybrid in code
-    for others). The default, suffix + copyspec, measured best of the mixes tried (48 Spec-Bench first turns on
-    the 2-core test CPU: 1.68x ar in float32 and 1.64x in bfloat16, against 1.57x for aded + lookup; suffix alone
-    1.68x and 1.63x). ``budget``: draft nodes per step. ``min_score``: the least estimated chance of reaching a
-    node for it to be verified; a node pays when that chance exceeds MAT x (node cost / step cost), ~0.1 on that
-    CPU (0.2 measured no better). Memory: the parts' own, plus four float arrays per part."""
+    for others). ``budget``: draft nodes per step. ``min_score``: the least estimated chance of reaching a node
+    for it to be verified; a node pays when that chance exceeds MAT x (row cost / step cost). The defaults,
+    aded + copyspec at 0.07 with 24 nodes, measured best of the mixes tried on the 2-vCPU AMX test machine in
+    bfloat16 (192 Spec-Bench first turns: 4.42x transformers' greedy against 4.25x for aded alone, the best single
+    drafter there; a row there costs 0.5-1 ms of a ~25 ms step, more with longer contexts, at MAT ~2.2: break-even
+    0.04-0.09). Memory: the parts' own, plus four float arrays per part."""
 
     def __init__(
-        self, target: TargetInfo, parts: str = "suffix+copyspec", budget: int = 16, min_score: float = 0.1
+        self, target: TargetInfo, parts: str = "aded+copyspec", budget: int = 24, min_score: float = 0.07
     ) -> None:
         from decodekit.drafters import make_drafter  # the registry imports this module
 
