@@ -9,7 +9,8 @@ and node index, from a neutral prior): static trees (recycling) are calibrated n
 copy) depth by depth. The committed tokens say what every node would have met, so nodes cut from the merged tree
 are scored too, and a part that starts badly is not shut out for good. The merged trie keeps the ``budget``
 best-scored nodes at or above ``min_score``; nodes two parts agree on are verified once. Each part then observes
-its own kept nodes as if it had drafted alone (its rows of the target logits, its part of the accepted path).
+its own kept nodes as if it had drafted alone (its rows of the target's greedy choices and, unless it declares
+``wants_step_logits = False``, of the logits; its part of the accepted path).
 """
 
 from __future__ import annotations
