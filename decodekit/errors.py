@@ -1,5 +1,13 @@
 """Typed errors. Every failure a user can cause raises a subclass of DecodekitError with a one-line message."""
 
+ECHO_CHARS = 40  # a value echoed in a message is cut to this many characters
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message never echoes a whole request."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class DecodekitError(Exception):
     """Base class: the CLI prints ``str(err)`` on one line and exits non-zero."""

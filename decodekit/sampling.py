@@ -18,12 +18,16 @@ from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
 from decodekit.verify import greedy_choice, verify_greedy, verify_sampled
 
+# the smallest temperature and the largest factor a penalty may scale logits by: beyond them float64 scores
+# overflow and the distribution turns to NaN (below MIN_TEMPERATURE, sample greedily with temperature 0)
+MIN_TEMPERATURE, MAX_PENALTY = 1e-5, 1e3
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature`` 0 = greedy. ``top_k`` 0 = off; ``top_p`` 1 = off; ``min_p`` 0 = off;
-    ``repetition_penalty`` 1 = off (CTRL's rule: a seen token's logit is divided by it when positive, multiplied
-    when negative); ``seed`` None = a fresh random seed per request."""
+    """``temperature`` 0 = greedy, else at least ``MIN_TEMPERATURE``. ``top_k`` 0 = off; ``top_p`` 1 = off;
+    ``min_p`` 0 = off; ``repetition_penalty`` 1 = off (CTRL's rule: a seen token's logit is divided by it when
+    positive, multiplied when negative); ``seed`` None = a fresh random seed per request."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -43,16 +47,19 @@ class SamplingParams:
         number("top_p", self.top_p)
         number("min_p", self.min_p)
         number("repetition_penalty", self.repetition_penalty)
-        if self.temperature < 0:
-            raise InvalidParameter(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE:
+            raise InvalidParameter(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}"
+            )
         if self.top_k < 0:
             raise InvalidParameter(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise InvalidParameter(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InvalidParameter(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            bounds, got = f"[{1 / MAX_PENALTY}, {MAX_PENALTY}]", self.repetition_penalty
+            raise InvalidParameter(f"repetition_penalty must be in {bounds} (1 = off), got {got}")
         if self.seed is not None:
             number("seed", self.seed, integer=True)
             if not 0 <= self.seed < 2**63:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from decodekit.errors import InvalidParameter
+
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 
 
@@ -14,6 +18,27 @@ def encode_chat(tokenizer: object, messages: list[dict[str, str]]) -> list[int]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it can be encoded as UTF-8; InvalidParameter otherwise (a lone surrogate, as JSON's "\\ud800"
+    or undecodable bytes on a command line give)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidParameter(f"{what} is not valid text: an unpaired surrogate at character {err.start}") from None
+    return text
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    """The stop strings of a ``stop`` argument: one string is one stop string; empty ones are dropped (they would
+    cut everything). InvalidParameter for anything but text."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for i, text in enumerate(stops):
+        if not isinstance(text, str):
+            raise InvalidParameter(f"stop strings must be text, got {type(text).__name__} at position {i}")
+        check_text(text, "a stop string")
+    return [text for text in stops if text]
 
 
 def find_stop(text: str, stops: list[str], start: int = 0) -> int | None:

@@ -122,7 +122,7 @@ def test_spec_bench_file_format(tmp_path):
         (["--categories", "poetry"], "selection holds no questions"),
         (["--per-category", "0"], "--per-category must be a positive integer"),
         (["--report", "/nonexistent/result.json"], "cannot read bench result"),
-        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--temperature", "-0.5"], "temperature must be 0 (greedy) or at least"),
     ],
 )
 def test_bad_input_gives_one_error_line(tiny_dir, tmp_path, capsys, args, message):

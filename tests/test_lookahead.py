@@ -1,7 +1,5 @@
 """Lookahead: the draft layout (candidates, then the Jacobi window as side tokens), the pool and the window."""
 
-from collections import deque
-
 import torch
 
 from decodekit.drafters.base import StepOutcome, TargetInfo
@@ -20,7 +18,7 @@ def outcome_with_predictions(draft, predicted: list[int], committed: list[int]) 
 def test_window_rides_as_a_side_chain_after_the_candidates():
     drafter = Lookahead(TargetInfo(VOCAB), window=3, ngram=3, candidates=2)
     drafter.begin(torch.tensor([1, 2, 3, 4]), None)
-    drafter.pool[4] = deque([(5, 6), (7, 8)], maxlen=2)
+    drafter.pool[4] = [(5, 6), (7, 8)]
     draft = drafter.propose(torch.tensor([1, 2, 3, 4]))
     # root, trie of (7 8) then (5 6), best (the newest n-gram) first, then the window (the prompt's last three
     # tokens) as a chain
@@ -38,7 +36,7 @@ def test_one_jacobi_iteration_fills_the_pool_and_shifts_the_window():
     # predictions after root, 10, 11, 12, 13
     drafter.observe(outcome_with_predictions(draft, [20, 21, 22, 23, 24], committed=[20]))
     # n-grams (slot i-1, slot i, prediction after slot i) keyed by their first token
-    assert drafter.pool[13] == deque([(10, 21)])
+    assert drafter.pool[13] == [(10, 21)]
     assert list(drafter.pool[10]) == [(11, 22)] and list(drafter.pool[11]) == [(12, 23)]
     assert list(drafter.pool[12]) == [(13, 24)]
     # one token committed: the window now guesses the four positions after it

@@ -84,7 +84,7 @@ def test_prompt_seeding_fills_rows_from_prompt_logits():
 
 def test_matrix_size_in_bytes():
     drafter = TokenRecycling(TargetInfo(49152), k=8)
-    assert drafter.matrix_bytes == 49152 * 8 * 4
+    assert drafter.memory_bytes() == 49152 * 8 * 4
 
 
 def test_method_specs():

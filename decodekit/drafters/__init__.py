@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 from decodekit.drafters.aded import AdaptiveNgram
 from decodekit.drafters.aggressive import AggressiveDecoding
 from decodekit.drafters.base import Autoregressive, Draft, Drafter, StepOutcome, TargetInfo
@@ -11,10 +9,11 @@ from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
+from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, options_of
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.drafters.sjd import SpeculativeJacobi
 from decodekit.drafters.suffix import SuffixDrafter
-from decodekit.errors import InvalidParameter
+from decodekit.errors import InvalidParameter, clip
 
 METHODS: dict[str, type] = {
     "ar": Autoregressive,
@@ -30,64 +29,60 @@ METHODS: dict[str, type] = {
 }
 
 __all__ = [
+    "CLIENT",
     "METHODS",
+    "OPERATOR",
     "Draft",
     "Drafter",
+    "MethodPolicy",
     "StepOutcome",
     "TargetInfo",
     "make_drafter",
+    "method_options",
     "parse_method",
     "resolved_options",
 ]
 
 
-def _convert(method: str, key: str, raw: str, default: object) -> object:
-    if isinstance(default, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-    elif isinstance(default, int):
-        try:
-            return int(raw)
-        except ValueError:
-            pass
-    elif isinstance(default, float):
-        try:
-            return float(raw)
-        except ValueError:
-            pass
-    else:
-        return raw
-    raise InvalidParameter(f"option {key} of method {method} expects a {type(default).__name__}, got {raw!r}")
-
-
-def parse_method(spec: str) -> tuple[type, dict[str, object]]:
-    """``"recycling:k=8,tree=16"`` -> (TokenRecycling, {"k": 8, "tree": "16"}), validating names and types."""
+def parse_method(spec: str, policy: MethodPolicy = OPERATOR) -> tuple[type, dict[str, object]]:
+    """``"recycling:k=8,tree=16"`` -> (TokenRecycling, {"k": 8, "tree": "16"}): the method allowed by ``policy``,
+    every option it sets known, settable under ``policy``, of its type and within its declared bounds."""
+    if not isinstance(spec, str):
+        raise InvalidParameter(f"a method spec is a string such as 'recycling:k=8', got {type(spec).__name__}")
     name, _, options = spec.strip().partition(":")
-    if name not in METHODS:
-        raise InvalidParameter(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    cls = METHODS[name]
-    params = {p.name: p.default for p in list(inspect.signature(cls.__init__).parameters.values())[2:]}
+    allowed = [m for m in METHODS if policy.methods is None or m in policy.methods]
+    if name not in allowed:
+        raise InvalidParameter(f"unknown method {clip(name)}; available: {', '.join(allowed)}")
+    known = options_of(METHODS[name])
     kwargs: dict[str, object] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq or key not in params:
-            allowed = ", ".join(params) or "none"
-            raise InvalidParameter(f"bad option {item!r} for method {name} (options: {allowed})")
-        kwargs[key] = _convert(name, key, raw.strip(), params[key])
-    return cls, kwargs
+        if not policy.options:
+            raise InvalidParameter(f"this server lets requests name a method, not set its options ({clip(item)})")
+        key, eq, raw = (part.strip() for part in item.partition("="))
+        option = known.get(key)
+        if not eq or option is None:
+            raise InvalidParameter(f"bad option {clip(item)} for method {name} (options: {', '.join(known) or 'none'})")
+        if not (policy.operator or option.client_settable):
+            raise InvalidParameter(f"option {key} of method {name} can be set by the server's operator only")
+        try:
+            kwargs[key] = option.parse(raw)
+        except ValueError as err:
+            raise InvalidParameter(f"option {key} of method {name}: {clip(raw)} {err}") from None
+    return METHODS[name], kwargs
+
+
+def method_options(name: str) -> dict[str, Option]:
+    """The options of a registered method, by name (their kinds, bounds and defaults)."""
+    return options_of(METHODS[name])
 
 
 def resolved_options(spec: str) -> dict[str, object]:
     """Every option of a method spec, defaults filled in: what a benchmark records to be rerun exactly."""
     cls, kwargs = parse_method(spec)
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]
-    return {p.name: p.default for p in params} | kwargs
+    return {name: option.default for name, option in options_of(cls).items()} | kwargs
 
 
-def make_drafter(spec: str, target: TargetInfo) -> Drafter:
-    """Build the drafter a method spec names."""
-    cls, kwargs = parse_method(spec)
+def make_drafter(spec: str, target: TargetInfo, policy: MethodPolicy = OPERATOR) -> Drafter:
+    """Build the drafter a method spec names, its options checked under ``policy``."""
+    cls, kwargs = parse_method(spec, policy)
     return cls(target, **kwargs)

@@ -21,22 +21,26 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
+from decodekit.drafters.options import FilePath, Range, checked_options, read_regular_file
 from decodekit.drafters.trie import DraftTrie
-from decodekit.errors import InvalidParameter
+from decodekit.errors import InvalidParameter, clip
 from decodekit.verify import greedy_choice
 
 MAX_NODES = MAX_DRAFT_NODES - 1  # the root is not counted
 RESCALE_AT = 1e30  # lazy decay: counts grow by 1/decay per token and are scaled back to ~1 past this
+ROW_BYTES, COUNT_BYTES = 280, 85  # CPython 3.11, measured with tracemalloc: a context's row, one count in it
+CORPUS_BYTES = 16 << 20  # the largest corpus file read (~4M token ids, ~20 s to learn)
 CORPUS_MASS = 4.0  # a corpus context's counts are scaled to total at most this many fresh observations
 
 Row = dict[int, float]  # next token -> decayed count
 
 
+@checked_options
 class AdaptiveNgram:
     """Method ``aded``. Drafts a tree from decayed trigram/bigram counts of the model's own behaviour.
 
@@ -58,9 +62,10 @@ class AdaptiveNgram:
     MAT -0.005.
 
     Memory: at most ``max_contexts`` trigram rows + ``max_contexts`` bigram rows of ``max_next`` counts each,
-    i.e. ``2 * max_contexts * max_next`` counts however much text is seen (~110 bytes per count in CPython:
-    ~28 MB when full at the defaults). With decay 0.999 a context seen once falls under ``min_prob`` after
-    ~3300 tokens, and a request touches ~3 contexts per token, so 16384 rows hold what can still be drafted.
+    i.e. ``2 * max_contexts * max_next`` counts however much text is seen (``ROW_BYTES`` per row and
+    ``COUNT_BYTES`` per count in CPython: ~31 MB when full at the defaults, ~107 MB at the largest bounds). With
+    decay 0.999 a context seen once falls under ``min_prob`` after ~3300 tokens, and a request touches ~3
+    contexts per token, so 16384 rows hold what can still be drafted.
     """
 
     wants_step_logits = False  # observe reads StepOutcome.greedy_choices only
@@ -68,23 +73,15 @@ class AdaptiveNgram:
     def __init__(
         self,
         target: TargetInfo,
-        max_nodes: int = 16,
-        min_prob: float = 0.07,
-        decay: float = 0.999,
-        prior: float = 0.5,
-        max_contexts: int = 16384,
-        max_next: int = 8,
+        max_nodes: Annotated[int, Range(0, MAX_NODES)] = 16,
+        min_prob: Annotated[float, Range(0, 1)] = 0.07,
+        decay: Annotated[float, Range(0.5, 1)] = 0.999,
+        prior: Annotated[float, Range(1e-3, 1e3)] = 0.5,
+        max_contexts: Annotated[int, Range(1, 1 << 15)] = 16384,
+        max_next: Annotated[int, Range(1, 16)] = 8,
         seed_logits: bool = False,
-        corpus: str = "",
+        corpus: Annotated[str, FilePath(CORPUS_BYTES)] = "",
     ) -> None:
-        if not 0 <= max_nodes <= MAX_NODES:
-            raise InvalidParameter(f"aded max_nodes must be between 0 and {MAX_NODES}, got {max_nodes}")
-        if not 0 < decay <= 1:
-            raise InvalidParameter(f"aded decay must be in (0, 1], got {decay}")
-        if prior <= 0 or min_prob < 0:
-            raise InvalidParameter(f"aded needs prior > 0 and min_prob >= 0, got {prior}, {min_prob}")
-        if max_contexts < 1 or max_next < 1:
-            raise InvalidParameter(f"aded needs max_contexts, max_next >= 1, got {max_contexts}, {max_next}")
         self.vocab = target.vocab_size
         self.max_nodes, self.min_prob, self.decay, self.prior = max_nodes, min_prob, decay, prior
         self.max_contexts, self.max_next = max_contexts, max_next
@@ -94,12 +91,15 @@ class AdaptiveNgram:
         self._unit = 1.0  # the weight of one fresh observation
         self._before_root: int | None = None  # the token before the last proposed root
         if corpus:
-            self._load_corpus(Path(corpus))
+            self._load_corpus(corpus)
 
     @property
     def num_counts(self) -> int:
         """Counts stored in both tables (the quantity the memory bound caps)."""
         return sum(map(len, self.trigrams.values())) + sum(map(len, self.bigrams.values()))
+
+    def memory_bytes(self) -> int:
+        return ROW_BYTES * (len(self.trigrams) + len(self.bigrams)) + COUNT_BYTES * self.num_counts
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         tokens = prompt.tolist()
@@ -108,7 +108,8 @@ class AdaptiveNgram:
             self._tick(1)
             self._add(tokens[j - 2] if j >= 2 else None, tokens[j - 1], tokens[j])
         if prompt_logits is not None:
-            for i, predicted in enumerate(greedy_choice(prompt_logits).tolist()):
+            first = len(tokens) - 1 - len(prompt_logits)  # the position the first logits row follows
+            for i, predicted in enumerate(greedy_choice(prompt_logits).tolist(), first):
                 self._add(tokens[i - 1] if i else None, tokens[i], predicted)
 
     def propose(self, sequence: torch.Tensor) -> Draft:
@@ -182,15 +183,19 @@ class AdaptiveNgram:
                         row[t] /= self._unit
             self._unit = 1.0
 
-    def _load_corpus(self, path: Path) -> None:
+    def _load_corpus(self, path: str) -> None:
         """Learn the trigrams of a file of whitespace-separated token ids, each context's counts scaled to total
         at most ``CORPUS_MASS`` so that the model's own behaviour soon outweighs the corpus."""
         try:
-            tokens = [int(t) for t in path.read_text().split()]
-        except (OSError, ValueError) as err:
-            raise InvalidParameter(f"aded corpus {str(path)!r} is not a readable file of token ids: {err}") from None
+            data = read_regular_file(path, CORPUS_BYTES)
+        except ValueError as err:
+            raise InvalidParameter(f"aded corpus {clip(path)} {err}") from None
+        try:
+            tokens = [int(t) for t in data.split()]
+        except ValueError:  # int()'s message would quote the file
+            raise InvalidParameter(f"aded corpus {clip(path)} does not hold whitespace-separated token ids") from None
         if not all(0 <= t < self.vocab for t in tokens):
-            raise InvalidParameter(f"aded corpus {str(path)!r} holds token ids outside [0, {self.vocab})")
+            raise InvalidParameter(f"aded corpus {clip(path)} holds token ids outside [0, {self.vocab})")
         for j in range(1, len(tokens)):
             self._add(tokens[j - 2] if j >= 2 else None, tokens[j - 1], tokens[j])
         for table in (self.trigrams, self.bigrams):

@@ -38,12 +38,15 @@ Memory: the source (at most the prompt) and an index of one follow position per 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
+from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import chain_draft
-from decodekit.errors import InvalidParameter
 
+SOURCE_TOKEN_BYTES = 110  # CPython 3.11, measured with tracemalloc: a source token and its share of ``follows``
 MAX_SUFFIX = 32  # longest suffix tried when re-anchoring: a search does at most MAX_SUFFIX * len(source) work
 
 # A draft node pays when its chance of acceptance exceeds what it costs in tokens: on this CPU a step takes
@@ -54,6 +57,7 @@ PRIOR = (4.0, 1.0)  # (accepted, rejected) pseudo-counts: p = 0.8, a first draft
 DECAY = 0.8  # weight of the past per drafting step; 0.5-1.0 all measured within 0.02 tokens per step
 
 
+@checked_options
 class AggressiveDecoding:
     """Method ``aggressive``. Options: ``max_draft`` (longest draft), ``min_match`` (shortest anchoring suffix),
     ``source_tokens`` (the source is the prompt's last ``source_tokens`` tokens; 0: the whole prompt).
@@ -65,13 +69,13 @@ class AggressiveDecoding:
     wants_prompt_logits = False
     wants_step_logits = False  # observe never reads StepOutcome.logits
 
-    def __init__(self, target: TargetInfo, max_draft: int = 16, min_match: int = 1, source_tokens: int = 0) -> None:
-        if max_draft < 1:
-            raise InvalidParameter(f"aggressive needs max_draft >= 1, got {max_draft}")
-        if not 1 <= min_match <= MAX_SUFFIX:
-            raise InvalidParameter(f"aggressive needs 1 <= min_match <= {MAX_SUFFIX}, got {min_match}")
-        if source_tokens < 0:
-            raise InvalidParameter(f"aggressive needs source_tokens >= 0, got {source_tokens}")
+    def __init__(
+        self,
+        target: TargetInfo,
+        max_draft: Annotated[int, Range(1, MAX_DRAFT_NODES - 1)] = 16,
+        min_match: Annotated[int, Range(1, MAX_SUFFIX)] = 1,
+        source_tokens: Annotated[int, Range(0, 1 << 20)] = 0,
+    ) -> None:
         self.max_draft, self.min_match, self.source_tokens = max_draft, min_match, source_tokens
         self.source: list[int] = []
         self.follows: dict[tuple[int, ...], list[int]] = {}  # min_match-gram -> positions j after it, j < len
@@ -118,6 +122,9 @@ class AggressiveDecoding:
             self.anchor += len(committed)
         else:
             self.anchor = None
+
+    def memory_bytes(self) -> int:
+        return SOURCE_TOKEN_BYTES * len(self.source)
 
     def _length(self) -> int:
         """The largest L in [1, max_draft] with p ** L >= ACCEPT_FLOOR."""

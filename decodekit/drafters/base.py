@@ -106,14 +106,18 @@ class Drafter(Protocol):
     wants_prompt_logits: bool
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
-        """Start a request. ``prompt`` int64 ``[p]``; ``prompt_logits`` float ``[p - 1, vocab]`` (row i predicts
-        token i + 1) when ``wants_prompt_logits``, else None."""
+        """Start a request. ``prompt`` int64 ``[p]``; ``prompt_logits`` float ``[m, vocab]`` over the last prompt
+        positions, ``m <= p - 1`` (row i predicts token ``p - m + i``; the engine hands at most
+        ``decodekit.engine.PREFILL_CHUNK`` rows) when ``wants_prompt_logits``, else None."""
 
     def propose(self, sequence: torch.Tensor) -> Draft:
         """Draft from ``sequence`` int64 ``[t]`` (prompt and committed output; ``sequence[-1]`` is the root)."""
 
     def observe(self, outcome: StepOutcome) -> None:
         """Learn from the verified step."""
+
+    def memory_bytes(self) -> int:
+        """About how many bytes of state the drafter holds now (what keeping it idle costs); cheap to call."""
 
 
 class Autoregressive:
@@ -133,3 +137,6 @@ class Autoregressive:
 
     def observe(self, outcome: StepOutcome) -> None:
         pass
+
+    def memory_bytes(self) -> int:
+        return 0

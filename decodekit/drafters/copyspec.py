@@ -9,14 +9,18 @@ to ``num_tokens`` after a rejection, so long verbatim passages cost few steps an
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.lookup import NgramIndex
+from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import chain_draft
 from decodekit.errors import InvalidParameter
 
 
+@checked_options
 class CopySpec:
     """Method ``copyspec``. Memory: at most ``2 * history`` tokens and their index entries (the history is cut
     back to its last ``history`` tokens whenever it doubles)."""
@@ -25,7 +29,12 @@ class CopySpec:
     wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(
-        self, target: TargetInfo, gamma: int = 3, num_tokens: int = 8, max_tokens: int = 32, history: int = 16384
+        self,
+        target: TargetInfo,
+        gamma: Annotated[int, Range(1, 16)] = 3,
+        num_tokens: Annotated[int, Range(1, MAX_DRAFT_NODES - 1)] = 8,
+        max_tokens: Annotated[int, Range(1, MAX_DRAFT_NODES - 1)] = 32,
+        history: Annotated[int, Range(1, 1 << 16)] = 16384,
     ) -> None:
         if not 1 <= num_tokens <= max_tokens:
             raise InvalidParameter(f"copyspec needs 1 <= num_tokens <= max_tokens, got {num_tokens}, {max_tokens}")
@@ -54,6 +63,9 @@ class CopySpec:
         if drafted:
             whole = outcome.accepted.numel() - 1 == drafted
             self.span = min(2 * self.span, self.max_tokens) if whole else self.num_tokens
+
+    def memory_bytes(self) -> int:
+        return self.index.memory_bytes()
 
     def _append(self, new_tokens: list[int]) -> None:
         if len(self.index.tokens) + len(new_tokens) > 2 * self.history:

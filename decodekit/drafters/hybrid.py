@@ -15,18 +15,24 @@ its own kept nodes as if it had drafted alone (its rows of the target's greedy c
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
+from decodekit.drafters.options import Methods, Range, checked_options
 from decodekit.drafters.trie import DraftTrie
-from decodekit.errors import InvalidParameter
+from decodekit.errors import InvalidParameter, clip
 from decodekit.runtime.tree import Tree
 from decodekit.verify import continuation_matches
 
+MAX_PARTS = 8  # methods one hybrid merges
+PART_BYTES = 20_000  # CPython 3.11: a part's four lists of running counts (~530 floats)
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0  # a node nobody has seen yet is taken as a coin flip
 BINS, BIN_PRIOR = 10, 4.0  # a part's own estimates, in tenths; each tenth starts as 4 nodes at its middle
 
 
+@checked_options
 class Hybrid:
     """Method ``hybrid``. ``parts``: method specs joined by ``+`` (default options each; build a Hybrid in code
     for others). ``budget``: draft nodes per step. ``min_score``: the least estimated chance of reaching a node
@@ -37,15 +43,17 @@ class Hybrid:
     0.04-0.09). Memory: the parts' own, plus four float arrays per part."""
 
     def __init__(
-        self, target: TargetInfo, parts: str = "aded+copyspec", budget: int = 24, min_score: float = 0.07
+        self,
+        target: TargetInfo,
+        parts: Annotated[str, Methods(MAX_PARTS)] = "aded+copyspec",
+        budget: Annotated[int, Range(1, MAX_DRAFT_NODES - 1)] = 24,
+        min_score: Annotated[float, Range(0, 1)] = 0.07,
     ) -> None:
         from decodekit.drafters import make_drafter  # the registry imports this module
 
         names = [name for name in parts.split("+") if name]
         if len(names) < 2 or "hybrid" in {name.partition(":")[0] for name in names}:
-            raise InvalidParameter(f"hybrid needs two or more other methods joined by '+', got {parts!r}")
-        if budget < 1:
-            raise InvalidParameter(f"hybrid budget must be >= 1, got {budget}")
+            raise InvalidParameter(f"hybrid needs two or more other methods joined by '+', got {clip(parts)}")
         self.parts = [make_drafter(name, target) for name in names]
         if any(getattr(part, "side_tokens", False) or getattr(part, "samples_drafts", False) for part in self.parts):
             raise InvalidParameter("hybrid merges deterministic drafts only: not lookahead's side tokens or sjd")
@@ -107,6 +115,9 @@ class Hybrid:
                     trials[i] += reached[i]
                     hits[i] += matched[i]
             part.observe(_restrict(outcome, own, verified, on_path, getattr(part, "wants_step_logits", True)))
+
+    def memory_bytes(self) -> int:
+        return sum(part.memory_bytes() for part in self.parts) + PART_BYTES * len(self.parts)
 
 
 class _PartDraft:

@@ -13,16 +13,22 @@ diagonals of the last ``ngram - 1`` iterations.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from typing import Annotated
 
 import torch
 
 from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import DraftTrie
-from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
 
+# CPython 3.11, measured with tracemalloc: a pool key (its int, list and ordered-dict slot), an n-gram tail's
+# tuple, and each token in it
+KEY_BYTES, GRAM_BYTES, TOKEN_BYTES = 250, 80, 36
 
+
+@checked_options
 class Lookahead:
     """Method ``lookahead``. Memory: the window, and a pool of at most ``pool_keys`` first tokens (least recently
     used evicted) with ``candidates`` n-grams each: ``pool_keys * candidates * (ngram - 1)`` tokens."""
@@ -31,15 +37,15 @@ class Lookahead:
     side_tokens = True
 
     def __init__(
-        self, target: TargetInfo, window: int = 5, ngram: int = 4, candidates: int = 3, pool_keys: int = 4096
+        self,
+        target: TargetInfo,
+        window: Annotated[int, Range(1, 32)] = 5,
+        ngram: Annotated[int, Range(2, 8)] = 4,
+        candidates: Annotated[int, Range(1, 16)] = 3,
+        pool_keys: Annotated[int, Range(1, 1 << 14)] = 4096,
     ) -> None:
-        if window < 1 or ngram < 2 or candidates < 1 or pool_keys < 1:
-            raise InvalidParameter(
-                "lookahead needs window >= 1, ngram >= 2, candidates >= 1 and pool_keys >= 1, got "
-                f"{window}, {ngram}, {candidates}, {pool_keys}"
-            )
         self.window_size, self.ngram, self.candidates, self.pool_keys = window, ngram, candidates, pool_keys
-        self.pool: OrderedDict[int, deque[tuple[int, ...]]] = OrderedDict()
+        self.pool: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()  # first token -> n-gram tails, oldest first
         self.window: list[int] = []
         self._side_start = 0  # index of the first window node in the last draft
 
@@ -77,11 +83,15 @@ class Lookahead:
         if fresh:
             self.window = fresh[: self.window_size] + fresh[-1:] * (self.window_size - len(fresh))
 
+    def memory_bytes(self) -> int:
+        grams = sum(map(len, self.pool.values()))
+        return KEY_BYTES * len(self.pool) + (GRAM_BYTES + TOKEN_BYTES * (self.ngram - 1)) * grams
+
     def _remember(self, gram: tuple[int, ...]) -> None:
         first, rest = gram[0], gram[1:]
         grams = self.pool.get(first)
         if grams is None:
-            grams = self.pool[first] = deque(maxlen=self.candidates)
+            grams = self.pool[first] = []
             if len(self.pool) > self.pool_keys:
                 self.pool.popitem(last=False)
         else:
@@ -89,3 +99,5 @@ class Lookahead:
         if rest in grams:
             grams.remove(rest)
         grams.append(rest)
+        if len(grams) > self.candidates:
+            del grams[0]

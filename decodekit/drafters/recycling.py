@@ -10,10 +10,12 @@ as the drafter, so it carries over between requests of one engine.
 from __future__ import annotations
 
 from functools import cache
+from typing import Annotated
 
 import torch
 
 from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
+from decodekit.drafters.options import Choice, Range, checked_options
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.tree import Tree
 
@@ -99,6 +101,7 @@ def parse_tree(tree: str, target: TargetInfo) -> tuple[str, ...]:
     return subtree(size)
 
 
+@checked_options
 class TokenRecycling:
     """Drafts from an adjacency matrix of the model's own recent top-k predictions.
 
@@ -107,9 +110,13 @@ class TokenRecycling:
     over the prompt; on by default: +0.15 MAT and +5% tokens/s on Spec-Bench, BENCHMARKS.md).
     """
 
-    def __init__(self, target: TargetInfo, k: int = 8, tree: str = "auto", seed_prompt: bool = True) -> None:
-        if k < 1:
-            raise InvalidParameter(f"recycling k must be >= 1, got {k}")
+    def __init__(
+        self,
+        target: TargetInfo,
+        k: Annotated[int, Range(1, 64)] = 8,
+        tree: Annotated[str, Choice(("auto", "published"), Range(1, len(PUBLISHED_TREE)))] = "auto",
+        seed_prompt: bool = True,
+    ) -> None:
         self.k = k
         self.template = TemplateTree(parse_tree(tree, target))
         if self.template.max_rank >= k:
@@ -117,16 +124,16 @@ class TokenRecycling:
         self.adjacency = torch.zeros(target.vocab_size, k, dtype=torch.int32)
         self.wants_prompt_logits = seed_prompt
 
-    @property
-    def matrix_bytes(self) -> int:
+    def memory_bytes(self) -> int:
         return self.adjacency.numel() * self.adjacency.element_size()
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         if prompt_logits is not None and len(prompt_logits):
+            tokens = prompt[-1 - len(prompt_logits) : -1]  # the tokens the logits rows follow
             # the root's row keeps what followed it in the last answer: an earlier occurrence in the prompt
             # (a chat template's newline, say) was followed by prompt text, not by the answer's first token
-            seeded = prompt[: len(prompt_logits)] != prompt[-1]
-            self._record(prompt[: len(prompt_logits)][seeded], prompt_logits[seeded])
+            seeded = tokens != prompt[-1]
+            self._record(tokens[seeded], prompt_logits[seeded])
 
     def propose(self, sequence: torch.Tensor) -> Draft:
         tokens = torch.empty(self.template.tree.size, dtype=torch.int64)

@@ -11,14 +11,17 @@ temperature 0 the guesses are argmaxes: plain Jacobi decoding, verified greedily
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
-from decodekit.errors import InvalidParameter
+from decodekit.drafters.options import Range, checked_options
 from decodekit.runtime.tree import Tree
 from decodekit.verify import draw
 
 
+@checked_options
 class SpeculativeJacobi:
     """Method ``sjd``. Memory: the window and, under sampling, its distributions: ``(window + 1) * vocab``
     float64 values."""
@@ -26,9 +29,7 @@ class SpeculativeJacobi:
     wants_prompt_logits = False
     samples_drafts = True  # its drafts carry q: they cannot be merged into another method's tree
 
-    def __init__(self, target: TargetInfo, window: int = 4) -> None:
-        if not 1 <= window <= 64:
-            raise InvalidParameter(f"sjd window must be in [1, 64], got {window}")
+    def __init__(self, target: TargetInfo, window: Annotated[int, Range(1, 64)] = 4) -> None:
         self.window_size, self.vocab_size = window, target.vocab_size
         self.tree = Tree.chain(window + 1)
         self.window: list[int] = []
@@ -60,3 +61,6 @@ class SpeculativeJacobi:
         for slot, row in enumerate(rows, start=1):
             self.window_probs[slot] = probs[row]
         self.window = [draw(row, sampler.generator) for row in self.window_probs[1:]]
+
+    def memory_bytes(self) -> int:
+        return 0 if self.window_probs is None else self.window_probs.numel() * self.window_probs.element_size()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from decodekit.errors import DeviceUnavailable, InvalidParameter, ModelFileError, UnsupportedArchitecture
+from decodekit.errors import DeviceUnavailable, InvalidParameter, ModelFileError, UnsupportedArchitecture, clip
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Transformer
 
@@ -76,6 +76,8 @@ def default_model_file() -> Path:
 
 def resolve_checkpoint(model: str | Path | None, cache_dir: str | Path | None = None) -> Path:
     """Return a Hugging Face checkpoint directory for ``model`` (None = the default), converting GGUF if needed."""
+    if not isinstance(model, str | Path | None):
+        raise InvalidParameter(f"model must be a path (a checkpoint directory or a .gguf file), got {clip(model)}")
     path = default_model_file() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelFileError(f"model path not found: {path}")
@@ -118,8 +120,11 @@ def convert_gguf(path: Path, root: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger("decodekit").warning("converting %s once into %s", path.name, target)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
+    except OSError as err:
+        raise ModelFileError(f"cannot write converted weights into {root}: {err.strerror}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
