@@ -1,9 +1,15 @@
 """Continuous batching: many requests decode together, one forward per step over all their draft trees.
 
-Live requests hold the first rows of one KV cache. A request joins between steps (its prompt is prefilled alone,
-into the next free row) and leaves between steps (the last row moves into its place). In a step every live
-request drafts with its own drafter, the trees are padded to one size and scored in one forward, and each row is
+Live requests hold the first rows of one KV cache, joining requests the rows after them, first come first. A
+step first prefills joining requests, up to ``prefill_chunk`` prompt tokens: every one whose remaining prompt fits
+whole (oldest first; it moves before a long prompt that is half in), else, if nothing else was prefilled, whole
+chunks of ``decodekit.engine.PREFILL_CHUNK`` tokens of the oldest one (at least one chunk). So a long prompt is
+scored a chunk at a time between the live requests' steps instead of stalling them, and a short one that comes
+after it does not wait for it. A request whose prompt is all in goes live where it is. Then every live request
+drafts with its own drafter, the trees are padded to one size and scored in one forward, and each row is
 verified and committed on its own, so a request's greedy output does not depend on what else is in the batch.
+A request leaves between steps: the last live row moves into a live row's place, and the joining rows move down
+one (only the oldest may hold entries, so both moves cost at most one copy of a row's entries each).
 
 Load-aware speculation (SmartSpec's goodput): before drafting, the batch picks one tree width ``w`` (nodes per
 row, root included) for the step, the one with the most expected committed tokens per second::
@@ -18,9 +24,9 @@ plain decoding. Rates come from scoring each whole draft against the text that f
 verification would have accepted node for node, so nodes cut off (or never verified) are scored too; in steps
 at ``w = 1`` each drafter still proposes every ``max(SHADOW_EVERY, B)`` steps, only to be scored, the rows taking
 turns, so a step carries about one such proposal at most rather than every row's at once. Under load-aware
-speculation only a request that decodes alone (or a pinned one) gets prompt logits: they cost a vocabulary-wide
-projection per prompt token, batch of one, and only seed drafters such as recycling, whose pooled state is warm
-from earlier requests anyway.
+speculation only a request that decodes alone when its prefill completes (or a pinned one) gets prompt logits:
+they cost a vocabulary-wide projection per prompt token, batch of one, and only seed drafters such as recycling,
+whose pooled state is warm from earlier requests anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
-from decodekit.engine import Chunk, Decoding
+from decodekit.engine import PREFILL_CHUNK, Chunk, Decoding
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.model import Transformer
@@ -152,8 +158,8 @@ def _powers_of_two(limit: int) -> list[int]:
 
 @dataclass
 class Row:
-    """A live request: its decoding, node rates (None until its method has data), drafting seconds, and the
-    drafts it proposed whose outcome the text has not yet shown."""
+    """A request in the batch: its decoding, node rates (None until its method has data, or while it joins),
+    drafting seconds, and the drafts it proposed whose outcome the text has not yet shown."""
 
     decoding: Decoding
     pinned: bool  # always drafts its whole tree (a seeded sample must not depend on the load)
@@ -163,15 +169,26 @@ class Row:
 
 
 class Batch:
-    """Up to ``max_rows`` requests decoding together over one KV cache of ``capacity`` slots per row.
+    """Up to ``max_rows`` requests, live or joining, over one KV cache of ``capacity`` slots per row.
 
     ``adaptive``: choose each step's tree width by goodput (else every drafter's whole tree, always).
+    ``prefill_chunk``: prompt tokens a step may prefill (whole chunks, at least one).
+    Invariant: ``rows`` (live) hold cache rows ``[0, len(rows))``, ``joining`` the next ones in order, and only
+    ``joining[0]`` may be partly prefilled.
     """
 
-    def __init__(self, model: LoadedModel, max_rows: int, capacity: int, adaptive: bool = True) -> None:
-        self.model, self.adaptive = model, adaptive
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_rows: int,
+        capacity: int,
+        adaptive: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        self.model, self.adaptive, self.prefill_chunk = model, adaptive, prefill_chunk
         self.cache = model.transformer.new_cache(capacity, max_rows)
         self.rows: list[Row] = []
+        self.joining: list[Row] = []  # first come first, prefilled a few chunks a step
         self.method_rates: dict[str, torch.Tensor] = {}  # node rates a method's next request starts from
         self.method_drafts: dict[str, int] = {}  # scored drafts behind them
         self.cost = StepCost.calibrate(model.transformer, self.cache) if adaptive else None
@@ -179,32 +196,78 @@ class Batch:
         self.steps = 0
 
     @property
+    def size(self) -> int:
+        """Requests in the batch, live and joining."""
+        return len(self.rows) + len(self.joining)
+
+    @property
     def full(self) -> bool:
-        return len(self.rows) >= self.cache.batch
+        return self.size >= self.cache.batch
 
     def join(self, decoding: Decoding, pinned: bool = False) -> None:
-        """Prefill ``decoding``'s prompt into the next free row. Raises PromptTooLong when it would not fit."""
+        """Queue ``decoding`` to be prefilled into the next free row by the coming steps. Raises PromptTooLong
+        when it would not fit."""
         assert not self.full
-        row = len(self.rows)
-        view = self.cache.rows(row, row + 1)
+        view = self.cache.rows(self.size, self.size + 1)
         view.reset()
         view.check_room(decoding.capacity)
-        decoding.prefill(view, prompt_logits=pinned or not self.adaptive or not self.rows)
-        warm = self.method_drafts.get(decoding.method, 0) >= WARMUP_DRAFTS
-        self.rows.append(Row(decoding, pinned, self.method_rates[decoding.method].clone() if warm else None))
+        self.joining.append(Row(decoding, pinned, None))
 
     def leave(self, decoding: Decoding) -> None:
-        """Free ``decoding``'s row (the last live row moves into it)."""
-        index = next(i for i, row in enumerate(self.rows) if row.decoding is decoding)
-        last = len(self.rows) - 1
-        if index != last:
-            self.cache.move_row(last, index)
-            self.rows[index] = self.rows[last]
-        self.rows.pop()
+        """Free ``decoding``'s row, live or joining (see the invariant)."""
+        index = next(i for i, row in enumerate(self.rows + self.joining) if row.decoding is decoding)
+        if index < len(self.rows):
+            last = len(self.rows) - 1
+            if index != last:
+                self.cache.move_row(last, index)
+                self.rows[index] = self.rows[last]
+            self.rows.pop()
+            index = last
+        else:
+            del self.joining[index - len(self.rows)]
+        for row in range(index, self.size):  # the joining rows after the freed one move down
+            self.cache.move_row(row + 1, row)
 
     def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
-        """One forward over every live row; each row's committed chunk, or the error that failed it (the row
-        stays until the caller makes it leave)."""
+        """Prefill joining rows, then one forward over every live row; each live row's committed chunk, or the
+        error that failed a row, live or joining (the row stays until the caller makes it leave)."""
+        failed = self._prefill()
+        return failed + self._decode() if self.rows else failed
+
+    def _prefill(self) -> list[tuple[Decoding, Chunk | Exception]]:
+        """Spend up to ``prefill_chunk`` prompt tokens on the joining rows (see the module docstring); each whose
+        prompt is all in goes live where it is. Returns the error of a row whose prefill failed."""
+        spent = 0
+        while self.joining and spent < self.prefill_chunk:
+            left = self.prefill_chunk - spent
+            fits = next((j for j, row in enumerate(self.joining) if row.decoding.prompt_left <= left), None)
+            if fits is None and spent:
+                break  # the oldest goes on next step
+            if fits:
+                self._to_front(fits)
+            row, index = self.joining[0], len(self.rows)
+            seeds = row.pinned or not self.adaptive or not self.rows  # prompt logits, if it completes now
+            try:
+                spent += row.decoding.prefill(self.cache.rows(index, index + 1), left, seeds)
+            except Exception as err:  # a failing prefill fails its own request only
+                return [(row.decoding, err)]
+            if not row.decoding.prefilled:
+                break
+            warm = self.method_drafts.get(row.decoding.method, 0) >= WARMUP_DRAFTS
+            row.node_rates = self.method_rates[row.decoding.method].clone() if warm else None
+            self.rows.append(self.joining.pop(0))
+        return []
+
+    def _to_front(self, j: int) -> None:
+        """Move ``joining[j]`` (nothing prefilled yet) before the other joining rows, which move up one."""
+        first = len(self.rows)
+        for row in range(first + j, first, -1):
+            self.cache.move_row(row - 1, row)
+        self.cache.rows(first, first + 1).reset()
+        self.joining.insert(0, self.joining.pop(j))
+
+    def _decode(self) -> list[tuple[Decoding, Chunk | Exception]]:
+        """One forward over every live row."""
         step_start = time.perf_counter()
         width = self._width()
         shadow_every = max(SHADOW_EVERY, len(self.rows))

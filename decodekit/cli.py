@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
 import time
 from dataclasses import replace
 
+from decodekit.engine import PREFILL_CHUNK
 from decodekit.errors import DecodekitError, InvalidParameter
 from decodekit.sampling import SamplingParams
+from decodekit.server.guard import MAX_BODY_BYTES
+from decodekit.server.pool import POOL_BYTES
 
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
@@ -75,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_args(bench)
 
+    commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
     serve.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -87,12 +92,54 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait (default: 16)")
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (default: 8)")
     serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        metavar="N",
+        help=f"prompt tokens prefilled between two decode steps, in whole chunks of {PREFILL_CHUNK}, at least one "
+        f"(default: {PREFILL_CHUNK}; more: long prompts start sooner, other streams pause longer)",
+    )
+    serve.add_argument(
         "--speculation",
         default="adaptive",
         choices=["adaptive", "full"],
         help="adaptive: draft as much as pays at the current load (default); full: every drafter's whole tree",
     )
     serve.add_argument("--cache-dir", help="where converted GGUF weights are kept")
+    serve.add_argument(
+        "--allow-methods", metavar="NAMES", help="methods a request may name, comma-separated (default: all)"
+    )
+    serve.add_argument(
+        "--allow-method-options",
+        action="store_true",
+        help="let a request set its method's numeric and boolean options, within their bounds (default: name only)",
+    )
+    serve.add_argument(
+        "--drafter-pool-bytes",
+        type=int,
+        default=POOL_BYTES,
+        metavar="N",
+        help=f"bytes that idle drafters kept for later requests may hold (default: {POOL_BYTES >> 20} MiB)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        metavar="N",
+        help=f"refuse larger request bodies (default: {MAX_BODY_BYTES >> 20} MiB)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("DECODEKIT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $DECODEKIT_API_KEY)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds that queued and running requests get to finish (default: 30)",
+    )
     return parser
 
 
@@ -122,7 +169,10 @@ def _read_prompt(arg: str | None) -> str:
     if arg is None:
         return DEFAULT_PROMPT
     if arg == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidParameter(f"the prompt on stdin is not UTF-8 text (byte {err.start})") from None
     return arg
 
 
@@ -134,6 +184,8 @@ def _read_conversation(path: str) -> list:
         raise InvalidParameter(f"cannot read chat file {path}: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise InvalidParameter(f"chat file {path} is not JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise InvalidParameter(f"chat file {path} is not UTF-8 text (byte {err.start})") from None
     messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list):
         raise InvalidParameter(f"chat file {path} must hold a list of messages or an object with 'messages'")
@@ -320,23 +372,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from decodekit.drafters import METHODS, method_options
+
+    for name in METHODS:
+        options = method_options(name)
+        print(name if options else f"{name} (no options)")
+        for option in options.values():
+            print(f"  {option.name}={option.default!s:<{24 - len(option.name)}} {option.describe()}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from decodekit.drafters import parse_method
     from decodekit.runtime.loader import load_model
     from decodekit.server import create_app
+    from decodekit.server.app import client_policy
+    from decodekit.server.guard import is_loopback
+    from decodekit.server.shutdown import DrainingServer
 
-    parse_method(args.method)
-    _require_positive(args, "max_prompt_tokens", "max_tokens_cap", "queue_size", "max_batch")
+    parse_method(args.method)  # check what can be checked before the model loads
+    allow_methods = None if args.allow_methods is None else args.allow_methods.split(",")
+    client_policy(allow_methods, args.allow_method_options)
+    _require_positive(
+        args, "max_prompt_tokens", "max_tokens_cap", "queue_size", "max_batch", "max_body_bytes", "prefill_chunk"
+    )
+    if args.drafter_pool_bytes < 0:
+        raise InvalidParameter(f"--drafter-pool-bytes must be >= 0, got {args.drafter_pool_bytes}")
     if not 0 <= args.port < 65536:
         raise InvalidParameter(f"--port must be in [0, 65535], got {args.port}")
+    if not args.drain_timeout >= 0:
+        raise InvalidParameter(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    if args.api_key == "":
+        raise InvalidParameter("--api-key (or DECODEKIT_API_KEY) is empty")
+    loopback = is_loopback(args.host)
+    if not loopback and args.api_key is None:
+        print(
+            f"decodekit: warning: serving on {args.host} without an API key: whoever reaches this port may use it "
+            "(set --api-key or DECODEKIT_API_KEY)",
+            file=sys.stderr,
+        )
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    adaptive = args.speculation == "adaptive"
     app = create_app(
-        model, args.method, args.queue_size, args.max_prompt_tokens, args.max_tokens_cap, args.max_batch, adaptive
+        model,
+        args.method,
+        args.queue_size,
+        args.max_prompt_tokens,
+        args.max_tokens_cap,
+        args.max_batch,
+        adaptive=args.speculation == "adaptive",
+        allow_methods=allow_methods,
+        allow_method_options=args.allow_method_options,
+        max_body_bytes=args.max_body_bytes,
+        api_key=args.api_key,
+        loopback_only=loopback,
+        prefill_chunk=args.prefill_chunk,
+        drafter_pool_bytes=args.drafter_pool_bytes,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # the drain bounds the generations; the grace period after it, the flushing of their last bytes
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    DrainingServer(config, lambda: app.state.scheduler.drain(args.drain_timeout)).run()
     return 0
 
 
@@ -344,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="decodekit: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "methods": cmd_methods, "serve": cmd_serve}
+        return commands[args.command](args)
     except DecodekitError as err:
         print(f"decodekit: error: {err}", file=sys.stderr)
         return 1

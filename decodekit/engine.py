@@ -9,19 +9,23 @@ token budget and handed out. Plain decoding (``ar``) is the same loop with a one
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from decodekit.drafters import Drafter, StepOutcome, TargetInfo, make_drafter
 from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
-from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong
+from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong, clip
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.tree import Tree
 from decodekit.sampling import GREEDY, Sampler, SamplingParams
-from decodekit.text import TextStream, encode_chat, find_stop
+from decodekit.text import TextStream, check_text, encode_chat, find_stop, stop_strings
+
+# Prompt tokens per prefill forward (a batch prefills a joining request a few chunks a step: decodekit.batch), and
+# the most prompt positions whose logits a drafter gets at ``Drafter.begin``.
+PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -104,8 +108,10 @@ class Engine:
         if isinstance(method, str):
             self.method = method
             self.drafter: Drafter = make_drafter(method, target_info(model))
-        else:
+        elif all(hasattr(method, name) for name in ("begin", "propose", "observe", "wants_prompt_logits")):
             self.method, self.drafter = type(method).__name__, method
+        else:
+            raise InvalidParameter(f"method must be a method spec such as 'recycling' or a drafter, got {clip(method)}")
         self._cache: KVCache | None = None
 
     def encode(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = True) -> list[int]:
@@ -116,7 +122,7 @@ class Engine:
         self,
         prompt: str | list[int] | list[dict[str, str]],
         max_new_tokens: int = 256,
-        stop: list[str] | tuple[str, ...] = (),
+        stop: str | Sequence[str] = (),
         chat: bool = True,
         sampling: SamplingParams = GREEDY,
     ) -> GenerationStream:
@@ -125,13 +131,13 @@ class Engine:
         self.validate(prompt_ids, max_new_tokens)
         if not isinstance(sampling, SamplingParams):
             raise InvalidParameter("sampling must be a SamplingParams")
-        return GenerationStream(self._decode(prompt_ids, max_new_tokens, stop, sampling))
+        return GenerationStream(self._decode(prompt_ids, max_new_tokens, stop_strings(stop), sampling))
 
     def generate(
         self,
         prompt: str | list[int] | list[dict[str, str]],
         max_new_tokens: int = 256,
-        stop: list[str] | tuple[str, ...] = (),
+        stop: str | Sequence[str] = (),
         chat: bool = True,
         on_chunk: Callable[[Chunk], None] | None = None,
         sampling: SamplingParams = GREEDY,
@@ -170,7 +176,8 @@ class Engine:
 class Decoding:
     """One request between decode steps: its drafter and sampler, the sequence so far, the text handed out and
     the stats. A decode loop (:class:`Engine` for one request, ``decodekit.batch.Batch`` for many) drives it:
-    ``prefill`` once, then ``propose`` -> one forward over the draft -> ``accept`` until ``done``."""
+    ``prefill`` until ``prefilled`` (in one call, or a chunk at a time between other requests' steps), then
+    ``propose`` -> one forward over the draft -> ``accept`` until ``done``."""
 
     def __init__(
         self,
@@ -190,11 +197,13 @@ class Decoding:
         self.sequence = torch.empty(len(prompt_ids) + self.budget + 1, dtype=torch.int64)
         self.sequence[: len(prompt_ids)] = torch.tensor(prompt_ids)
         self.length = len(prompt_ids)
-        self.stop = [text for text in stop if text]  # an empty stop string would stop nothing but cut everything
+        self.stop = stop_strings(stop)
         self.text = TextStream(model.tokenizer, self.stop)
         self.out: list[int] = []
         self.done = False
         self.last_path = torch.zeros(1, dtype=torch.int64)  # node indices the last step accepted, root first
+        self.prompt_scored = 0  # prompt tokens in the cache
+        self.prefilled = False  # the whole prompt is in and the drafter has begun
         self._proposed = False  # the drafter proposed since the last step
         self._start = time.perf_counter()
 
@@ -203,20 +212,40 @@ class Decoding:
         """Cache slots the request may need: prompt, output and the largest draft."""
         return len(self.prompt_ids) + self.budget + MAX_DRAFT_NODES
 
-    def prefill(self, cache: KVCache, prompt_logits: bool = True) -> None:
-        """Score the prompt (all but its last token, the first root) into ``cache``, a one-row cache, and start
-        the drafter. ``prompt_logits=False`` withholds the logits over the prompt from a drafter that wants them
-        (they cost a vocabulary-wide projection per prompt token)."""
-        self._start = time.perf_counter()
-        length, seeds = self.length, None
-        if length > 1:
-            want = prompt_logits and self.drafter.wants_prompt_logits
-            tokens = self.sequence[None, : length - 1].to(self.model.device)
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens still to prefill."""
+        return len(self.prompt_ids) - 1 - self.prompt_scored
+
+    def prefill(self, cache: KVCache, budget: int | None = None, prompt_logits: bool = True) -> int:
+        """Score more of the prompt (all but its last token, the first root) into ``cache``, a one-row cache, and
+        commit it: whole chunks while their tokens fit in ``budget`` (None: every chunk left), at least one.
+        Chunks hold PREFILL_CHUNK tokens counted back from the prompt's end (the first may be shorter), so the
+        last one holds the last ``m = min(p - 1, PREFILL_CHUNK)`` positions: their logits ``[m, vocab]`` go to a
+        drafter that wants prompt logits, unless ``prompt_logits`` is False (they cost a vocabulary-wide
+        projection per token). After the last chunk the drafter begins and ``prefilled`` is set. Returns the
+        tokens scored."""
+        assert not self.prefilled
+        start = time.perf_counter()
+        if self.prompt_scored == 0:
+            self._start = start
+        scored, seeds = 0, None
+        while self.prompt_left:
+            first, n = self.prompt_scored, (self.prompt_left - 1) % PREFILL_CHUNK + 1
+            if scored and budget is not None and scored + n > budget:
+                break
+            want = n == self.prompt_left and prompt_logits and self.drafter.wants_prompt_logits
+            tokens = self.sequence[None, first : first + n].to(self.model.device)
             logits = self.model.transformer(tokens, cache, logits_at=None if want else slice(0, 0))
-            cache.commit(0, length - 1)
+            cache.commit(0, n)
+            self.prompt_scored += n
+            scored += n
             seeds = logits[0] if want else None
-        self.drafter.begin(self.sequence[:length], seeds)
-        self.stats.prefill_s = time.perf_counter() - self._start
+        if not self.prompt_left:
+            self.drafter.begin(self.sequence[: self.length], seeds)
+            self.prefilled = True
+        self.stats.prefill_s += time.perf_counter() - start
+        return scored
 
     def propose(self) -> Draft:
         """The drafter's tree for the next step, checked."""
@@ -292,6 +321,7 @@ def encode_prompt(model: LoadedModel, prompt: str | list[int] | list[dict[str, s
         return encode_chat(model.tokenizer, check_messages(prompt))
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidParameter("the prompt is empty")
+    check_text(prompt, "the prompt")
     if chat:
         return encode_chat(model.tokenizer, [{"role": "user", "content": prompt}])
     return model.tokenizer(prompt)["input_ids"]
@@ -325,6 +355,7 @@ def check_messages(messages: list) -> list[dict[str, str]]:
             raise InvalidParameter(f"message {i} needs a role among {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise InvalidParameter(f"message {i} needs a text content")
+        check_text(message["content"], f"message {i}")
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise InvalidParameter("the conversation must end with a non-empty user message")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -31,7 +31,7 @@ def run(batch: Batch, joining: list[tuple[int, Decoding]]) -> dict[Decoding, lis
     """Step ``batch`` until every request is done; ``joining``: (step, decoding), joined before that step."""
     results, steps = {}, 0
     pending = sorted(joining, key=lambda item: item[0])
-    while pending or batch.rows:
+    while pending or batch.size:
         while pending and pending[0][0] <= steps and not batch.full:
             batch.join(pending.pop(0)[1])
         for request, result in batch.step():
@@ -85,8 +85,8 @@ def test_adaptive_width_follows_cost_and_acceptance(tiny_model):
         cost.observe = lambda rows, width, seconds: None  # the given table, not the tiny model's timings
         request = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 60, [], GREEDY)
         batch.join(request)
-        seen, row = [], batch.rows[0]
-        while batch.rows:
+        seen, row = [], batch.joining[0]  # live after the first step's prefill
+        while batch.size:
             batch.step()
             seen.append(batch.last_width)
             if request.done:
@@ -184,6 +184,7 @@ def test_only_a_request_decoding_alone_gets_prompt_logits_under_load_aware_specu
     batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=adaptive)
     batch.join(Decoding(tiny_model, first, "seeded", ids, 4, [], GREEDY))
     batch.join(Decoding(tiny_model, second, "seeded", ids, 4, [], GREEDY))
+    batch.step()  # both prompts are in after one step: the first alone, the second beside it
     assert first.seeded and second.seeded == (not adaptive)  # whole trees always draft: seeding always pays
 
 
@@ -235,12 +236,12 @@ def test_a_step_without_propose_tells_the_drafter_it_did_not_draft(tiny_model):
 def test_without_drafts_the_rows_take_turns_to_propose(tiny_model):
     """At width 1 a row still proposes (only to be scored) every max(SHADOW_EVERY, B) steps, one row a step."""
     ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
-    batch = Batch(tiny_model, max_rows=10, capacity=512, adaptive=True)
+    batch = Batch(tiny_model, max_rows=10, capacity=512, adaptive=True, prefill_chunk=1024)  # all in one step
     recorders = [Recorder() for _ in range(10)]
     for recorder in recorders:
         batch.join(Decoding(tiny_model, recorder, "recorder", ids, 40, [], GREEDY))
-    chosen = []  # each step's width, as the batch chose it before drafting
-    while batch.rows:
+    chosen = []  # each step's width, as the batch chose it before drafting (the first prefills every prompt)
+    while batch.size:
         chosen.append(batch._width())
         for request, _ in batch.step():
             if request.done:

@@ -1,5 +1,6 @@
 """The command line: output formats, and one clear error line with exit status 1 for every bad input."""
 
+import io
 import json
 import subprocess
 import sys
@@ -117,6 +118,7 @@ def bad_models(tmp_path_factory):
     no_weights = root / "no-weights"
     (root / "chat-bad.json").write_text('{"messages": [{"role": "assistant", "content": "hi"}]}')
     (root / "chat-broken.json").write_text("[{")
+    (root / "chat-utf16.json").write_bytes(b"\xff\xfe" + '[{"role": "user", "content": "hi"}]'.encode("utf-16-le"))
 
     LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=2).save_pretrained(
         no_weights
@@ -124,6 +126,7 @@ def bad_models(tmp_path_factory):
     return {
         "chat-bad": root / "chat-bad.json",
         "chat-broken": root / "chat-broken.json",
+        "chat-utf16": root / "chat-utf16.json",
         "corrupt": corrupt,
         "gemma": gemma,
         "gpt2": gpt2,
@@ -140,7 +143,13 @@ def bad_models(tmp_path_factory):
         (["hi", "--model", "{tiny}", "--max-new-tokens", "-5"], "max_new_tokens must be a positive integer"),
         (["hi", "--model", "{tiny}", "--max-new-tokens", "100000000"], "exceeds the context window"),
         (["hi", "--model", "{tiny}", "--method", "medusa"], "unknown method 'medusa'"),
-        (["hi", "--model", "{tiny}", "--method", "recycling:k=banana"], "expects a int"),
+        (["hi", "--model", "{tiny}", "--method", "recycling:k=banana"], "expects an integer"),
+        (["hi", "--model", "{tiny}", "--method", "recycling:k=1000000000000"], "must be in [1, 64]"),
+        (["hi", "--no-chat", "--model", "{tiny}", "--method", "hybrid:parts=aded+copyspec,budget=100000"], "budget"),
+        (["hi \udcff there", "--model", "{tiny}"], "the prompt is not valid text"),
+        (["hi", "--model", "{tiny}", "--stop", "\ud800"], "a stop string is not valid text"),
+        (["--chat-file", "{chat-utf16}", "--model", "{tiny}"], "is not UTF-8 text"),
+        (["hi", "--cache-dir", "{chat-bad}"], "cannot write converted weights into"),
         (["hi", "--model", "{tiny}", "--method", "recycling:depth=2"], "bad option"),
         (["fox " * 400, "--model", "{tiny}"], "context window holds 256"),
         (["hi", "--model", "{missing}"], "model path not found"),
@@ -187,3 +196,23 @@ def test_bad_sampling_parameters_get_one_line(capsys, flag, value):
     code, out, err = run_cli(capsys, "hello", flag, value)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and flag.removeprefix("--").replace("-", "_") in err
+
+
+def test_a_prompt_on_stdin_that_is_not_utf8_gets_one_line(capsys, monkeypatch, tiny_dir):
+    class Stdin:
+        buffer = io.BytesIO(b"hi \xff there")
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    code, out, err = run_cli(capsys, "-", "--model", str(tiny_dir))
+    assert code == 1 and out == "" and err == "decodekit: error: the prompt on stdin is not UTF-8 text (byte 3)\n"
+
+
+def test_methods_lists_every_option_with_its_bounds(capsys):
+    from decodekit.drafters import METHODS, method_options
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert out.count(f"\n{name}") + out.startswith(name) == 1
+        for option in method_options(name).values():
+            assert f"  {option.name}={option.default}" in out and option.describe() in out

@@ -1,14 +1,16 @@
 """The decode loop on a tiny random Llama: cut points inside accepted paths, streaming, limits, errors."""
 
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
-from decodekit import Engine, InvalidParameter, PromptTooLong
+from decodekit import DecodekitError, Engine, InvalidParameter, PromptTooLong, SamplingParams, load_model
 from decodekit.drafters import METHODS
 from decodekit.drafters.base import Draft, StepOutcome
 from decodekit.runtime.tree import Tree
+from decodekit.sampling import MIN_TEMPERATURE
 
 PROMPT = "the quick brown fox"
 
@@ -186,6 +188,40 @@ def test_prompt_that_fills_the_context_window(tiny_model):
 def test_bad_requests_raise_typed_errors(tiny_model, prompt, max_new, error):
     with pytest.raises(error):
         Engine(tiny_model, "ar").generate(prompt, max_new_tokens=max_new)
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda model: load_model(123), "model must be a path"),
+        (lambda model: Engine(model, 123), "method must be a method spec"),
+        (lambda model: Engine(model, "recycling:k=1000000000000"), "must be in [1, 64]"),
+        (lambda model: Engine(model, "hybrid:parts=lookup:num_tokens=300+aded"), "option num_tokens of method lookup"),
+        (lambda model: Engine(model, "ar").generate("hi \ud800 there", 4), "the prompt is not valid text"),
+        (lambda model: Engine(model, "ar").generate([{"role": "user", "content": "\udcff"}], 4), "message 0 is not"),
+        (lambda model: Engine(model, "ar").generate("hi", 4, stop=[5]), "stop strings must be text"),
+        (lambda model: Engine(model, "ar").generate("hi", 4, stop=["\ud800"]), "a stop string is not valid text"),
+        (lambda model: Engine(model, "ar").generate("hi", 4, sampling=SamplingParams(temperature=1e-308)), "at least"),
+    ],
+)
+def test_library_misuse_raises_decodekit_errors(tiny_model, call, says):
+    with pytest.raises(DecodekitError, match=re.escape(says)):
+        call(tiny_model)
+
+
+def test_a_plain_string_stop_is_one_stop_string(tiny_model):
+    engine = Engine(tiny_model, "ar")
+    text = engine.generate(PROMPT, max_new_tokens=48).text
+    # three characters, one of which occurs earlier on its own: a set of characters would cut there
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if set(text[:i]) & set(text[i : i + 3]))
+    cut = engine.generate(PROMPT, max_new_tokens=48, stop=stop).text
+    assert cut == text[: text.index(stop)]
+
+
+def test_the_least_temperature_samples_without_nan(tiny_model):
+    engine = Engine(tiny_model, "recycling")
+    coldest = SamplingParams(temperature=MIN_TEMPERATURE, seed=3)
+    assert engine.generate(PROMPT, 24, sampling=coldest).token_ids == engine.generate(PROMPT, 24).token_ids
 
 
 def test_statistics_are_consistent(tiny_model):

@@ -65,7 +65,9 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def url(tiny_model) -> Iterator[str]:
-    app = create_app(tiny_model, method="recycling", queue_size=8, max_prompt_tokens=100, max_tokens_cap=64)
+    app = create_app(
+        tiny_model, "recycling", queue_size=8, max_prompt_tokens=100, max_tokens_cap=64, allow_method_options=True
+    )
     with serving(app) as base:
         yield base
 
@@ -363,7 +365,7 @@ def test_client_leaving_before_a_whole_reply_cancels_its_generation(hooked):
         assert metric(url, "decodekit:generation_tokens_total") - 5 <= 3  # stopped at its next step, not at 200
 
 
-def test_failing_generation_fails_only_its_request(hooked):
+def test_failing_generation_fails_only_its_request(hooked, caplog):
     broken = threading.Event()
     broken.set()
 
@@ -373,9 +375,12 @@ def test_failing_generation_fails_only_its_request(hooked):
 
     with hooked(explode) as url:
         message = assert_error(post(url, "/v1/completions", COMPLETION), 500)
-        assert message == "the generation failed: RuntimeError: boom"
+        request_id = message.removeprefix("the generation failed: internal error (request id ").removesuffix(")")
+        assert len(request_id) == 32 and "boom" not in message
+        logged = [r for r in caplog.records if request_id in r.getMessage()]
+        assert len(logged) == 1 and "boom" in str(logged[0].exc_info[1])  # the log pairs the id with the traceback
         client = client_for(url)
-        with pytest.raises(openai.APIError, match="boom"):
+        with pytest.raises(openai.APIError, match="internal error"):
             list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, stream=True))
         broken.clear()
         reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)

@@ -5,7 +5,10 @@ Where it differs from OpenAI: the server has one model and answers whatever ``mo
 fields ``top_k``, ``min_p``, ``repetition_penalty`` and ``method`` (a decodekit method spec); ``usage`` adds
 ``mean_accepted_tokens``. ``temperature`` defaults to 1 as in OpenAI: send 0 for greedy output, which every method
 reproduces exactly. Parameters it cannot honour (``n`` > 1, ``logprobs``, ``tools``, penalties, ...) are refused
-with 400; other unknown fields are ignored.
+with 400; other unknown fields are ignored; numbers and booleans must come as JSON numbers and booleans.
+
+A request's ``method`` is checked under the operator's policy (by default: a method by name, no options); the
+handler tokenizes the prompt off the event loop and checks it before it is queued.
 """
 
 from __future__ import annotations
@@ -23,16 +26,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from decodekit import __version__
-from decodekit.drafters import parse_method
-from decodekit.engine import Chunk, GenerationStats, check_messages
-from decodekit.errors import InvalidParameter
+from decodekit.drafters import METHODS, MethodPolicy, parse_method
+from decodekit.engine import PREFILL_CHUNK, Chunk, GenerationStats, check_messages, encode_prompt
+from decodekit.errors import InvalidParameter, clip
 from decodekit.runtime.loader import LoadedModel
 from decodekit.sampling import SamplingParams
+from decodekit.server.guard import MAX_BODY_BYTES, Guard, error_body, error_response
 from decodekit.server.metrics import Metrics, MetricsMiddleware
-from decodekit.server.scheduler import Failed, Finished, GenerationRequest, Job, QueueFull, Scheduler, Started
+from decodekit.server.pool import POOL_BYTES
+from decodekit.server.scheduler import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    Job,
+    QueueFull,
+    Scheduler,
+    ShuttingDown,
+    Started,
+    internal_error,
+)
+from decodekit.text import stop_strings
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -58,13 +75,16 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)  # a number or a boolean is one in JSON: no "3", no true for 1
+
     include_usage: bool = False
 
 
 class GenerationBody(BaseModel):
-    """Fields both endpoints share; unknown fields are kept in ``model_extra``."""
+    """Fields both endpoints share; unknown fields are kept in ``model_extra``. Strict: a float field takes a JSON
+    integer too, nothing else converts."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -99,15 +119,16 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    """OpenAI's error object; ``code`` is the HTTP status."""
-    kind = {429: "rate_limit_error", 404: "not_found_error"}.get(status)
-    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-
-
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def client_policy(allow_methods: list[str] | None, allow_method_options: bool) -> MethodPolicy:
+    """What a request's ``method`` may name: ``allow_methods`` (None: every method), options only when
+    ``allow_method_options`` (and then never those that name files or other methods)."""
+    if allow_methods is not None:
+        unknown = [name for name in allow_methods if name not in METHODS]
+        if unknown or not allow_methods:
+            given = clip(unknown or allow_methods)
+            raise InvalidParameter(f"the allowed methods must be some of {', '.join(METHODS)}; got {given}")
+    methods = None if allow_methods is None else frozenset(allow_methods)
+    return MethodPolicy(methods, options=allow_method_options, operator=False)
 
 
 def create_app(
@@ -118,16 +139,43 @@ def create_app(
     max_tokens_cap: int | None = None,
     max_batch: int = 8,
     adaptive: bool = True,
+    allow_methods: list[str] | None = None,
+    allow_method_options: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    api_key: str | None = None,
+    loopback_only: bool = True,
+    prefill_chunk: int = PREFILL_CHUNK,
+    drafter_pool_bytes: int = POOL_BYTES,
 ) -> FastAPI:
     """The server's app: requests generate with ``model``, by the method spec a request names or ``method``.
 
     Up to ``max_batch`` requests decode together, with load-aware speculation when ``adaptive``; ``queue_size``
     more may wait (more get 429); prompts over ``max_prompt_tokens`` tokens and ``max_tokens`` over
-    ``max_tokens_cap`` get 400. Its metrics live in ``app.state.metrics.registry``.
+    ``max_tokens_cap`` get 400. ``method`` is the operator's (any option); a request may name a method of
+    ``allow_methods`` (None: all), with options only if ``allow_method_options``. Bodies over ``max_body_bytes``
+    get 413; with ``api_key`` every endpoint but ``/health`` wants ``Authorization: Bearer <api_key>``; with
+    ``loopback_only`` (set it False when the server listens beyond this machine) a ``Host`` that is not a loopback
+    name gets 400. Each step prefills up to ``prefill_chunk`` prompt tokens of joining requests (whole chunks of
+    ``decodekit.engine.PREFILL_CHUNK``, at least one), between the live requests' decode steps. Idle drafters kept
+    for reuse hold at most ``drafter_pool_bytes``. ``app.state.scheduler.drain`` shuts down gracefully. Its metrics
+    live in ``app.state.metrics.registry``.
     """
     parse_method(method)
+    policy = client_policy(allow_methods, allow_method_options)
+    if api_key == "":
+        raise InvalidParameter("the API key is empty")
     metrics = Metrics()
-    scheduler = Scheduler(model, metrics, queue_size, max_prompt_tokens, max_batch, max_tokens_cap, adaptive)
+    scheduler = Scheduler(
+        model,
+        metrics,
+        queue_size,
+        max_prompt_tokens,
+        max_batch,
+        max_tokens_cap,
+        adaptive,
+        prefill_chunk,
+        drafter_pool_bytes,
+    )
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -137,7 +185,8 @@ def create_app(
 
     app = FastAPI(title="decodekit", version=__version__, lifespan=lifespan)
     app.state.metrics, app.state.scheduler = metrics, scheduler
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key, loopback_only=loopback_only)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -165,24 +214,26 @@ def create_app(
         return error_response(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, err: Exception) -> JSONResponse:
-        return error_response(500, f"internal server error: {type(err).__name__}")
+    async def unexpected(_: Request, err: Exception) -> Response:
+        return error_response(500, internal_error(err))
 
-    def prepare(body: GenerationBody, prompt: Any, chat: bool, max_tokens: int | None, default: int) -> Job:
-        """Check the request's parameters and queue it."""
+    async def prepare(body: GenerationBody, prompt: Any, chat: bool, max_tokens: int | None, default: int) -> Job:
+        """Check the request's parameters, tokenize its prompt (in a thread) and queue it."""
+        arrived = time.perf_counter()
         for name, value in (body.model_extra or {}).items():
             if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
                 allowed = json.dumps(UNSUPPORTED[name][0])
-                raise APIError(400, f"{name}={json.dumps(value)[:40]} is not supported (only {allowed})", name)
+                raise APIError(400, f"{name}={clip(value)} is not supported (only {allowed})", name)
         if max_tokens is None:
             max_tokens = min(default, max_tokens_cap or default)
         elif max_tokens_cap is not None and max_tokens > max_tokens_cap:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap of {max_tokens_cap}", "max_tokens")
         spec = body.method or method
-        try:
-            parse_method(spec)
-        except InvalidParameter as err:
-            raise APIError(400, str(err), "method") from None
+        if spec != method:  # the operator's own spec needs no permission
+            try:
+                parse_method(spec, policy)
+            except InvalidParameter as err:
+                raise APIError(400, str(err), "method") from None
         sampling = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_k=0 if body.top_k in (None, -1) else body.top_k,  # -1: off, as in vLLM
@@ -191,12 +242,14 @@ def create_app(
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed,
         )
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        request = GenerationRequest(prompt, chat, spec, max_tokens, stop, sampling)
+        stop = stop_strings(body.stop)
+        ids = await run_in_threadpool(encode_prompt, model, prompt, chat)
         try:
-            return scheduler.submit(request)
+            return scheduler.submit(GenerationRequest(ids, spec, max_tokens, stop, sampling), arrived)
         except QueueFull as err:
             raise APIError(429, str(err)) from None
+        except ShuttingDown as err:
+            raise APIError(503, str(err)) from None
 
     async def respond(job: Job, body: GenerationBody, chat: bool, request: Request) -> Response:
         """The whole reply, or a stream of chunks once the worker has accepted the request."""
@@ -250,25 +303,31 @@ def create_app(
     async def completions(body: CompletionBody, request: Request) -> Response:
         if not body.prompt:
             raise APIError(400, "the prompt is empty", "prompt")
-        job = prepare(body, body.prompt, False, body.max_tokens, COMPLETION_MAX_TOKENS)
+        job = await prepare(body, body.prompt, False, body.max_tokens, COMPLETION_MAX_TOKENS)
         return await respond(job, body, False, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
         messages = check_messages([_text_message(i, m) for i, m in enumerate(body.messages)])
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = prepare(body, messages, True, max_tokens, model.cfg.context_window)
+        job = await prepare(body, messages, True, max_tokens, model.cfg.context_window)
         return await respond(job, body, True, request)
+
+    methods = {
+        "methods": [name for name in METHODS if policy.methods is None or name in policy.methods],
+        "default_method": method,
+        "method_options": allow_method_options,
+    }
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": model.name, "object": "model", "created": started_at, "owned_by": "decodekit"}],
-        }
+        entry = {"id": model.name, "object": "model", "created": started_at, "owned_by": "decodekit"}
+        return {"object": "list", "data": [{**entry, "decodekit": methods}]}
 
     @app.get("/health")
     async def health() -> Response:
+        if not scheduler.accepting:
+            return error_response(503, "the server is shutting down")
         if not scheduler.alive:
             return error_response(503, "the generation worker has stopped")
         return JSONResponse({"status": "ok"})

@@ -45,6 +45,7 @@ class Metrics:
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a place in the batch", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests being generated", registry=r)
+        self.pool_bytes = Gauge(p + "drafter_pool_bytes", "Bytes held by idle drafters kept for reuse", registry=r)
         self.batch_width = Gauge(
             p + "speculation_width", "Tree nodes per request in the last step (1: no draft)", registry=r
         )
