@@ -11,6 +11,10 @@ time, and p50/p99 of request latency and time to first token. Reported: medians 
 tokens/s over ``ar``'s in the same round (median). Bounded: every request stops at
 ``--max-tokens``, every level at ``--level-timeout`` seconds. Writes the numbers (``--out``) and a chart of
 tokens/s and p50 latency by concurrency beside them (same name, .png).
+
+``--checkouts DIR ...`` compares versions side by side: each setup runs once per checkout (a worktree of another
+commit, say ``git worktree add ../dk-old COMMIT``), its server started from that directory, which then comes first
+on the import path; ``.`` is this one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -38,10 +43,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(method: str, speculation: str, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(method: str, speculation: str, port: int, extra: list[str], checkout: str = ".") -> subprocess.Popen:
+    """`decodekit serve` as ``checkout`` (a directory holding the package) has it."""
     command = [sys.executable, "-m", "decodekit.cli", "serve", "--method", method, "--port", str(port)]
     command += ["--speculation", speculation, *extra]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = os.environ | {"PYTHONPATH": os.path.abspath(checkout)}
+    server = subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -107,15 +114,22 @@ async def level(port: int, prompts: list[str], clients: int, requests: int, max_
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One row per setup and concurrency: the median over rounds of every measure, each round's tokens/s, and
-    ``vs_ar``: the median over rounds of tokens/s over ``ar``'s in the same round (1.0 without an ``ar`` run)."""
+    ``vs_ar``: the median over rounds of tokens/s over ``ar``'s in the same round and checkout (1.0 without an
+    ``ar`` run)."""
     summary = []
-    for method, mode, clients in dict.fromkeys((r["method"], r["speculation"], r["clients"]) for r in rows):
-        mine = [r for r in rows if (r["method"], r["speculation"], r["clients"]) == (method, mode, clients)]
-        ar = {r["round"]: r["tokens_per_s"] for r in rows if r["method"] == "ar" and r["clients"] == clients}
+    keys = ("checkout", "method", "speculation", "clients")
+    for key in dict.fromkeys(tuple(r.get(k, ".") for k in keys) for r in rows):
+        checkout, method, mode, clients = key
+        mine = [r for r in rows if tuple(r.get(k, ".") for k in keys) == key]
+        ar = {
+            r["round"]: r["tokens_per_s"]
+            for r in rows
+            if r["method"] == "ar" and r["clients"] == clients and r.get("checkout", ".") == checkout
+        }
         ratios = [r["tokens_per_s"] / ar[r["round"]] for r in mine if r["round"] in ar]
         measures = ["tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]
         summary.append(
-            {"method": method, "speculation": mode, "clients": clients, "rounds": len(mine)}
+            {"checkout": checkout, "method": method, "speculation": mode, "clients": clients, "rounds": len(mine)}
             | {m: statistics.median(r[m] for r in mine) for m in measures}
             | {"tokens_per_s_rounds": [r["tokens_per_s"] for r in mine], "vs_ar": statistics.median(ratios or [1.0])}
         )
@@ -123,7 +137,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def setup_name(row: dict) -> str:
-    return row["method"] if row["method"] == "ar" else f"{row['method']} ({row.get('speculation', 'full')})"
+    name = row["method"] if row["method"] == "ar" else f"{row['method']} ({row.get('speculation', 'full')})"
+    checkout = row.get("checkout", ".")
+    return name if checkout == "." else f"{name} @ {os.path.basename(os.path.abspath(checkout))}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -163,28 +179,33 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each level per setup (medians reported)")
     parser.add_argument("--level-timeout", type=float, default=900)
     parser.add_argument("--serve-args", default="", help="extra arguments for decodekit serve, one string")
+    parser.add_argument("--checkouts", nargs="+", default=["."], metavar="DIR", help="versions to compare (see above)")
     parser.add_argument("--out", type=Path, default=Path("server-load.json"))
     args = parser.parse_args()
     prompts = [q.turns[0] for q in builtin_questions()]
-    setups = [(m, mode) for m in args.methods for mode in (["full"] if m == "ar" else args.speculation)]
+    modes = lambda m: ["full"] if m == "ar" else args.speculation  # noqa: E731
+    setups = [(c, m, mode) for c in args.checkouts for m in args.methods for mode in modes(m)]
     rows = []
     servers = {}
     try:
-        for method, mode in setups:  # every server up first: the setups then take turns at each level
+        for setup in setups:  # every server up first: the setups then take turns at each level
+            checkout, method, mode = setup
             port = free_port()
-            servers[method, mode] = port, start_server(method, mode, port, args.serve_args.split())
+            servers[setup] = port, start_server(method, mode, port, args.serve_args.split(), checkout)
             asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
         with tqdm(total=len(setups) * len(args.concurrency) * args.rounds, desc="levels") as bar:
             for clients in args.concurrency:
                 requests = max(args.requests, clients)
                 for round in range(args.rounds):
                     # alternate the order, so no setup always runs right after the same other one
-                    for method, mode in setups if round % 2 == 0 else setups[::-1]:
-                        port = servers[method, mode][0]
+                    for setup in setups if round % 2 == 0 else setups[::-1]:
+                        port = servers[setup][0]
                         result = asyncio.run(
                             level(port, prompts, clients, requests, args.max_tokens, args.level_timeout)
                         )
-                        rows.append({"method": method, "speculation": mode, "round": round, **result})
+                        checkout, method, mode = setup
+                        rows.append({"checkout": checkout, "method": method, "speculation": mode, "round": round})
+                        rows[-1] |= result
                         bar.update()
     finally:
         for _, server in servers.values():
@@ -202,10 +223,10 @@ def main() -> int:
         ("ttft p50", 10),
         ("ttft p99", 10),
     )
-    print(f"{'setup':<22}" + "".join(f"{name:>{width}}" for name, width in header))
+    print(f"{'setup':<36}" + "".join(f"{name:>{width}}" for name, width in header))
     for r in summary:
         print(
-            f"{setup_name(r):<22}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['vs_ar']:>7.2f}{r['latency_p50_s']:>8.2f}"
+            f"{setup_name(r):<36}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['vs_ar']:>7.2f}{r['latency_p50_s']:>8.2f}"
             f"{r['latency_p99_s']:>8.2f}{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}"
         )
     return 0

@@ -7,8 +7,8 @@ prefills a long prompt, by --prefill-chunk.
 For each ``--prefill-chunk`` setting it starts `decodekit serve --prefill-chunk N` (default model, method and
 speculation; ``--clients`` + 1 rows) on a free loopback port; a setting at least as large as the long prompt
 prefills it in one step, as the server did before chunked prefill, and 0 passes no flag (the server's default:
-for a server from before the flag, say with ``PYTHONPATH`` pointing at its checkout). A round: ``--clients``
-clients stream short greedy chat requests (the built-in prompts under ``--short-chars`` characters,
+for a server from before the flag, run with ``--checkout`` naming a worktree of its commit). A round:
+``--clients`` clients stream short greedy chat requests (the built-in prompts under ``--short-chars`` characters,
 ``--max-tokens`` new tokens each) back to back; after ``--settle`` seconds a long completion prompt arrives
 (built-in prompt text, about ``--long-tokens`` tokens, 16 new tokens), and once it has finished the short clients
 stop after their current request. Measured while the long request is in the server (sent to last token), pooled
@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=10.0, help="seconds of short streams before the long one")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve-args", default="", help="extra arguments for decodekit serve, one string")
+    parser.add_argument("--checkout", default=".", help="run the server of this checkout (e.g. another commit's)")
     parser.add_argument("--out", type=Path, default=Path("server-prefill-fairness.json"))
     args = parser.parse_args()
     everything = [q.turns[0] for q in builtin_questions()]
@@ -151,7 +152,7 @@ def main() -> int:
             port = free_port()
             flag = ["--prefill-chunk", str(chunk)] if chunk else []
             extra = [*rows.split(), *flag, *args.serve_args.split()]
-            servers[chunk] = port, start_server("recycling", "adaptive", port, extra)
+            servers[chunk] = port, start_server("recycling", "adaptive", port, extra, args.checkout)
         for r in range(args.rounds):
             for chunk in args.prefill_chunk if r % 2 == 0 else args.prefill_chunk[::-1]:
                 result = asyncio.run(one_round(servers[chunk][0], prompts, long_prompt, args))

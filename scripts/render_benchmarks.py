@@ -111,8 +111,10 @@ def server_section(name: str) -> str:
         speculation = "-" if r["method"] == "ar" else r.get("speculation", "full")
         rounds = " / ".join(f"{t:.1f}" for t in r.get("tokens_per_s_rounds", [r["tokens_per_s"]]))
         vs_ar = f"{r['vs_ar']:.2f}x" if "vs_ar" in r else "-"
+        checkout = r.get("checkout", ".")  # another commit's worktree, in a side-by-side comparison
+        method = f"`{r['method']}`" + ("" if checkout == "." else f" at {Path(checkout).name}")
         lines.append(
-            f"| `{r['method']}` | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f} | {vs_ar} | {rounds} | "
+            f"| {method} | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f} | {vs_ar} | {rounds} | "
             f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
