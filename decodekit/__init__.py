@@ -1,6 +1,6 @@
 """decodekit: speculative decoding that generates exactly what the model would, faster."""
 
-from decodekit.engine import Chunk, Engine, Generation, GenerationStats
+from decodekit.engine import Chunk, Decoding, Engine, EngineFull, Generation, GenerationStats, Request
 from decodekit.errors import (
     DecodekitError,
     DeviceUnavailable,
@@ -10,21 +10,25 @@ from decodekit.errors import (
     UnsupportedArchitecture,
 )
 from decodekit.runtime.loader import LoadedModel, load_model
-from decodekit.sampling import SamplingParams
+from decodekit.sampling import GREEDY, SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GREEDY",
     "Chunk",
     "DecodekitError",
+    "Decoding",
     "DeviceUnavailable",
     "Engine",
+    "EngineFull",
     "Generation",
     "GenerationStats",
     "InvalidParameter",
     "LoadedModel",
     "ModelFileError",
     "PromptTooLong",
+    "Request",
     "SamplingParams",
     "UnsupportedArchitecture",
     "load_model",

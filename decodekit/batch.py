@@ -3,7 +3,7 @@
 Live requests hold the first rows of one KV cache, joining requests the rows after them, first come first. A
 step first prefills joining requests, up to ``prefill_chunk`` prompt tokens: every one whose remaining prompt fits
 whole (oldest first; it moves before a long prompt that is half in), else, if nothing else was prefilled, whole
-chunks of ``decodekit.engine.PREFILL_CHUNK`` tokens of the oldest one (at least one chunk). So a long prompt is
+chunks of ``decodekit.decoding.PREFILL_CHUNK`` tokens of the oldest one (at least one chunk). So a long prompt is
 scored a chunk at a time between the live requests' steps instead of stalling them, and a short one that comes
 after it does not wait for it. A request whose prompt is all in goes live where it is. Then every live request
 drafts with its own drafter, the trees are padded to one size and scored in one forward, and each row is
@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
-from decodekit.engine import PREFILL_CHUNK, Chunk, Decoding
+from decodekit.decoding import Chunk, Decoding
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Tree
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.model import Transformer
-from decodekit.runtime.tree import Tree
 from decodekit.verify import continuation_matches
 
 REQUEST_RATE = 0.25  # weight of a scored draft in its request's node rates
@@ -53,6 +52,7 @@ WIDTH_TOLERANCE = 0.03
 SHADOW_EVERY = 8  # in steps without drafts, a row proposes anyway every so many steps (or B), to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
 MAX_METHODS = 64  # method specs whose rates are kept (the oldest is forgotten first)
+GROWTH = 1024  # a cache without a fixed capacity grows by whole multiples of this many slots per row
 COST_RATE = 0.1  # weight of a step in the running ratio of measured to table seconds at its batch size and width
 
 
@@ -151,6 +151,12 @@ class StepCost:
         ratios[width - 1] = measured if old.isnan() else old + COST_RATE * (measured - old)
 
 
+def padded_tokens(draft: Draft, size: int) -> torch.Tensor:
+    """int64 ``[size]``: the draft's tokens, then copies of its root for the leaves ``Tree.padded`` adds."""
+    missing = size - draft.tree.size
+    return draft.tokens if missing == 0 else torch.cat([draft.tokens, draft.tokens[:1].expand(missing)])
+
+
 def _powers_of_two(limit: int) -> list[int]:
     """1, 2, 4, ... below ``limit``, then ``limit``."""
     return [1 << i for i in range(limit.bit_length()) if 1 << i < limit] + [limit]
@@ -169,10 +175,12 @@ class Row:
 
 
 class Batch:
-    """Up to ``max_rows`` requests, live or joining, over one KV cache of ``capacity`` slots per row.
+    """Up to ``max_rows`` requests, live or joining, over one KV cache of ``capacity`` slots per row (None: as
+    many as the requests need, the cache growing as they join).
 
-    ``adaptive``: choose each step's tree width by goodput (else every drafter's whole tree, always).
-    ``prefill_chunk``: prompt tokens a step may prefill (whole chunks, at least one).
+    ``adaptive``: choose each step's tree width by goodput (else every drafter's whole tree, always); it needs a
+    ``capacity``, to time forwards when it starts. ``prefill_chunk``: prompt tokens a step may prefill (whole
+    chunks of ``decodekit.decoding.PREFILL_CHUNK``, at least one; None: every joining prompt whole).
     Invariant: ``rows`` (live) hold cache rows ``[0, len(rows))``, ``joining`` the next ones in order, and only
     ``joining[0]`` may be partly prefilled.
     """
@@ -181,12 +189,14 @@ class Batch:
         self,
         model: LoadedModel,
         max_rows: int,
-        capacity: int,
-        adaptive: bool = True,
-        prefill_chunk: int = PREFILL_CHUNK,
+        capacity: int | None = None,
+        adaptive: bool = False,
+        prefill_chunk: int | None = None,
     ) -> None:
+        assert capacity is not None or not adaptive, "load-aware speculation times a cache of fixed capacity"
         self.model, self.adaptive, self.prefill_chunk = model, adaptive, prefill_chunk
-        self.cache = model.transformer.new_cache(capacity, max_rows)
+        self.growing = capacity is None
+        self.cache = model.transformer.new_cache(capacity or GROWTH, max_rows)
         self.rows: list[Row] = []
         self.joining: list[Row] = []  # first come first, prefilled a few chunks a step
         self.method_rates: dict[str, torch.Tensor] = {}  # node rates a method's next request starts from
@@ -208,14 +218,19 @@ class Batch:
         """Queue ``decoding`` to be prefilled into the next free row by the coming steps. Raises PromptTooLong
         when it would not fit."""
         assert not self.full
+        if self.growing and decoding.capacity > self.cache.capacity:
+            window = self.model.cfg.context_window + MAX_DRAFT_NODES
+            self.cache.grow(min(window, -(-decoding.capacity // GROWTH) * GROWTH))
         view = self.cache.rows(self.size, self.size + 1)
         view.reset()
         view.check_room(decoding.capacity)
         self.joining.append(Row(decoding, pinned, None))
 
-    def leave(self, decoding: Decoding) -> None:
-        """Free ``decoding``'s row, live or joining (see the invariant)."""
-        index = next(i for i, row in enumerate(self.rows + self.joining) if row.decoding is decoding)
+    def leave(self, decoding: Decoding) -> bool:
+        """Free ``decoding``'s row, live or joining (see the invariant); False if it holds none."""
+        index = next((i for i, row in enumerate(self.rows + self.joining) if row.decoding is decoding), None)
+        if index is None:
+            return False
         if index < len(self.rows):
             last = len(self.rows) - 1
             if index != last:
@@ -227,6 +242,7 @@ class Batch:
             del self.joining[index - len(self.rows)]
         for row in range(index, self.size):  # the joining rows after the freed one move down
             self.cache.move_row(row + 1, row)
+        return True
 
     def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
         """Prefill joining rows, then one forward over every live row; each live row's committed chunk, or the
@@ -237,10 +253,12 @@ class Batch:
     def _prefill(self) -> list[tuple[Decoding, Chunk | Exception]]:
         """Spend up to ``prefill_chunk`` prompt tokens on the joining rows (see the module docstring); each whose
         prompt is all in goes live where it is. Returns the error of a row whose prefill failed."""
-        spent = 0
-        while self.joining and spent < self.prefill_chunk:
-            left = self.prefill_chunk - spent
-            fits = next((j for j, row in enumerate(self.joining) if row.decoding.prompt_left <= left), None)
+        spent, budget = 0, self.prefill_chunk
+        while self.joining and (budget is None or spent < budget):
+            left = None if budget is None else budget - spent
+            fits = next(
+                (j for j, row in enumerate(self.joining) if left is None or row.decoding.prompt_left <= left), None
+            )
             if fits is None and spent:
                 break  # the oldest goes on next step
             if fits:
@@ -292,13 +310,13 @@ class Batch:
             proposed.append((row.pinned or width > 1 or shadow) and b not in failed)
 
         size = max(draft.tree.size for draft in drafts)
-        root_of = [int(draft.tokens[0]) for draft in drafts]
-        tokens = torch.stack(
-            [torch.cat([d.tokens, torch.full((size - d.tree.size,), r)]) for d, r in zip(drafts, root_of, strict=True)]
-        )
+        tokens = torch.stack([padded_tokens(draft, size) for draft in drafts])
         cache = self.cache.rows(0, len(self.rows))
         start = time.perf_counter()
-        logits = self.model.transformer(tokens.to(self.model.device), cache, [d.tree.padded(size) for d in drafts])
+        try:
+            logits = self.model.transformer(tokens.to(self.model.device), cache, [d.tree.padded(size) for d in drafts])
+        except Exception as err:  # the shared forward failed: every live row fails, the batch lives on
+            return [(row.decoding, err) for row in self.rows]
         forward_s = time.perf_counter() - start
         self.last_width = size
 

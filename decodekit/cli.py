@@ -15,11 +15,9 @@ import sys
 import time
 from dataclasses import replace
 
-from decodekit.engine import PREFILL_CHUNK
-from decodekit.errors import DecodekitError, InvalidParameter
-from decodekit.sampling import SamplingParams
+from decodekit import DecodekitError, InvalidParameter, SamplingParams
+from decodekit.engine import POOL_BYTES, PREFILL_CHUNK
 from decodekit.server.guard import MAX_BODY_BYTES
-from decodekit.server.pool import POOL_BYTES
 
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
@@ -58,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["hf"],
         metavar="PEER",
         help="hf, hf-lookup, llamacpp, llamacpp-lookup (default: hf)",
+    )
+    bench.add_argument(
+        "--checkout",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="also run every method as this checkout of decodekit has it (a worktree of another commit), as METHOD@DIR",
     )
     bench.add_argument("--baseline", help="runner the speedups divide by (default: hf if run, else the first method)")
     bench.add_argument("--dataset", help="a Spec-Bench question.jsonl file (default: the built-in prompts)")
@@ -202,33 +207,29 @@ def _stats_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from decodekit.drafters import parse_method
-    from decodekit.engine import Engine, check_messages
-    from decodekit.runtime.loader import load_model
+    from decodekit import Engine, load_model
+    from decodekit.engine import check_method
 
-    parse_method(args.method)  # reject a bad method before the model loads
+    check_method(args.method)  # reject a bad method before the model loads
     sampling = sampling_from_args(args)
     if args.chat_file and (args.prompt is not None or args.no_chat):
         raise InvalidParameter("--chat-file takes the whole conversation: give no prompt and no --no-chat")
-    prompt = check_messages(_read_conversation(args.chat_file)) if args.chat_file else _read_prompt(args.prompt)
+    prompt = _read_conversation(args.chat_file) if args.chat_file else _read_prompt(args.prompt)
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     engine = Engine(model, args.method)
-    prompt_ids = engine.encode(prompt, chat=not args.no_chat)
-    engine.validate(prompt_ids, args.max_new_tokens)
+    request = engine.request(prompt, args.max_new_tokens, args.stop, not args.no_chat, sampling)
 
     baseline = None
     if args.compare:
         plain = Engine(model, "ar")
-        plain.generate(prompt_ids, max_new_tokens=4)  # warm the runtime (allocator, oneDNN) for both sides
-        baseline = plain.generate(prompt_ids, max_new_tokens=args.max_new_tokens, stop=args.stop, sampling=sampling)
+        plain.run(replace(request, max_new_tokens=4))  # warm the runtime (allocator, oneDNN) for both sides
+        baseline = plain.run(request)
 
     def show(chunk) -> None:
         print(chunk.text, end="", flush=True)
 
     streaming = args.stream and not args.json
-    result = engine.generate(
-        prompt_ids, args.max_new_tokens, args.stop, on_chunk=show if streaming else None, sampling=sampling
-    )
+    result = engine.run(request, on_chunk=show if streaming else None)
 
     if args.json:
         out = {
@@ -277,12 +278,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from decodekit.drafters import parse_method, resolved_options
+    from decodekit import load_model
+    from decodekit.engine import check_method, resolved_options
     from decodekit.prompts import load_questions
-    from decodekit.runtime.loader import load_model
 
     for method in args.methods:
-        parse_method(method)
+        check_method(method)
     sampling = sampling_from_args(args)
     if not sampling.greedy and sampling.seed is None:
         sampling = replace(sampling, seed=0)  # a benchmark is rerun exactly
@@ -290,7 +291,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     questions = bench.select(load_questions(args.dataset), args.categories, args.per_category, args.limit)
     baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    runners, notes = bench.make_runners(model, args.methods, args.peers, sampling)
+    checkouts = [Path(checkout) for checkout in args.checkout]
+    runners, notes = bench.make_runners(model, args.methods, args.peers, sampling, checkouts)
     for note in notes:
         print(f"decodekit: {note}", file=sys.stderr)
     if baseline not in [r.name for r in runners]:
@@ -373,27 +375,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from decodekit.drafters import METHODS, method_options
+    from decodekit.engine import describe_methods
 
-    for name in METHODS:
-        options = method_options(name)
+    for name, options in describe_methods().items():
         print(name if options else f"{name} (no options)")
-        for option in options.values():
-            print(f"  {option.name}={option.default!s:<{24 - len(option.name)}} {option.describe()}")
+        for option, default, allowed in options:
+            print(f"  {option}={default!s:<{24 - len(option)}} {allowed}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from decodekit.drafters import parse_method
-    from decodekit.runtime.loader import load_model
+    from decodekit import load_model
+    from decodekit.engine import check_method, client_policy
     from decodekit.server import create_app
-    from decodekit.server.app import client_policy
     from decodekit.server.guard import is_loopback
     from decodekit.server.shutdown import DrainingServer
 
-    parse_method(args.method)  # check what can be checked before the model loads
+    check_method(args.method)  # check what can be checked before the model loads
     allow_methods = None if args.allow_methods is None else args.allow_methods.split(",")
     client_policy(allow_methods, args.allow_method_options)
     _require_positive(

@@ -1,95 +1,70 @@
-"""The decode loop every method shares.
+"""The engine: one model, its drafters and the requests decoding on it. The library, the CLI, the bench and the
+server all go through it; nothing above it reaches below it.
 
-prefill the prompt (all but its last token) -> repeat: the drafter proposes a tree rooted at the last committed
-token -> one forward scores every node -> greedy verification picks the accepted path -> the cache keeps that
-path's entries -> the drafter observes the outcome -> the committed tokens are cut at EOS, a stop string or the
-token budget and handed out. Plain decoding (``ar``) is the same loop with a one-node tree.
+    engine = Engine(model, "recycling")
+    engine.generate("Why is the sky blue?")                  # one request, start to end
+    request = engine.request(prompt, max_new_tokens=64)      # checked and tokenized; safe from any thread
+    decoding = engine.submit(request)                        # joins the batch
+    while not decoding.done:
+        for decoding_, chunk in engine.step(): ...           # every request in the batch moves one step
+
+Every request parameter is checked in :meth:`Engine.request` and nowhere else. The engine keeps one drafter per
+live request, taken from a pool of idle ones by method spec, so what a drafter learnt (Token Recycling's matrix,
+say) carries over to later requests of its spec; greedy output never depends on it. A sampled request with a seed
+gets a fresh drafter and always drafts its whole tree, so its output depends on nothing but the request.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 
-import torch
-
-from decodekit.drafters import Drafter, StepOutcome, TargetInfo, make_drafter
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft
+from decodekit.batch import Batch
+from decodekit.decoding import PREFILL_CHUNK, Chunk, Decoding, Generation, GenerationStats, Request, target_info
+from decodekit.drafters import (
+    METHODS,
+    OPERATOR,
+    MethodPolicy,
+    client_policy,
+    make_drafter,
+    method_options,
+    parse_method,
+    resolved_options,
+)
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong, clip
-from decodekit.runtime.kv_cache import KVCache
+from decodekit.pool import POOL_BYTES, DrafterPool
+from decodekit.protocol import MAX_DRAFT_NODES, Drafter
 from decodekit.runtime.loader import LoadedModel
-from decodekit.runtime.tree import Tree
-from decodekit.sampling import GREEDY, Sampler, SamplingParams
-from decodekit.text import TextStream, check_text, encode_chat, find_stop, stop_strings
+from decodekit.sampling import GREEDY, SamplingParams
+from decodekit.text import check_text, encode_chat, stop_strings
 
-# Prompt tokens per prefill forward (a batch prefills a joining request a few chunks a step: decodekit.batch), and
-# the most prompt positions whose logits a drafter gets at ``Drafter.begin``.
-PREFILL_CHUNK = 256
+__all__ = [
+    "POOL_BYTES",
+    "PREFILL_CHUNK",
+    "Chunk",
+    "Decoding",
+    "Engine",
+    "EngineFull",
+    "Generation",
+    "GenerationStats",
+    "GenerationStream",
+    "MethodPolicy",
+    "Request",
+    "check_method",
+    "client_policy",
+    "describe_methods",
+    "resolved_options",
+]
 
-
-@dataclass
-class GenerationStats:
-    method: str
-    prompt_tokens: int
-    new_tokens: int = 0
-    accepted_lengths: list[int] = field(default_factory=list)  # tokens committed by each verification step
-    draft_sizes: list[int] = field(default_factory=list)  # draft nodes proposed by each step (root excluded)
-    accepted_drafts: list[int] = field(default_factory=list)  # depth of each step's accepted path, before cuts
-    seed: int | None = None  # the random seed a sampled request used (None: greedy)
-    prefill_s: float = 0.0
-    draft_s: float = 0.0  # in the drafter (propose and observe)
-    forward_s: float = 0.0  # in the model's forward over the drafts and their verification
-    wall_s: float = 0.0  # prefill included
-    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length" (token budget or context window)
-
-    @property
-    def steps(self) -> int:
-        return len(self.accepted_lengths)
-
-    @property
-    def mean_accepted(self) -> float:
-        """MAT: tokens committed per verification step, the bonus token included (plain decoding = 1.0)."""
-        return self.new_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted draft tokens over proposed draft tokens (0 for plain decoding)."""
-        proposed = sum(self.draft_sizes)
-        return sum(self.accepted_drafts) / proposed if proposed else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        derived = {
-            "steps": self.steps,
-            "mean_accepted": self.mean_accepted,
-            "acceptance_rate": self.acceptance_rate,
-            "tokens_per_s": self.tokens_per_s,
-        }
-        return asdict(self) | derived
+Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or an OpenAI-style conversation
 
 
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_ids: list[int]
-    stats: GenerationStats
-
-
-@dataclass
-class Chunk:
-    """What one step adds: the committed token ids and the text that became certain."""
-
-    token_ids: list[int]
-    text: str
+class EngineFull(DecodekitError):
+    """Every row of the engine's batch is taken: step until a request finishes, or build it with more rows."""
 
 
 class GenerationStream:
-    """An iterator of :class:`Chunk`; ``result`` holds the :class:`Generation` once iteration ends."""
+    """An iterator of :class:`Chunk`; ``result`` holds the :class:`Generation` once iteration ends. Leaving the
+    loop early (or dropping the stream) stops the request and frees its row."""
 
     def __init__(self, steps: Iterator[Chunk]) -> None:
         self._steps = steps
@@ -100,247 +75,219 @@ class GenerationStream:
 
 
 class Engine:
-    """Generates with one model and one speculative method; the drafter's state lives as long as the engine."""
+    """Decodes requests with one model and speculative methods, up to ``max_batch`` of them at once.
 
-    def __init__(self, model: LoadedModel, method: str | Drafter = "recycling") -> None:
-        """``method``: a spec such as ``"recycling:tree=16"``, or any object implementing the Drafter protocol."""
-        self.model = model
+    ``method``: the spec of requests that name none (``"recycling:tree=16"``), or a :class:`Drafter` instance
+    (then one request at a time). ``adaptive``: choose each step's tree width by goodput (load-aware
+    speculation, for a server: it times forwards when it starts). ``preallocate``: allocate the KV cache for
+    ``max_batch`` whole rows now (a server's memory known at start; implied by ``adaptive``), else grow it as
+    requests need. A row holds ``max_prompt_tokens`` + ``max_new_tokens_cap`` tokens (each None: the context
+    window), and :meth:`request` refuses more. ``prefill_chunk``: prompt tokens a step may prefill (None: whole
+    prompts). ``pool_bytes``: what idle drafters may hold. ``policy``: what a request's own ``method`` may name
+    and set (the engine's ``method`` is always allowed).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        method: str | Drafter = "recycling",
+        *,
+        max_batch: int = 1,
+        adaptive: bool = False,
+        preallocate: bool = False,
+        max_prompt_tokens: int | None = None,
+        max_new_tokens_cap: int | None = None,
+        prefill_chunk: int | None = None,
+        pool_bytes: int = POOL_BYTES,
+        policy: MethodPolicy = OPERATOR,
+    ) -> None:
+        _check_count("max_batch", max_batch)
+        for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens_cap", max_new_tokens_cap)):
+            _check_count(name, value, none_ok=True)
+        _check_count("prefill_chunk", prefill_chunk, none_ok=True)
+        _check_count("pool_bytes", pool_bytes, zero_ok=True)
+        self.model, self.policy = model, policy
+        self.max_prompt_tokens, self.max_new_tokens_cap = max_prompt_tokens, max_new_tokens_cap
         if isinstance(method, str):
-            self.method = method
-            self.drafter: Drafter = make_drafter(method, target_info(model))
-        elif all(hasattr(method, name) for name in ("begin", "propose", "observe", "wants_prompt_logits")):
-            self.method, self.drafter = type(method).__name__, method
+            parse_method(method)
+            self.method, self._own = method, None
+        elif isinstance(method, Drafter):
+            if max_batch != 1:
+                raise InvalidParameter("an engine built with a drafter instance decodes one request at a time")
+            self.method, self._own = type(method).__name__, method
         else:
-            raise InvalidParameter(f"method must be a method spec such as 'recycling' or a drafter, got {clip(method)}")
-        self._cache: KVCache | None = None
+            raise InvalidParameter(f"method must be a method spec such as 'recycling' or a Drafter, got {clip(method)}")
+        window = model.cfg.context_window
+        row_tokens = min(window, (max_prompt_tokens or window) + (max_new_tokens_cap or window))
+        capacity = row_tokens + MAX_DRAFT_NODES if adaptive or preallocate else None
+        self.batch = Batch(model, max_batch, capacity, adaptive, prefill_chunk)
+        self.pool = DrafterPool(pool_bytes)
+        self._target = target_info(model)
 
-    def encode(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = True) -> list[int]:
-        """Token ids of ``prompt`` (see :func:`encode_prompt`)."""
-        return encode_prompt(self.model, prompt, chat)
+    @property
+    def full(self) -> bool:
+        """Every row is taken: :meth:`submit` would raise EngineFull."""
+        return self.batch.full
 
-    def stream(
+    @property
+    def busy(self) -> bool:
+        """Requests are decoding (or joining)."""
+        return self.batch.size > 0
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods a request may name (besides the engine's own)."""
+        return [name for name in METHODS if self.policy.methods is None or name in self.policy.methods]
+
+    def request(
         self,
-        prompt: str | list[int] | list[dict[str, str]],
-        max_new_tokens: int = 256,
+        prompt: Prompt,
+        max_new_tokens: int | None = 256,
         stop: str | Sequence[str] = (),
         chat: bool = True,
         sampling: SamplingParams = GREEDY,
-    ) -> GenerationStream:
-        """Generate lazily: iterate the returned stream for chunks, then read ``.result``."""
-        prompt_ids = self.encode(prompt, chat)
-        self.validate(prompt_ids, max_new_tokens)
+        method: str | None = None,
+    ) -> Request:
+        """Check a request and tokenize its prompt; raises InvalidParameter (``param`` names the argument) or
+        PromptTooLong. Safe from any thread: it reads the engine, never changes it.
+
+        ``prompt``: a user message, token ids, or a conversation (OpenAI-style ``[{"role", "content"}]`` ending
+        with a user turn), wrapped in the checkpoint's chat template when ``chat``. ``max_new_tokens`` None: as
+        many as fit. ``stop``: a stop string or several. ``method``: a spec allowed by the engine's policy (None:
+        the engine's)."""
+        if method is not None and method != self.method:
+            try:
+                parse_method(method, self.policy)
+            except InvalidParameter as err:
+                raise InvalidParameter(str(err), "method") from None
         if not isinstance(sampling, SamplingParams):
-            raise InvalidParameter("sampling must be a SamplingParams")
-        return GenerationStream(self._decode(prompt_ids, max_new_tokens, stop_strings(stop), sampling))
+            raise InvalidParameter("sampling must be a SamplingParams", "sampling")
+        stops = tuple(stop_strings(stop))
+        ids = encode_prompt(self.model, prompt, chat)
+        window, limit, cap = self.model.cfg.context_window, self.max_prompt_tokens, self.max_new_tokens_cap
+        if limit is not None and len(ids) > limit:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; this engine takes at most {limit}", "prompt")
+        if len(ids) >= window:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; the context window holds {window}", "prompt")
+        if max_new_tokens is None:
+            max_new_tokens = min(window - len(ids), cap or window)
+        _check_count("max_new_tokens", max_new_tokens)
+        if max_new_tokens > (cap or window):
+            bound = f"this engine's cap of {cap}" if cap else f"the context window of {window} tokens"
+            raise InvalidParameter(f"max_new_tokens {max_new_tokens} exceeds {bound}", "max_new_tokens")
+        return Request(ids, max_new_tokens, stops, sampling, method)
 
-    def generate(
-        self,
-        prompt: str | list[int] | list[dict[str, str]],
-        max_new_tokens: int = 256,
-        stop: str | Sequence[str] = (),
-        chat: bool = True,
-        on_chunk: Callable[[Chunk], None] | None = None,
-        sampling: SamplingParams = GREEDY,
-    ) -> Generation:
-        """Generate greedily, or by ``sampling``; the method never changes the output's distribution."""
-        stream = self.stream(prompt, max_new_tokens, stop, chat, sampling)
+    def submit(self, request: Request) -> Decoding:
+        """Start decoding a checked request: it joins the batch, and the coming steps score its prompt and decode
+        it. Raises EngineFull when every row is taken."""
+        if self.full:
+            rows = self.batch.cache.batch
+            raise EngineFull(
+                f"all {rows} rows are decoding: step until one finishes (or build with max_batch > {rows})"
+            )
+        seeded = request.sampling.seed is not None and not request.sampling.greedy
+        spec = request.method or self.method
+        drafter = self._own if self._own is not None and request.method is None else self._drafter(spec, seeded)
+        decoding = Decoding(self.model, drafter, spec, request)
+        self.batch.join(decoding, pinned=seeded)
+        return decoding
+
+    def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
+        """One step of every request: a share of the joining prompts, then one forward over the live requests.
+        Returns each live request's committed chunk, or the error that failed a request; a request that is done
+        or failed has left the engine (its drafter back in the pool) when this returns."""
+        results = self.batch.step()
+        for decoding, result in results:
+            if isinstance(result, Exception) or decoding.done:
+                self.cancel(decoding)
+        return results
+
+    def cancel(self, decoding: Decoding) -> None:
+        """Stop ``decoding`` (if it has not left already) and keep its drafter for later requests."""
+        if not self.batch.leave(decoding):
+            return
+        seeded = decoding.request.sampling.seed is not None and not decoding.request.sampling.greedy
+        if decoding.drafter is not self._own and not seeded:
+            self.pool.give(decoding.method, decoding.drafter)
+
+    def run(self, request: Request, on_chunk: Callable[[Chunk], None] | None = None) -> Generation:
+        """Decode a checked request to its end (stepping any other requests in the batch along with it)."""
+        stream = GenerationStream(self._decode(request))
         for chunk in stream:
             if on_chunk is not None:
                 on_chunk(chunk)
         assert stream.result is not None
         return stream.result
 
-    def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
-        validate_request(self.model, prompt_ids, max_new_tokens)
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None = 256,
+        stop: str | Sequence[str] = (),
+        chat: bool = True,
+        on_chunk: Callable[[Chunk], None] | None = None,
+        sampling: SamplingParams = GREEDY,
+        method: str | None = None,
+    ) -> Generation:
+        """Generate greedily, or by ``sampling``; the method never changes the output's distribution."""
+        return self.run(self.request(prompt, max_new_tokens, stop, chat, sampling, method), on_chunk)
 
-    def _cache_for(self, capacity: int) -> KVCache:
-        if self._cache is None or self._cache.capacity < capacity:
-            self._cache = self.model.transformer.new_cache(capacity)
-        self._cache.reset()
-        return self._cache
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None = 256,
+        stop: str | Sequence[str] = (),
+        chat: bool = True,
+        sampling: SamplingParams = GREEDY,
+        method: str | None = None,
+    ) -> GenerationStream:
+        """Generate lazily: iterate the returned stream for chunks, then read ``.result``. The request is checked
+        now, and joins the batch when iteration starts."""
+        return GenerationStream(self._decode(self.request(prompt, max_new_tokens, stop, chat, sampling, method)))
 
-    def _decode(
-        self, prompt_ids: list[int], max_new_tokens: int, stop: list[str], sampling: SamplingParams
-    ) -> Iterator[Chunk]:
-        decoding = Decoding(self.model, self.drafter, self.method, prompt_ids, max_new_tokens, stop, sampling)
-        cache = self._cache_for(decoding.capacity)
-        decoding.prefill(cache)
-        while not decoding.done:
-            draft = decoding.propose()
-            start = time.perf_counter()
-            logits = self.model.transformer(draft.tokens[None].to(self.model.device), cache, draft.tree)[0]
-            yield decoding.accept(draft, logits, cache, 0, time.perf_counter() - start)
+    def _decode(self, request: Request) -> Iterator[Chunk]:
+        decoding = self.submit(request)
+        try:
+            while not decoding.done:
+                for other, result in self.step():
+                    if other is decoding:
+                        if isinstance(result, Exception):
+                            raise result
+                        yield result
+        finally:
+            self.cancel(decoding)  # a stream left early, or a failure: free the row
         return decoding.result()
 
-
-class Decoding:
-    """One request between decode steps: its drafter and sampler, the sequence so far, the text handed out and
-    the stats. A decode loop (:class:`Engine` for one request, ``decodekit.batch.Batch`` for many) drives it:
-    ``prefill`` until ``prefilled`` (in one call, or a chunk at a time between other requests' steps), then
-    ``propose`` -> one forward over the draft -> ``accept`` until ``done``."""
-
-    def __init__(
-        self,
-        model: LoadedModel,
-        drafter: Drafter,
-        method: str,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        stop: list[str],
-        sampling: SamplingParams,
-    ) -> None:
-        self.model, self.drafter, self.method = model, drafter, method
-        self.prompt_ids = prompt_ids
-        self.budget = min(max_new_tokens, model.cfg.context_window - len(prompt_ids))
-        self.sampler = Sampler(sampling, model.cfg.vocab_size, prompt_ids)
-        self.stats = GenerationStats(method, len(prompt_ids), seed=None if sampling.greedy else self.sampler.seed)
-        self.sequence = torch.empty(len(prompt_ids) + self.budget + 1, dtype=torch.int64)
-        self.sequence[: len(prompt_ids)] = torch.tensor(prompt_ids)
-        self.length = len(prompt_ids)
-        self.stop = stop_strings(stop)
-        self.text = TextStream(model.tokenizer, self.stop)
-        self.out: list[int] = []
-        self.done = False
-        self.last_path = torch.zeros(1, dtype=torch.int64)  # node indices the last step accepted, root first
-        self.prompt_scored = 0  # prompt tokens in the cache
-        self.prefilled = False  # the whole prompt is in and the drafter has begun
-        self._proposed = False  # the drafter proposed since the last step
-        self._start = time.perf_counter()
-
-    @property
-    def capacity(self) -> int:
-        """Cache slots the request may need: prompt, output and the largest draft."""
-        return len(self.prompt_ids) + self.budget + MAX_DRAFT_NODES
-
-    @property
-    def prompt_left(self) -> int:
-        """Prompt tokens still to prefill."""
-        return len(self.prompt_ids) - 1 - self.prompt_scored
-
-    def prefill(self, cache: KVCache, budget: int | None = None, prompt_logits: bool = True) -> int:
-        """Score more of the prompt (all but its last token, the first root) into ``cache``, a one-row cache, and
-        commit it: whole chunks while their tokens fit in ``budget`` (None: every chunk left), at least one.
-        Chunks hold PREFILL_CHUNK tokens counted back from the prompt's end (the first may be shorter), so the
-        last one holds the last ``m = min(p - 1, PREFILL_CHUNK)`` positions: their logits ``[m, vocab]`` go to a
-        drafter that wants prompt logits, unless ``prompt_logits`` is False (they cost a vocabulary-wide
-        projection per token). After the last chunk the drafter begins and ``prefilled`` is set. Returns the
-        tokens scored."""
-        assert not self.prefilled
-        start = time.perf_counter()
-        if self.prompt_scored == 0:
-            self._start = start
-        scored, seeds = 0, None
-        while self.prompt_left:
-            first, n = self.prompt_scored, (self.prompt_left - 1) % PREFILL_CHUNK + 1
-            if scored and budget is not None and scored + n > budget:
-                break
-            want = n == self.prompt_left and prompt_logits and self.drafter.wants_prompt_logits
-            tokens = self.sequence[None, first : first + n].to(self.model.device)
-            logits = self.model.transformer(tokens, cache, logits_at=None if want else slice(0, 0))
-            cache.commit(0, n)
-            self.prompt_scored += n
-            scored += n
-            seeds = logits[0] if want else None
-        if not self.prompt_left:
-            self.drafter.begin(self.sequence[: self.length], seeds)
-            self.prefilled = True
-        self.stats.prefill_s += time.perf_counter() - start
-        return scored
-
-    def propose(self) -> Draft:
-        """The drafter's tree for the next step, checked."""
-        start = time.perf_counter()
-        draft = self.drafter.propose(self.sequence[: self.length])
-        _check(draft, int(self.sequence[self.length - 1]), self.method)
-        self.stats.draft_s += time.perf_counter() - start
-        self._proposed = True
-        return draft
-
-    def root_draft(self) -> Draft:
-        """A step that skips ``propose``: the root alone (one token, as plain decoding)."""
-        return Draft(self.sequence[self.length - 1 : self.length], ROOT)
-
-    def accept(self, draft: Draft, logits: torch.Tensor, cache: KVCache, row: int, forward_s: float) -> Chunk:
-        """Verify ``draft`` against its ``logits`` ``[n, vocab]`` (row ``row`` of ``cache`` holds its entries),
-        commit the accepted path there, let the drafter observe and hand out the committed tokens. Sets ``done``
-        after the last step."""
-        start = time.perf_counter()
-        greedy_choices = self.sampler.greedy_choices(draft.tokens, draft.tree, logits)
-        path, bonus = self.sampler.verify(
-            draft.tokens, draft.tree, logits, greedy_choices, draft.candidates, draft.draft_probs
-        )
-        cache.commit(row, path)
-        self.last_path = path
-        self.stats.forward_s += forward_s + time.perf_counter() - start
-        committed = [*draft.tokens[path[1:]].tolist(), bonus]
-        committed, finish = _cut(committed, self.model.eos_token_ids, self.budget - len(self.out))
-        delta, keep = self.text.push(committed)
-        if keep is not None:
-            committed, finish = committed[:keep], "stop"
-        start = time.perf_counter()
-        self.drafter.observe(StepOutcome(draft, logits, path, committed, self.sampler, self._proposed, greedy_choices))
-        self._proposed = False
-        self.stats.draft_s += time.perf_counter() - start
-        self.sampler.advance(committed)
-        self.out.extend(committed)
-        self.sequence[self.length : self.length + len(committed)] = torch.tensor(committed)
-        self.length += len(committed)
-        self.stats.accepted_lengths.append(len(committed))
-        self.stats.draft_sizes.append(draft.num_candidates)
-        self.stats.accepted_drafts.append(len(path) - 1)
-        if finish is not None:
-            self.stats.finish_reason, self.done = finish, True
-            return Chunk(committed, delta + self.text.finish())
-        return Chunk(committed, delta)
-
-    def result(self) -> Generation:
-        """The whole generation, once ``done``."""
-        self.stats.new_tokens = len(self.out)
-        self.stats.wall_s = time.perf_counter() - self._start
-        final = self.text.decode(self.out)
-        if self.text.stopped:
-            final = final[: find_stop(final, self.stop)]
-        return Generation(final, self.out, self.prompt_ids, self.stats)
+    def _drafter(self, spec: str, fresh: bool) -> Drafter:
+        """An idle drafter of ``spec`` (a checked spec), or a new one."""
+        idle = None if fresh else self.pool.take(spec)
+        return idle if idle is not None else make_drafter(spec, self._target)
 
 
-ROOT = Tree.chain(1)
+def check_method(spec: str) -> None:
+    """Raise InvalidParameter unless ``spec`` names a method with valid options (before a model is loaded)."""
+    parse_method(spec)
 
 
-def target_info(model: LoadedModel) -> TargetInfo:
-    """What drafters may know about ``model``."""
-    return TargetInfo(model.cfg.vocab_size, model.device.type, str(model.dtype).removeprefix("torch."))
+def describe_methods() -> dict[str, list[tuple[str, object, str]]]:
+    """Every method's options: (name, default, allowed values), for ``decodekit methods``."""
+    return {name: [(o.name, o.default, o.describe()) for o in method_options(name).values()] for name in METHODS}
 
 
-def encode_prompt(model: LoadedModel, prompt: str | list[int] | list[dict[str, str]], chat: bool = True) -> list[int]:
-    """Token ids of ``prompt``: a user message, or a conversation (OpenAI-style ``[{"role", "content"}]`` ending
-    with a user turn), wrapped in the checkpoint's chat template when ``chat`` and it has one; token ids are
-    returned as they are."""
-    if _is_token_ids(prompt):
+def encode_prompt(model: LoadedModel, prompt: Prompt, chat: bool = True) -> list[int]:
+    """Token ids of ``prompt`` (see :meth:`Engine.request`); token ids are checked and returned as they are."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if not all(0 <= t < model.cfg.vocab_size for t in prompt):
+            raise InvalidParameter("prompt token ids must be integers in [0, vocab_size)", "prompt")
         return list(prompt)
     if isinstance(prompt, list):
         return encode_chat(model.tokenizer, check_messages(prompt))
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidParameter("the prompt is empty")
-    check_text(prompt, "the prompt")
+        raise InvalidParameter("the prompt is empty", "prompt")
+    check_text(prompt, "the prompt", "prompt")
     if chat:
         return encode_chat(model.tokenizer, [{"role": "user", "content": prompt}])
     return model.tokenizer(prompt)["input_ids"]
-
-
-def validate_request(model: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> None:
-    """Raise InvalidParameter or PromptTooLong unless ``model`` can generate ``max_new_tokens`` after
-    ``prompt_ids``."""
-    window = model.cfg.context_window
-    if not prompt_ids:
-        raise InvalidParameter("the prompt is empty")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InvalidParameter(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if max_new_tokens > window:
-        raise InvalidParameter(f"max_new_tokens {max_new_tokens} exceeds the context window of {window} tokens")
-    if len(prompt_ids) >= window:
-        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the context window holds {window}")
-    if not all(isinstance(t, int) and 0 <= t < model.cfg.vocab_size for t in prompt_ids):
-        raise InvalidParameter("prompt token ids must be integers in [0, vocab_size)")
 
 
 ROLES = ("system", "user", "assistant")
@@ -349,39 +296,22 @@ ROLES = ("system", "user", "assistant")
 def check_messages(messages: list) -> list[dict[str, str]]:
     """Validate an OpenAI-style conversation: roles from ROLES, text contents, the last turn the user's."""
     if not messages:
-        raise InvalidParameter("the conversation is empty")
+        raise InvalidParameter("the conversation is empty", "messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise InvalidParameter(f"message {i} needs a role among {', '.join(ROLES)}")
+            raise InvalidParameter(f"message {i} needs a role among {', '.join(ROLES)}", "messages")
         if not isinstance(message.get("content"), str):
-            raise InvalidParameter(f"message {i} needs a text content")
-        check_text(message["content"], f"message {i}")
+            raise InvalidParameter(f"message {i} needs a text content", "messages")
+        check_text(message["content"], f"message {i}", "messages")
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise InvalidParameter("the conversation must end with a non-empty user message")
+        raise InvalidParameter("the conversation must end with a non-empty user message", "messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _check(draft: Draft, root: int, method: str) -> None:
-    """A drafter bug must not corrupt the output: refuse a malformed draft."""
-    if draft.tree.size > MAX_DRAFT_NODES or draft.tokens.shape != (draft.tree.size,):
-        raise DecodekitError(f"{method} proposed a draft of {draft.tokens.shape} tokens (at most {MAX_DRAFT_NODES})")
-    if int(draft.tokens[0]) != root:
-        raise DecodekitError(f"{method} proposed a tree whose root is not the last committed token")
-    if draft.candidates is not None and (draft.candidates.shape != draft.tokens.shape or not draft.candidates[0]):
-        raise DecodekitError(f"{method} proposed a candidate mask of the wrong shape or without the root")
-    if draft.draft_probs is not None and draft.draft_probs.shape[0] != draft.tree.size:
-        raise DecodekitError(f"{method} proposed draft probabilities for {draft.draft_probs.shape[0]} nodes")
-
-
-def _is_token_ids(prompt: object) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
-
-
-def _cut(tokens: list[int], eos: frozenset[int], room: int) -> tuple[list[int], str | None]:
-    """Cut committed tokens after the first EOS (kept) or at the remaining budget ``room``."""
-    for i, token in enumerate(tokens[:room]):
-        if token in eos:
-            return tokens[: i + 1], "stop"
-    if len(tokens) >= room:
-        return tokens[:room], "length"
-    return tokens, None
+def _check_count(name: str, value: object, none_ok: bool = False, zero_ok: bool = False) -> None:
+    """Raise InvalidParameter unless ``value`` is a positive integer (or 0, or None, where allowed)."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+        kind = "a non-negative" if zero_ok else "a positive"
+        raise InvalidParameter(f"{name} must be {kind} integer, got {clip(value)}", name)

@@ -14,7 +14,12 @@ class DecodekitError(Exception):
 
 
 class InvalidParameter(DecodekitError, ValueError):
-    """A bad argument: empty prompt, non-positive max_new_tokens, unknown method or option."""
+    """A bad argument: empty prompt, non-positive max_new_tokens, unknown method or option. ``param``: the
+    argument at fault, where one is (the server reports it as OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelFileError(DecodekitError):

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from decodekit.errors import InvalidParameter
-from decodekit.runtime.tree import Tree
-from decodekit.verify import greedy_choice, verify_greedy, verify_sampled
+from decodekit.protocol import Tree, greedy_choice
+from decodekit.verify import verify_greedy, verify_sampled
 
 # the smallest temperature and the largest factor a penalty may scale logits by: beyond them float64 scores
 # overflow and the distribution turns to NaN (below MIN_TEMPERATURE, sample greedily with temperature 0)
@@ -37,33 +37,26 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        def number(name: str, value: object, integer: bool = False) -> None:
-            kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-                raise InvalidParameter(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+        def require(name: str, ok: bool, rule: str) -> None:
+            if not ok:
+                raise InvalidParameter(f"{name} must be {rule}, got {getattr(self, name)!r}", name)
 
-        number("temperature", self.temperature)
-        number("top_k", self.top_k, integer=True)
-        number("top_p", self.top_p)
-        number("min_p", self.min_p)
-        number("repetition_penalty", self.repetition_penalty)
-        if self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE:
-            raise InvalidParameter(
-                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise InvalidParameter(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise InvalidParameter(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
-            bounds, got = f"[{1 / MAX_PENALTY}, {MAX_PENALTY}]", self.repetition_penalty
-            raise InvalidParameter(f"repetition_penalty must be in {bounds} (1 = off), got {got}")
-        if self.seed is not None:
-            number("seed", self.seed, integer=True)
-            if not 0 <= self.seed < 2**63:
-                raise InvalidParameter(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+            value, integer = getattr(self, name), name in ("top_k", "seed")
+            if value is not None or name != "seed":
+                number = not isinstance(value, bool) and isinstance(value, int if integer else int | float)
+                require(name, number and math.isfinite(value), f"a finite {'integer' if integer else 'number'}")
+        require(
+            "temperature",
+            self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+            f"0 (greedy) or at least {MIN_TEMPERATURE}",
+        )
+        require("top_k", self.top_k >= 0, ">= 0 (0 = off)")
+        require("top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        require("min_p", 0 <= self.min_p <= 1, "in [0, 1]")
+        penalties = 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY
+        require("repetition_penalty", penalties, f"in [{1 / MAX_PENALTY}, {MAX_PENALTY}] (1 = off)")
+        require("seed", self.seed is None or 0 <= self.seed < 2**63, "in [0, 2**63)")
 
     @property
     def greedy(self) -> bool:

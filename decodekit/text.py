@@ -20,13 +20,14 @@ def encode_chat(tokenizer: object, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
 
 
-def check_text(text: str, what: str) -> str:
+def check_text(text: str, what: str, param: str | None = None) -> str:
     """``text`` if it can be encoded as UTF-8; InvalidParameter otherwise (a lone surrogate, as JSON's "\\ud800"
     or undecodable bytes on a command line give)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise InvalidParameter(f"{what} is not valid text: an unpaired surrogate at character {err.start}") from None
+        message = f"{what} is not valid text: an unpaired surrogate at character {err.start}"
+        raise InvalidParameter(message, param) from None
     return text
 
 
@@ -36,8 +37,8 @@ def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     for i, text in enumerate(stops):
         if not isinstance(text, str):
-            raise InvalidParameter(f"stop strings must be text, got {type(text).__name__} at position {i}")
-        check_text(text, "a stop string")
+            raise InvalidParameter(f"stop strings must be text, got {type(text).__name__} at position {i}", "stop")
+        check_text(text, "a stop string", "stop")
     return [text for text in stops if text]
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Tree
 
 
 def continuation_matches(
@@ -23,12 +23,6 @@ def continuation_matches(
         reached[i] = matched[parents[i]] and depth[i] <= len(continuation)
         matched[i] = reached[i] and tokens[i] == continuation[depth[i] - 1]
     return reached, matched
-
-
-def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
-    """int64 ``[...]``: the first maximum of every row of ``logits`` ``[..., V]``, exactly ``argmax``'s choice
-    (ties and NaN alike); on the CPU ``max`` finds it ~3x faster than ``argmax`` over a 49k vocabulary."""
-    return logits.max(dim=-1).indices
 
 
 def verify_greedy(

@@ -3,13 +3,13 @@ load-aware method in the library's continuous batch, without the server.
 
     python scripts/batch_overhead.py --method recycling --rows 16 --requests 48 --max-tokens 64 --rounds 5
 
-Each setup (``ar``, not adaptive; ``--method``, adaptive) owns one :class:`decodekit.batch.Batch` of ``--rows``
-rows, warmed by one untimed round so the step-cost calibration and the method's warm-up drafts are behind it. Then
-the setups take turns ``--rounds`` times: a round keeps the batch full with ``--requests`` greedy requests (the
-built-in prompts in turn, ``--max-tokens`` each; a request that ends is replaced at once). Reported per round:
-tokens/s (prefill included), ms per step, steps that verified a draft; and the median ratio of the method's
-tokens/s to ``ar``'s in the same round. A full batch of 16 is what the server runs at 64 concurrent clients
-(``--max-batch 16``).
+Each setup (``ar``, not adaptive; ``--method``, adaptive) owns one :class:`decodekit.engine.Engine` of ``--rows``
+rows (its KV cache allocated whole, as the server's), warmed by one untimed round so the step-cost calibration and
+the method's warm-up drafts are behind it. Then the setups take turns ``--rounds`` times: a round keeps the engine
+full with ``--requests`` greedy requests (the built-in prompts in turn, ``--max-tokens`` each; a request that ends
+is replaced at once). Reported per round: tokens/s (prefill included), ms per step, steps that verified a draft;
+and the median ratio of the method's tokens/s to ``ar``'s in the same round. A full batch of 16 is what the
+server runs at 64 concurrent clients (``--max-batch 16``).
 """
 
 from __future__ import annotations
@@ -20,37 +20,27 @@ import time
 
 import torch
 
-from decodekit.batch import Batch
-from decodekit.drafters import make_drafter
-from decodekit.drafters.base import MAX_DRAFT_NODES
-from decodekit.engine import Decoding, encode_prompt, target_info
+from decodekit import Engine, load_model
 from decodekit.prompts import builtin_questions
-from decodekit.runtime.loader import load_model
-from decodekit.sampling import GREEDY
 
 
-def run_round(batch: Batch, model, method: str, prompts: list[list[int]], requests: int, max_tokens: int) -> dict:
-    """Keep ``batch`` full until ``requests`` requests have finished; drafters are reused as the server does."""
-    idle, waiting = [], list(range(requests))
+def run_round(engine: Engine, prompts: list[list[int]], requests: int, max_tokens: int) -> dict:
+    """Keep ``engine`` full until ``requests`` requests have finished (its drafters reused, as the server's)."""
+    waiting = list(range(requests))
     tokens = steps = drafted = 0
     step_s = 0.0
     start = time.perf_counter()
-    while waiting or batch.rows:
-        while waiting and not batch.full:
-            drafter = idle.pop() if idle else make_drafter(method, target_info(model))
-            prompt = prompts[waiting.pop(0) % len(prompts)]
-            batch.join(Decoding(model, drafter, method, prompt, max_tokens, [], GREEDY))
+    while waiting or engine.busy:
+        while waiting and not engine.full:
+            engine.submit(engine.request(prompts[waiting.pop(0) % len(prompts)], max_tokens))
         step_start = time.perf_counter()
-        results = batch.step()
+        results = engine.step()
         step_s += time.perf_counter() - step_start
-        steps, drafted = steps + 1, drafted + (batch.last_width > 1)
-        for decoding, chunk in results:
+        steps, drafted = steps + 1, drafted + (engine.batch.last_width > 1)
+        for _, chunk in results:
             if isinstance(chunk, Exception):
                 raise chunk
             tokens += len(chunk.token_ids)
-            if decoding.done:
-                batch.leave(decoding)
-                idle.append(decoding.drafter)
     wall = time.perf_counter() - start
     return {"tokens_per_s": tokens / wall, "ms_per_step": 1000 * step_s / steps, "steps": steps, "drafted": drafted}
 
@@ -67,17 +57,15 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model, dtype=args.dtype)
-    prompts = [encode_prompt(model, question.turns[0]) for question in builtin_questions()]
-    capacity = max(map(len, prompts)) + args.max_tokens + MAX_DRAFT_NODES  # as Decoding.capacity
-    setups = {"ar": Batch(model, args.rows, capacity, adaptive=False)}
-    setups[args.method] = Batch(model, args.rows, capacity, adaptive=True)
-    for name, batch in setups.items():  # warm-up
-        run_round(batch, model, name, prompts, args.requests, args.max_tokens)
+    prompts = [Engine(model, "ar").request(question.turns[0]).prompt_ids for question in builtin_questions()]
+    rows = {"max_batch": args.rows, "preallocate": True, "max_prompt_tokens": max(map(len, prompts))}
+    rows["max_new_tokens_cap"] = args.max_tokens
+    setups = {"ar": Engine(model, "ar", **rows), args.method: Engine(model, args.method, adaptive=True, **rows)}
+    for engine in setups.values():  # warm-up
+        run_round(engine, prompts, args.requests, args.max_tokens)
     ratios = []
     for round_ in range(args.rounds):
-        measured = {
-            name: run_round(b, model, name, prompts, args.requests, args.max_tokens) for name, b in setups.items()
-        }
+        measured = {name: run_round(engine, prompts, args.requests, args.max_tokens) for name, engine in setups.items()}
         for name, row in measured.items():
             print(
                 f"round {round_ + 1} {name:>12}: {row['tokens_per_s']:6.1f} tokens/s, {row['ms_per_step']:6.2f} ms a"

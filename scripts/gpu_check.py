@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import write_tokenizer
 
 from decodekit import Engine, load_model
+from decodekit.protocol import Tree
 from decodekit.runtime import model as runtime_model
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Transformer
-from decodekit.runtime.tree import Tree
 
 SMOL = dict(
     vocab_size=49152,

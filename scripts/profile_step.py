@@ -17,7 +17,7 @@ import torch
 
 from decodekit import Engine, load_model
 from decodekit.bench import machine, machine_name
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Tree
 
 PROMPT = "Explain how vaccines train the immune system, with an example, in about 200 words."
 GROUPS = {

@@ -6,8 +6,8 @@ import torch
 
 from decodekit import Engine
 from decodekit.drafters.aded import CORPUS_MASS, AdaptiveNgram
-from decodekit.drafters.base import StepOutcome, TargetInfo
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import StepOutcome, TargetInfo
 
 VOCAB = 50
 

@@ -7,8 +7,8 @@ import torch
 
 from decodekit import Engine
 from decodekit.drafters.aggressive import MAX_SUFFIX, AggressiveDecoding
-from decodekit.drafters.base import StepOutcome, TargetInfo
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import StepOutcome, TargetInfo
 
 VOCAB = 50
 #        0  1  2  3  4  5  6  7  8  9 10
@@ -85,7 +85,7 @@ def test_first_step_anchors_on_an_earlier_copy_of_the_prompt_end():
 
 def test_anchor_advances_while_the_output_copies_the_source():
     source = list(range(1, 31))
-    d = drafter(source, max_draft=4)
+    d = drafter(source, max_nodes=4)
     sequence = [*source, 99, 1]  # the output has started copying the source
     assert step(d, sequence, [2, 3, 4, 5, 6]) == [2, 3, 4, 5]  # all accepted, the bonus 6 continues the source
     assert d.anchor == 6
@@ -93,7 +93,7 @@ def test_anchor_advances_while_the_output_copies_the_source():
 
 
 def test_mismatch_reanchors_on_the_output():
-    d = drafter(max_draft=4)
+    d = drafter(max_nodes=4)
     sequence = [40, 1]
     assert step(d, sequence, [2, 3, 4, 20]) == [2, 3, 4, 5]  # "1" is unique: anchor after it; 5 is rejected
     assert d.anchor is None
@@ -102,7 +102,7 @@ def test_mismatch_reanchors_on_the_output():
 
 
 def test_bonus_token_that_leaves_the_source_drops_the_anchor():
-    d = drafter(max_draft=2)
+    d = drafter(max_nodes=2)
     sequence = [40, 4]
     assert step(d, sequence, [5, 2, 30]) == [5, 2]  # both accepted, but the bonus 30 is not source[7]
     assert d.anchor is None
@@ -110,13 +110,13 @@ def test_bonus_token_that_leaves_the_source_drops_the_anchor():
 
 
 def test_draft_is_cut_at_the_source_end():
-    d = drafter(max_draft=8)
+    d = drafter(max_nodes=8)
     assert step(d, [40, 7], [8, 9, 0]) == [8, 9]
 
 
 def test_length_grows_on_whole_acceptances_and_shrinks_on_early_rejections():
     source = list(range(1, 49))
-    d = drafter(source, max_draft=16)
+    d = drafter(source, max_nodes=16)
     start = d.length
     assert 1 <= start < 16
     sequence = [*source, 99, 1]
@@ -152,8 +152,8 @@ def test_memory_is_bounded_by_the_source():
 
 def test_options_are_spec_compatible_and_validated():
     params = list(inspect.signature(AggressiveDecoding.__init__).parameters.values())[2:]
-    assert {p.name: p.default for p in params} == {"max_draft": 16, "min_match": 1, "source_tokens": 0}
-    for bad in ({"max_draft": 0}, {"min_match": 0}, {"min_match": MAX_SUFFIX + 1}, {"source_tokens": -1}):
+    assert {p.name: p.default for p in params} == {"max_nodes": 16, "min_match": 1, "source_tokens": 0}
+    for bad in ({"max_nodes": 0}, {"min_match": 0}, {"min_match": MAX_SUFFIX + 1}, {"source_tokens": -1}):
         with pytest.raises(InvalidParameter):
             AggressiveDecoding(TargetInfo(VOCAB), **bad)
 
@@ -162,7 +162,7 @@ class Primed(AggressiveDecoding):
     """Drafts from the prompt followed by a known greedy output, so that drafts get accepted on a random model."""
 
     def __init__(self, target: TargetInfo, output: list[int]) -> None:
-        super().__init__(target, max_draft=8)
+        super().__init__(target, max_nodes=8)
         self.output = output
 
     def begin(self, prompt, prompt_logits):

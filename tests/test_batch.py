@@ -9,9 +9,10 @@ from test_engine import Oracle
 
 from decodekit import Engine
 from decodekit.batch import Batch, StepCost, best_width, interpolate
+from decodekit.decoding import Decoding, Request, target_info
 from decodekit.drafters import METHODS, make_drafter
-from decodekit.drafters.base import MAX_DRAFT_NODES, Autoregressive
-from decodekit.engine import Decoding, target_info
+from decodekit.drafters.ar import Autoregressive
+from decodekit.protocol import MAX_DRAFT_NODES, Drafter
 from decodekit.sampling import GREEDY, SamplingParams
 
 PROMPTS = [
@@ -23,8 +24,9 @@ PROMPTS = [
 
 
 def decoding(model, method: str, prompt: str, max_new_tokens: int, sampling: SamplingParams = GREEDY) -> Decoding:
-    ids = Engine(model, "ar").encode(prompt)
-    return Decoding(model, make_drafter(method, target_info(model)), method, ids, max_new_tokens, [], sampling)
+    ids = Engine(model, "ar").request(prompt).prompt_ids
+    request = Request(ids, max_new_tokens, sampling=sampling)
+    return Decoding(model, make_drafter(method, target_info(model)), method, request)
 
 
 def run(batch: Batch, joining: list[tuple[int, Decoding]]) -> dict[Decoding, list]:
@@ -64,7 +66,7 @@ def test_a_batch_mixing_a_high_acceptance_drafter_keeps_outputs(tiny_model):
     """An oracle row accepts whole chains while others accept nothing: rows commit different counts per step."""
     reference = Engine(tiny_model, "ar").generate(PROMPTS[0], 40)
     ids = reference.prompt_ids
-    oracle = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 40, [], GREEDY)
+    oracle = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", Request(ids, 40))
     cases = list(zip(["ar", "lookup"], PROMPTS[1:3], strict=True))
     others = [decoding(tiny_model, method, prompt, 30) for method, prompt in cases]
     batch = Batch(tiny_model, max_rows=3, capacity=512, adaptive=False)
@@ -83,7 +85,7 @@ def test_adaptive_width_follows_cost_and_acceptance(tiny_model):
         batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=True)
         batch.cost = cost
         cost.observe = lambda rows, width, seconds: None  # the given table, not the tiny model's timings
-        request = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", ids, 60, [], GREEDY)
+        request = Decoding(tiny_model, Oracle(reference.token_ids, len(ids)), "oracle", Request(ids, 60))
         batch.join(request)
         seen, row = [], batch.joining[0]  # live after the first step's prefill
         while batch.size:
@@ -155,9 +157,7 @@ def test_seeded_sample_in_a_batch_equals_the_library(tiny_model):
     assert sampled.result().token_ids == expected.token_ids
 
 
-class Broken:
-    wants_prompt_logits = False
-
+class Broken(Drafter):
     def begin(self, prompt, prompt_logits):
         pass
 
@@ -179,18 +179,18 @@ class Seeded(Broken):
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_only_a_request_decoding_alone_gets_prompt_logits_under_load_aware_speculation(tiny_model, adaptive):
-    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
+    ids = Engine(tiny_model, "ar").request(PROMPTS[0]).prompt_ids
     first, second = Seeded(), Seeded()
     batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=adaptive)
-    batch.join(Decoding(tiny_model, first, "seeded", ids, 4, [], GREEDY))
-    batch.join(Decoding(tiny_model, second, "seeded", ids, 4, [], GREEDY))
+    batch.join(Decoding(tiny_model, first, "seeded", Request(ids, 4, sampling=GREEDY)))
+    batch.join(Decoding(tiny_model, second, "seeded", Request(ids, 4, sampling=GREEDY)))
     batch.step()  # both prompts are in after one step: the first alone, the second beside it
     assert first.seeded and second.seeded == (not adaptive)  # whole trees always draft: seeding always pays
 
 
 def test_a_failing_drafter_fails_only_its_row(tiny_model):
-    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
-    broken = Decoding(tiny_model, Broken(), "broken", ids, 10, [], GREEDY)
+    ids = Engine(tiny_model, "ar").request(PROMPTS[0]).prompt_ids
+    broken = Decoding(tiny_model, Broken(), "broken", Request(ids, 10, sampling=GREEDY))
     healthy = decoding(tiny_model, "recycling", PROMPTS[1], 10)
     batch = Batch(tiny_model, max_rows=2, capacity=512, adaptive=False)
     batch.join(broken)
@@ -221,9 +221,9 @@ class Recorder(Autoregressive):
 
 
 def test_a_step_without_propose_tells_the_drafter_it_did_not_draft(tiny_model):
-    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
+    ids = Engine(tiny_model, "ar").request(PROMPTS[0]).prompt_ids
     recorder = Recorder()
-    request = Decoding(tiny_model, recorder, "recorder", ids, 10, [], GREEDY)
+    request = Decoding(tiny_model, recorder, "recorder", Request(ids, 10, sampling=GREEDY))
     cache = tiny_model.transformer.new_cache(request.capacity)
     request.prefill(cache)
     for next_draft in (request.propose, request.root_draft, request.propose):
@@ -235,11 +235,11 @@ def test_a_step_without_propose_tells_the_drafter_it_did_not_draft(tiny_model):
 
 def test_without_drafts_the_rows_take_turns_to_propose(tiny_model):
     """At width 1 a row still proposes (only to be scored) every max(SHADOW_EVERY, B) steps, one row a step."""
-    ids = Engine(tiny_model, "ar").encode(PROMPTS[0])
+    ids = Engine(tiny_model, "ar").request(PROMPTS[0]).prompt_ids
     batch = Batch(tiny_model, max_rows=10, capacity=512, adaptive=True, prefill_chunk=1024)  # all in one step
     recorders = [Recorder() for _ in range(10)]
     for recorder in recorders:
-        batch.join(Decoding(tiny_model, recorder, "recorder", ids, 40, [], GREEDY))
+        batch.join(Decoding(tiny_model, recorder, "recorder", Request(ids, 40, sampling=GREEDY)))
     chosen = []  # each step's width, as the batch chose it before drafting (the first prefills every prompt)
     while batch.size:
         chosen.append(batch._width())

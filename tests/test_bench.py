@@ -1,11 +1,13 @@
 """`decodekit bench` on a tiny model: schema, speedup arithmetic, identical-output share, bad input."""
 
 import json
+from pathlib import Path
 from statistics import mean
 
 import pytest
 from helpers import write_tiny_llama
 
+import decodekit
 from decodekit.bench import select, summarize, task_of
 from decodekit.cli import main
 from decodekit.prompts import builtin_questions, load_questions
@@ -229,3 +231,29 @@ def test_an_interrupted_run_keeps_its_finished_questions(tiny_dir, tmp_path, mon
 
 def builtin_questions_of(task: str) -> list[int]:
     return [q.question_id for q in builtin_questions() if task_of(q.category) == task]
+
+
+def test_a_checkout_runs_beside_this_one_and_matches_it(wide_dir, tmp_path, capsys):
+    """``--checkout`` with this very checkout: every method runs twice, here and in a worker started from the
+    checkout, and their outputs agree (the same code, the same weights)."""
+    checkout = Path(decodekit.__file__).parent.parent
+    args = [
+        "--methods",
+        "ar",
+        "recycling",
+        "--peers",
+        "--checkout",
+        str(checkout),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]
+    assert bench(wide_dir, tmp_path, *args, "--categories", "qa") == 0
+    saved = json.loads((tmp_path / "result.json").read_text())
+    names = [f"ar@{checkout.name}", f"recycling@{checkout.name}"]
+    assert saved["meta"]["runners"] == ["ar", "recycling", *names]
+    elsewhere = [r for r in saved["records"] if r["runner"] in names]
+    assert len(elsewhere) == 4 and all(r["identical"] and r["accepted_lengths"] for r in elsewhere)
+    code = bench(wide_dir, tmp_path, "--methods", "ar", "--peers", "--checkout", str(tmp_path), "--limit", "1")
+    assert code == 1 and "holds no decodekit package" in capsys.readouterr().err

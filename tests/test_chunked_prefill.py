@@ -13,12 +13,12 @@ from helpers import write_tiny_llama
 from test_batch import Broken, decoding
 from test_server import client_for, metric, serving, wait_for
 
-import decodekit.server.scheduler
+import decodekit.engine
 from decodekit import Engine
 from decodekit.batch import Batch
+from decodekit.decoding import Decoding, Request, target_info
 from decodekit.drafters import make_drafter
-from decodekit.drafters.base import Autoregressive
-from decodekit.engine import Decoding, target_info
+from decodekit.drafters.ar import Autoregressive
 from decodekit.runtime import cpu
 from decodekit.runtime.loader import load_model
 from decodekit.sampling import GREEDY
@@ -31,8 +31,8 @@ METHODS = ["ar", "recycling", "aded:seed_logits=true", "lookup", "hybrid"]
 
 @pytest.fixture
 def chunk(monkeypatch):
-    """Set ``decodekit.engine.PREFILL_CHUNK`` (tokens per prefill forward) for the test."""
-    return lambda tokens: monkeypatch.setattr("decodekit.engine.PREFILL_CHUNK", tokens)
+    """Set ``decodekit.decoding.PREFILL_CHUNK`` (tokens per prefill forward) for the test."""
+    return lambda tokens: monkeypatch.setattr("decodekit.decoding.PREFILL_CHUNK", tokens)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -60,9 +60,9 @@ class Recording(Autoregressive):
 @pytest.mark.parametrize("tokens", [4, 7, 1000])
 def test_a_drafter_gets_the_logits_of_the_last_chunk(tiny_model, chunk, tokens):
     chunk(tokens)
-    ids = Engine(tiny_model, "ar").encode(LONG)
+    ids = Engine(tiny_model, "ar").request(LONG).prompt_ids
     recording = Recording()
-    request = Decoding(tiny_model, recording, "recording", ids, 4, [], GREEDY)
+    request = Decoding(tiny_model, recording, "recording", Request(ids, 4, sampling=GREEDY))
     cache = tiny_model.transformer.new_cache(request.capacity)
     assert request.prefill(cache) == len(ids) - 1 and request.prefilled
     assert cache.lengths == [len(ids) - 1] and recording.prompt.tolist() == ids
@@ -74,7 +74,7 @@ def test_a_drafter_gets_the_logits_of_the_last_chunk(tiny_model, chunk, tokens):
 
 def test_prefill_scores_whole_chunks_within_its_budget(tiny_model, chunk):
     chunk(4)
-    ids = Engine(tiny_model, "ar").encode(LONG)  # p - 1 = 4k + r: the first chunk holds r tokens
+    ids = Engine(tiny_model, "ar").request(LONG).prompt_ids  # p - 1 = 4k + r: the first chunk holds r tokens
     request = decoding(tiny_model, "ar", LONG, 4)
     cache = tiny_model.transformer.new_cache(request.capacity)
     first = (len(ids) - 2) % 4 + 1
@@ -90,11 +90,11 @@ def test_with_the_cpu_attention_kernel_chunked_entries_are_bitwise_the_unchunked
     head_dim 16 takes, differs in the last bits with the number of queries)."""
     model = load_model(write_tiny_llama(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1))
     assert model.transformer.blocks[0].cpu_attention
-    ids = Engine(model, "ar").encode(LONG)
+    ids = Engine(model, "ar").request(LONG).prompt_ids
 
     def entries(tokens: int) -> torch.Tensor:
         chunk(tokens)
-        request = Decoding(model, make_drafter("ar", target_info(model)), "ar", ids, 4, [], GREEDY)
+        request = Decoding(model, make_drafter("ar", target_info(model)), "ar", Request(ids, 4))
         cache = model.transformer.new_cache(request.capacity)
         request.prefill(cache)
         return cache.kv[..., : len(ids) - 1, :]
@@ -243,9 +243,9 @@ class BrokenBegin(Broken):
 
 
 def test_a_failing_prefill_fails_only_its_row(tiny_model):
-    ids = Engine(tiny_model, "ar").encode(SHORT[0])
+    ids = Engine(tiny_model, "ar").request(SHORT[0]).prompt_ids
     live = decoding(tiny_model, "recycling", SHORT[1], 10)
-    broken = Decoding(tiny_model, BrokenBegin(), "broken", ids, 10, [], GREEDY)
+    broken = Decoding(tiny_model, BrokenBegin(), "broken", Request(ids, 10, sampling=GREEDY))
     after = decoding(tiny_model, "recycling", SHORT[2], 10)
     batch = Batch(tiny_model, max_rows=3, capacity=512, adaptive=False)
     batch.join(live)
@@ -278,7 +278,7 @@ def test_the_server_streams_beside_a_long_prompt(tiny_model, chunk, monkeypatch)
                 release.wait(30)
             return super().accept(*args, **kwargs)
 
-    monkeypatch.setattr(decodekit.server.scheduler, "Decoding", Logged)
+    monkeypatch.setattr(decodekit.engine, "Decoding", Logged)
     app = create_app(tiny_model, method="ar", max_prompt_tokens=200, max_tokens_cap=150, prefill_chunk=4)
     with serving(app) as url, ThreadPoolExecutor(2) as pool:
         client = client_for(url)
@@ -310,7 +310,7 @@ def test_a_client_leaving_while_its_prompt_is_prefilled_frees_its_row(tiny_model
                 release.wait(30)
             return super().prefill(*args, **kwargs)
 
-    monkeypatch.setattr(decodekit.server.scheduler, "Decoding", Held)
+    monkeypatch.setattr(decodekit.engine, "Decoding", Held)
     with serving(create_app(tiny_model, method="ar", max_prompt_tokens=200, prefill_chunk=4)) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json={"prompt": LONG, "max_tokens": 4}, timeout=1)

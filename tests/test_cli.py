@@ -145,7 +145,7 @@ def bad_models(tmp_path_factory):
         (["hi", "--model", "{tiny}", "--method", "medusa"], "unknown method 'medusa'"),
         (["hi", "--model", "{tiny}", "--method", "recycling:k=banana"], "expects an integer"),
         (["hi", "--model", "{tiny}", "--method", "recycling:k=1000000000000"], "must be in [1, 64]"),
-        (["hi", "--no-chat", "--model", "{tiny}", "--method", "hybrid:parts=aded+copyspec,budget=100000"], "budget"),
+        (["hi", "--no-chat", "--model", "{tiny}", "--method", "hybrid:max_nodes=100000"], "max_nodes"),
         (["hi \udcff there", "--model", "{tiny}"], "the prompt is not valid text"),
         (["hi", "--model", "{tiny}", "--stop", "\ud800"], "a stop string is not valid text"),
         (["--chat-file", "{chat-utf16}", "--model", "{tiny}"], "is not UTF-8 text"),

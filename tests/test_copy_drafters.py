@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from decodekit.drafters import TargetInfo, make_drafter
-from decodekit.drafters.base import Draft, StepOutcome
 from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.hybrid import PRIOR_HITS, PRIOR_TRIALS, Hybrid
 from decodekit.drafters.lookup import NgramIndex, PromptLookup
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import Draft, Drafter, StepOutcome
 
 TARGET = TargetInfo(vocab_size=100)
 
@@ -37,17 +37,17 @@ def test_trie_merges_shared_prefixes_and_keeps_the_best_nodes():
     trie.add([1, 2, 4], [0.9, 0.8, 0.5])
     trie.add([5], 0.1)
     assert len(trie) == 5
-    draft = trie.build(root=7, budget=3)
+    draft = trie.build(root=7, max_nodes=3)
     assert draft.tokens.tolist() == [7, 1, 2, 3]
     assert draft.tree.parents.tolist() == [-1, 0, 1, 2]
-    assert paths(trie.build(7, budget=10, min_score=0.3)) == {(1,), (1, 2), (1, 2, 3), (1, 2, 4)}
+    assert paths(trie.build(7, max_nodes=10, min_prob=0.3)) == {(1,), (1, 2), (1, 2, 3), (1, 2, 4)}
 
 
 def test_trie_scores_never_grow_along_a_path():
     trie = DraftTrie()
     trie.add([1, 2], [0.1, 0.9])  # the child cannot be likelier than its parent
     trie.add([3], 0.5)
-    draft = trie.build(root=0, budget=2)
+    draft = trie.build(root=0, max_nodes=2)
     assert paths(draft) == {(1,), (3,)}  # (1, 2) scores 0.1, tied with (1,), and deeper: cut
 
 
@@ -117,13 +117,11 @@ def test_copyspec_history_is_bounded():
     assert len(drafter.index.tokens) <= 200
 
 
-class Fixed:
+class Fixed(Drafter):
     """A drafter that always proposes the same tree and records what it observes."""
 
-    wants_prompt_logits = False
-
     def __init__(self, tokens: list[int], parents: list[int], estimates: list[float] | None = None) -> None:
-        from decodekit.runtime.tree import Tree
+        from decodekit.protocol import Tree
 
         chances = None if estimates is None else torch.tensor(estimates, dtype=torch.float64)
         self.draft = Draft(torch.tensor(tokens), Tree.from_parents(parents), estimates=chances)
@@ -140,7 +138,7 @@ class Fixed:
 
 
 def test_hybrid_merges_parts_and_hands_each_its_own_outcome():
-    hybrid = Hybrid(TARGET, parts="lookup+recycling", budget=5, min_score=0.0)
+    hybrid = Hybrid(TARGET, parts="lookup+recycling", max_nodes=5, min_prob=0.0)
     a = Fixed([0, 1, 2, 3], [-1, 0, 1, 2])  # chain 1 2 3
     b = Fixed([0, 1, 4, 5], [-1, 0, 1, 0])  # 1 -> 4, and 5
     hybrid.parts = [a, b]
@@ -164,7 +162,7 @@ def test_hybrid_merges_parts_and_hands_each_its_own_outcome():
 
 
 def test_hybrid_learns_which_parts_nodes_get_accepted():
-    hybrid = Hybrid(TARGET, parts="lookup+recycling", budget=1, min_score=0.0)
+    hybrid = Hybrid(TARGET, parts="lookup+recycling", max_nodes=1, min_prob=0.0)
     good, bad = Fixed([0, 1], [-1, 0]), Fixed([0, 2], [-1, 0])
     hybrid.parts = [bad, good]
     for _ in range(5):
@@ -184,7 +182,7 @@ def test_bad_options_raise(spec):
 
 
 def test_hybrid_scores_nodes_it_cut_from_the_committed_text():
-    hybrid = Hybrid(TARGET, parts="lookup+recycling", budget=1, min_score=0.0)
+    hybrid = Hybrid(TARGET, parts="lookup+recycling", max_nodes=1, min_prob=0.0)
     first, second = Fixed([0, 1], [-1, 0]), Fixed([0, 2, 3], [-1, 0, 1])
     hybrid.parts = [first, second]
     merged = hybrid.propose(torch.tensor([0]))
@@ -198,7 +196,7 @@ def test_hybrid_scores_nodes_it_cut_from_the_committed_text():
 
 
 def test_hybrid_ranks_a_part_by_its_own_estimates_calibrated_by_what_matched():
-    hybrid = Hybrid(TARGET, parts="lookup+recycling", budget=2, min_score=0.0)
+    hybrid = Hybrid(TARGET, parts="lookup+recycling", max_nodes=2, min_prob=0.0)
     # the estimating part thinks 1 -> 2 is likely (0.9, 0.85) and 3 is not (0.15)
     estimating, chain = Fixed([0, 1, 2, 3], [-1, 0, 1, 0], [1.0, 0.9, 0.85, 0.15]), Fixed([0, 4], [-1, 0])
     hybrid.parts = [estimating, chain]
@@ -215,5 +213,5 @@ def test_hybrid_ranks_a_part_by_its_own_estimates_calibrated_by_what_matched():
 def test_trie_hands_its_scores_on_as_estimates_when_asked():
     trie = DraftTrie()
     trie.add([1, 2], [0.8, 0.5])
-    assert trie.build(0, budget=4).estimates is None
-    assert trie.build(0, budget=4, estimates=True).estimates.tolist() == [1.0, 0.8, 0.5]
+    assert trie.build(0, max_nodes=4).estimates is None
+    assert trie.build(0, max_nodes=4, estimates=True).estimates.tolist() == [1.0, 0.8, 0.5]

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from decodekit.protocol import Tree
 from decodekit.runtime import cpu
-from decodekit.runtime.tree import Tree, attention_mask
+from decodekit.runtime.tree import attention_mask
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="AVX2/FMA kernels unavailable here")
 

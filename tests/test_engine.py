@@ -8,18 +8,15 @@ import torch
 
 from decodekit import DecodekitError, Engine, InvalidParameter, PromptTooLong, SamplingParams, load_model
 from decodekit.drafters import METHODS
-from decodekit.drafters.base import Draft, StepOutcome
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Draft, Drafter, StepOutcome, Tree
 from decodekit.sampling import MIN_TEMPERATURE
 
 PROMPT = "the quick brown fox"
 
 
-class Oracle:
+class Oracle(Drafter):
     """Proposes the next ``depth`` tokens of a known greedy output as a chain, plus one wrong sibling branch, so
     every step accepts ``depth`` drafts and commits ``depth + 1`` tokens."""
-
-    wants_prompt_logits = False
 
     def __init__(self, reference: list[int], prompt_len: int, depth: int = 4) -> None:
         self.reference, self.prompt_len, self.depth = reference, prompt_len, depth
@@ -45,7 +42,7 @@ def reference(tiny_model):
     """Plain greedy output: 40 tokens, no EOS allowed to end it early."""
     model = replace(tiny_model, eos_token_ids=frozenset())
     engine = Engine(model, "ar")
-    return engine.encode(PROMPT), engine.generate(PROMPT, max_new_tokens=40)
+    return engine.request(PROMPT).prompt_ids, engine.generate(PROMPT, max_new_tokens=40)
 
 
 def oracle_engine(model, reference, depth=4):
@@ -144,7 +141,7 @@ def test_a_conversation_continues_with_its_history(tiny_model):
         {"role": "assistant", "content": first.text},
         {"role": "user", "content": "and then?"},
     ]
-    ids = engine.encode(history)
+    ids = engine.request(history).prompt_ids
     assert ids[: len(first.prompt_ids)] == first.prompt_ids  # the first turn's prompt opens the conversation
     assert (
         engine.generate(history, max_new_tokens=16).token_ids

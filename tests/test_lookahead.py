@@ -2,8 +2,8 @@
 
 import torch
 
-from decodekit.drafters.base import StepOutcome, TargetInfo
 from decodekit.drafters.lookahead import Lookahead
+from decodekit.protocol import StepOutcome, TargetInfo
 
 VOCAB = 60
 

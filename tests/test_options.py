@@ -21,9 +21,9 @@ from decodekit.drafters import (
     method_options,
     parse_method,
 )
-from decodekit.drafters.base import MAX_DRAFT_NODES
 from decodekit.drafters.options import Choice, Range, checked_options, options_of
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import MAX_DRAFT_NODES
 
 TARGET = TargetInfo(vocab_size=49152)
 NUMERIC = [(m, o) for m in METHODS for o in method_options(m).values() if isinstance(o.kind, Range)]
@@ -93,7 +93,7 @@ def test_a_drafter_at_any_bound_drafts_within_the_node_limit(method, option):
         ("lookahead:window=300", "option window"),
         ("lookup:num_tokens=1000", "option num_tokens"),
         ("copyspec:num_tokens=300,max_tokens=300", "option num_tokens"),
-        ("hybrid:parts=aded+copyspec,budget=100000", "option budget"),
+        ("hybrid:parts=aded+copyspec,max_nodes=100000", "option max_nodes"),
         ("hybrid:parts=" + "+".join(["aded"] * 20000), "must join 2 to 8 methods"),
         ("suffix:max_depth=100000,max_match=99999", "option max_depth"),
         ("lookup:num_tokens=128,branches=2", "num_tokens * branches < 256"),
@@ -228,3 +228,18 @@ def test_memory_bytes_tracks_what_python_holds(spec, steps):
 def test_tensor_state_is_counted_exactly():
     assert make_drafter("recycling:k=16", TARGET).memory_bytes() == TARGET.vocab_size * 16 * 4
     assert make_drafter("ar", TARGET).memory_bytes() == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "old", "new", "value"),
+    [
+        ("hybrid:budget=10", "budget", "max_nodes", 10),
+        ("hybrid:min_score=0.2", "min_score", "min_prob", 0.2),
+        ("aggressive:max_draft=5", "max_draft", "max_nodes", 5),
+    ],
+)
+def test_renamed_options_still_work_with_a_warning(spec, old, new, value):
+    with pytest.warns(FutureWarning, match=f"option {old} of method .* is now called {new}"):
+        assert parse_method(spec)[1] == {new: value}
+    with pytest.warns(FutureWarning, match=f"option {old} of .* is now called {new}"):
+        assert getattr(make_drafter(spec.partition(":")[0], TARGET).__class__(TARGET, **{old: value}), new) == value

@@ -15,8 +15,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from decodekit.protocol import Tree
 from decodekit.runtime.loader import load_model
-from decodekit.runtime.tree import Tree
 
 COMMON = dict(
     vocab_size=320,

@@ -1,7 +1,7 @@
 """The server's pool of idle drafters: reuse by spec, bounded in bytes and in count."""
 
 from decodekit.drafters import TargetInfo, make_drafter
-from decodekit.server.pool import MAX_IDLE, DrafterPool
+from decodekit.pool import MAX_IDLE, DrafterPool
 
 
 class Sized:

@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from decodekit.drafters import TargetInfo, make_drafter, parse_method
-from decodekit.drafters.base import StepOutcome
 from decodekit.drafters.recycling import PUBLISHED_TREE, TemplateTree, TokenRecycling, path_score, subtree
 from decodekit.errors import InvalidParameter
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import StepOutcome, Tree
 
 VOCAB = 50
 

@@ -24,10 +24,10 @@ from transformers import (
 
 import decodekit.sampling
 from decodekit import Engine, InvalidParameter, SamplingParams
+from decodekit.decoding import draft_seed
 from decodekit.drafters import METHODS
-from decodekit.drafters.base import Draft
+from decodekit.protocol import Draft, Drafter, Tree
 from decodekit.runtime.loader import load_model
-from decodekit.runtime.tree import Tree
 from decodekit.sampling import Sampler, penalize, warp
 from decodekit.verify import verify_sampled
 
@@ -246,10 +246,9 @@ def exact_triples(small_model) -> dict[tuple, float]:
     return exact
 
 
-class WideTree:
+class WideTree(Drafter):
     """A deterministic tree with several children per node (one a repeated token) and depth 3."""
 
-    wants_prompt_logits = False
     tree = Tree.from_parents([-1, 0, 0, 0, 1, 1, 2, 4])
 
     def begin(self, prompt, prompt_logits):
@@ -309,3 +308,9 @@ def test_same_seed_same_output_for_every_method(tiny_model):
         again = Engine(tiny_model, method).generate("the quick brown fox", 24, sampling=params)
         assert first.token_ids == again.token_ids, method
         assert first.stats.seed == 11
+
+
+def test_a_sampling_drafter_draws_from_a_stream_of_its_own():
+    for seed in [0, 1, 7, 2**32 + 5, 2**63 - 1, *range(100, 200)]:
+        drafted = draft_seed(seed)
+        assert drafted == draft_seed(seed) and drafted & 0xFFFFFFFF != seed & 0xFFFFFFFF

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-import decodekit.server.scheduler
+import decodekit.engine
 from decodekit.cli import main
 from decodekit.engine import Chunk, Decoding, Engine
 from decodekit.sampling import SamplingParams
@@ -293,7 +293,7 @@ class HookedDecoding(Decoding):
 @pytest.fixture
 def hooked(monkeypatch, tiny_model):
     """Start a server whose requests run ``hook``: ``with hooked(hook, **create_app_options) as url``."""
-    monkeypatch.setattr(decodekit.server.scheduler, "Decoding", HookedDecoding)
+    monkeypatch.setattr(decodekit.engine, "Decoding", HookedDecoding)
 
     @contextmanager
     def start(hook: Callable[[int, Chunk], None], **options) -> Iterator[str]:

@@ -29,7 +29,7 @@ from test_server import (
     wait_for,
 )
 
-import decodekit.server.app
+import decodekit.engine
 from decodekit.cli import main
 from decodekit.engine import Chunk, Engine
 from decodekit.errors import InvalidParameter
@@ -247,7 +247,7 @@ def test_an_unexpected_error_says_internal_error_and_logs_its_traceback(url, mon
     def broken(*args: object) -> list[int]:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(decodekit.server.app, "encode_prompt", broken)
+    monkeypatch.setattr(decodekit.engine, "encode_prompt", broken)
     message = assert_error(complete(url), 500)
     assert message.startswith("internal error (request id ") and "secret" not in message
     request_id = message.removeprefix("internal error (request id ").removesuffix(")")
@@ -261,7 +261,7 @@ def test_an_unexpected_error_says_internal_error_and_logs_its_traceback(url, mon
 def test_prompts_are_tokenized_off_the_loop_and_checked_before_the_queue(hooked, monkeypatch):  # noqa: F811
     threads = []
 
-    encode_prompt = decodekit.server.app.encode_prompt
+    encode_prompt = decodekit.engine.encode_prompt
 
     def encode(*args: object) -> list[int]:
         with pytest.raises(RuntimeError):
@@ -269,7 +269,7 @@ def test_prompts_are_tokenized_off_the_loop_and_checked_before_the_queue(hooked,
         threads.append(threading.current_thread().name)
         return encode_prompt(*args)
 
-    monkeypatch.setattr(decodekit.server.app, "encode_prompt", encode)
+    monkeypatch.setattr(decodekit.engine, "encode_prompt", encode)
     release, held = threading.Event(), threading.Event()
 
     def hold(i: int, chunk: Chunk) -> None:
@@ -295,14 +295,14 @@ LONG = {**COMPLETION, "prompt": "the lazy dog", "method": "ar"}  # the tiny mode
 
 SLOW_SERVE = """
 import sys, time
-import decodekit.server.scheduler as scheduler
+import decodekit.engine as engine
 
-class Slow(scheduler.Decoding):
+class Slow(engine.Decoding):
     def accept(self, *args, **kwargs):
         time.sleep(0.05)
         return super().accept(*args, **kwargs)
 
-scheduler.Decoding = Slow
+engine.Decoding = Slow
 from decodekit.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -5,10 +5,10 @@ import torch
 
 from decodekit import Engine
 from decodekit.drafters import TargetInfo
-from decodekit.drafters.base import StepOutcome
 from decodekit.drafters.suffix import CONTEXT_PRIOR, SuffixDrafter, SuffixTrie, expand
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import StepOutcome
 
 VOCAB = 50
 

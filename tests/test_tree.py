@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from decodekit.errors import InvalidParameter
-from decodekit.runtime.tree import Tree, attention_mask, positions
+from decodekit.protocol import Tree
+from decodekit.runtime.tree import attention_mask, positions
 
 #        0
 #      /   \

@@ -1,7 +1,7 @@
 import torch
 
-from decodekit.runtime.tree import Tree
-from decodekit.verify import continuation_matches, greedy_choice, verify_greedy
+from decodekit.protocol import Tree, greedy_choice
+from decodekit.verify import continuation_matches, verify_greedy
 
 PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # see test_tree.py
 

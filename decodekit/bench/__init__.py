@@ -21,11 +21,10 @@ from statistics import mean
 
 import torch
 
+from decodekit import InvalidParameter, LoadedModel
 from decodekit.bench.runners import PeerError, make_runners
-from decodekit.errors import InvalidParameter
+from decodekit.engine import encode_prompt
 from decodekit.prompts import Question
-from decodekit.runtime.loader import LoadedModel
-from decodekit.text import encode_chat
 
 # Spec-Bench's MT-Bench categories all belong to the multi-turn conversation task
 CONVERSATION = {
@@ -84,8 +83,7 @@ def run_bench(
     ``skipped`` record (the question's earlier turns stay counted). A peer that fails on a turn gets an ``error``
     record and sits out the rest of that question.
     """
-    tokenizer = model.tokenizer
-    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    warm = encode_prompt(model, [{"role": "user", "content": "Say hello."}])
     for runner in runners:
         runner.run(warm, 8)
     records = []
@@ -101,7 +99,7 @@ def run_bench(
             prompts = {}
             for runner in runners:
                 history[runner.name].append({"role": "user", "content": text})
-                prompts[runner.name] = encode_chat(tokenizer, history[runner.name])
+                prompts[runner.name] = encode_prompt(model, history[runner.name])
             if max(map(len, prompts.values())) + max_new_tokens > window:
                 records.append(
                     {
@@ -131,7 +129,7 @@ def run_bench(
                         }
                     )
                     continue
-                answer = tokenizer.decode(run.token_ids, skip_special_tokens=True)
+                answer = model.tokenizer.decode(run.token_ids, skip_special_tokens=True)
                 history[runner.name].append({"role": "assistant", "content": answer})
                 outputs[turn, runner.name] = run.token_ids
                 row = asdict(run)

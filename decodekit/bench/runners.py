@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,10 +13,7 @@ from pathlib import Path
 
 import torch
 
-from decodekit.engine import Engine
-from decodekit.errors import InvalidParameter
-from decodekit.runtime.loader import LoadedModel
-from decodekit.sampling import GREEDY, SamplingParams
+from decodekit import GREEDY, Engine, InvalidParameter, LoadedModel, SamplingParams
 
 PEERS = ("hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
 
@@ -105,7 +103,63 @@ class PeerError(Exception):
     """A peer failed on one request (the harness records it and goes on)."""
 
 
-class LlamaCppRunner:
+class WorkerRunner:
+    """A runner in a worker process of its own, spoken to in JSON lines (see ``llamacpp_worker.py``): it prints
+    ``{"ready": true}``, then answers each request line with ``token_ids`` and ``wall_s`` (and whatever other
+    :class:`Run` fields it measures) or with ``error``. A worker that crashed is started again for the next
+    request."""
+
+    name: str
+    command: list[str]
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id: its memory is what this runner uses."""
+        return self.process.pid
+
+    def _start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=self.cwd,
+            env=self.env,
+        )
+        line = self.process.stdout.readline()
+        if not line.startswith('{"ready"'):
+            raise PeerError(f"{self.name} did not start (exit status {self.process.wait()})")
+
+    def request(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        """The request line for a turn."""
+        raise NotImplementedError
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        if self.process.poll() is not None:
+            self._start()  # the last request crashed it
+        try:
+            self.process.stdin.write(json.dumps(self.request(prompt_ids, max_new_tokens)) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise PeerError(f"{self.name} crashed (exit status {self.process.wait()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise PeerError(f"{self.name}: {reply['error']}")
+        return Run(**{name: reply[name] for name in Run.__dataclass_fields__ if name in reply})
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+class LlamaCppRunner(WorkerRunner):
     """llama.cpp (llama-cpp-python) on the same GGUF file, in a worker process of its own.
 
     Its weights stay quantized, so its outputs need not match decodekit's de-quantized float model.
@@ -124,52 +178,44 @@ class LlamaCppRunner:
         self.eos = sorted(eos)
         self._start()
 
-    @property
-    def pid(self) -> int:
-        """The worker's process id: its memory is what this peer uses."""
-        return self.process.pid
+    def request(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        return {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos": self.eos, "sampling": self.sampling}
 
-    def _start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        line = self.process.stdout.readline()
-        if not line.startswith('{"ready"'):
-            raise PeerError(f"{self.name} did not start (exit status {self.process.wait()})")
 
-    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
-        if self.process.poll() is not None:
-            self._start()  # the last request crashed it
-        request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos": self.eos}
-        request["sampling"] = self.sampling
-        try:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            line = self.process.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:
-            raise PeerError(f"{self.name} crashed (exit status {self.process.wait()})")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise PeerError(f"{self.name}: {reply['error']}")
-        return Run(reply["token_ids"], reply["wall_s"])
+class CheckoutRunner(WorkerRunner):
+    """A decodekit method as another checkout has it (a worktree of another commit), in a worker process started
+    from that checkout: a version measured side by side with this one. Named ``METHOD@DIRNAME``."""
 
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=30)
+    WORKER = Path(__file__).with_name("engine_worker.py")
+
+    def __init__(self, model: LoadedModel, method: str, checkout: Path, sampling: SamplingParams = GREEDY) -> None:
+        if not (checkout / "decodekit" / "__init__.py").is_file():
+            raise InvalidParameter(f"--checkout {checkout} holds no decodekit package")
+        self.name, self.sampling = f"{method}@{checkout.resolve().name}", sampling.to_dict()
+        dtype = str(model.dtype).removeprefix("torch.")
+        self.command = [sys.executable, str(self.WORKER), method, "--model", str(model.source), "--dtype", dtype]
+        self.command += ["--device", model.device.type]
+        self.cwd, self.env = checkout, os.environ | {"PYTHONPATH": str(checkout.resolve())}
+        self._start()
+
+    def request(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        return {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "sampling": self.sampling}
 
 
 def make_runners(
-    model: LoadedModel, methods: list[str], peers: list[str], sampling: SamplingParams = GREEDY
+    model: LoadedModel,
+    methods: list[str],
+    peers: list[str],
+    sampling: SamplingParams = GREEDY,
+    checkouts: list[Path] = (),
 ) -> tuple[list, list[str]]:
-    """Build the runners, all decoding with ``sampling``; peers that cannot run here are left out, each with a
-    one-line note."""
+    """Build the runners, all decoding with ``sampling``: ``methods`` here, then each of them again from every
+    one of ``checkouts``, then the peers; peers that cannot run here are left out, each with a one-line note."""
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
     runners: list = [EngineRunner(model, m, sampling) for m in methods]
+    runners += [CheckoutRunner(model, m, checkout, sampling) for checkout in checkouts for m in methods]
     notes = []
     for peer in peers:
         if peer.startswith("hf"):

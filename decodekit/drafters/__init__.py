@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from decodekit.drafters.aded import AdaptiveNgram
 from decodekit.drafters.aggressive import AggressiveDecoding
-from decodekit.drafters.base import Autoregressive, Draft, Drafter, StepOutcome, TargetInfo
+from decodekit.drafters.ar import Autoregressive
 from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
-from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, options_of
+from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, current_name, options_of
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.drafters.sjd import SpeculativeJacobi
 from decodekit.drafters.suffix import SuffixDrafter
 from decodekit.errors import InvalidParameter, clip
+from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo
 
 METHODS: dict[str, type] = {
     "ar": Autoregressive,
@@ -37,6 +38,7 @@ __all__ = [
     "MethodPolicy",
     "StepOutcome",
     "TargetInfo",
+    "client_policy",
     "make_drafter",
     "method_options",
     "parse_method",
@@ -59,6 +61,7 @@ def parse_method(spec: str, policy: MethodPolicy = OPERATOR) -> tuple[type, dict
         if not policy.options:
             raise InvalidParameter(f"this server lets requests name a method, not set its options ({clip(item)})")
         key, eq, raw = (part.strip() for part in item.partition("="))
+        key = current_name(METHODS[name], key, f"method {name}")
         option = known.get(key)
         if not eq or option is None:
             raise InvalidParameter(f"bad option {clip(item)} for method {name} (options: {', '.join(known) or 'none'})")
@@ -69,6 +72,17 @@ def parse_method(spec: str, policy: MethodPolicy = OPERATOR) -> tuple[type, dict
         except ValueError as err:
             raise InvalidParameter(f"option {key} of method {name}: {clip(raw)} {err}") from None
     return METHODS[name], kwargs
+
+
+def client_policy(methods: list[str] | None = None, options: bool = False) -> MethodPolicy:
+    """What a server's clients may choose: a method among ``methods`` (None: every method), with its numeric,
+    boolean and choice options only when ``options`` (never those that name files or other methods)."""
+    if methods is not None:
+        unknown = [name for name in methods if name not in METHODS]
+        if unknown or not methods:
+            given = clip(unknown or methods)
+            raise InvalidParameter(f"the allowed methods must be some of {', '.join(METHODS)}; got {given}")
+    return MethodPolicy(None if methods is None else frozenset(methods), options=options, operator=False)
 
 
 def method_options(name: str) -> dict[str, Option]:

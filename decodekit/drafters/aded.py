@@ -25,11 +25,10 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.options import FilePath, Range, checked_options, read_regular_file
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter, clip
-from decodekit.verify import greedy_choice
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo, greedy_choice
 
 MAX_NODES = MAX_DRAFT_NODES - 1  # the root is not counted
 RESCALE_AT = 1e30  # lazy decay: counts grow by 1/decay per token and are scaled back to ~1 past this
@@ -41,7 +40,7 @@ Row = dict[int, float]  # next token -> decayed count
 
 
 @checked_options
-class AdaptiveNgram:
+class AdaptiveNgram(Drafter):
     """Method ``aded``. Drafts a tree from decayed trigram/bigram counts of the model's own behaviour.
 
     Options: ``max_nodes`` (tree budget, root excluded), ``min_prob`` (smallest path score drafted), ``decay``

@@ -19,7 +19,7 @@ source position where the output is believed to continue (``source[a - 1]`` is t
   suffix that crosses into the prompt (``"\\nDear"`` when the source holds a letter). A multi-turn prompt anchors
   on the previous assistant turn, which a revision request ("fix the typos in your answer") copies.
 
-Draft length adapts to the request: ``length`` is the largest ``L <= max_draft`` with ``p ** L >= ACCEPT_FLOOR``,
+Draft length adapts to the request: ``length`` is the largest ``L <= max_nodes`` with ``p ** L >= ACCEPT_FLOOR``,
 where ``p`` estimates the chance that the next draft token is accepted given the previous one was: accepted draft
 tokens over those plus rejections, counted from a prior of ``PRIOR`` and decayed by ``DECAY`` per drafting step so
 that the last few drafts dominate. Whole accepted drafts raise ``p`` and the length, early rejections lower both;
@@ -28,7 +28,7 @@ a request that stops copying is back to 1-2 tokens within ~15 steps.
 Defaults, from replaying the greedy outputs of SmolLM2-135M (24 edit, translation and summarization prompts, 128
 tokens; a step costs ~41 ms plus ~1.5 ms per node on this CPU, see ``ACCEPT_FLOOR``): ``min_match=1`` beats 2 and
 3 (1.68 vs 1.60 and 1.47 tokens per step, modelled speedups 1.56x, 1.51x, 1.41x), this length rule beats doubling
-on whole acceptance / cutting to the accepted count on rejection (1.68 vs 1.56 tokens per step), and ``max_draft``
+on whole acceptance / cutting to the accepted count on rejection (1.68 vs 1.56 tokens per step), and ``max_nodes``
 8, 16 or 32 are within 0.02. Resolving an ambiguous suffix by the candidate nearest the point where the output left
 the source, or searching a window there first, gained at most 0.04 tokens per step (0.01x) and is left out.
 
@@ -42,9 +42,9 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
-from decodekit.drafters.options import Range, checked_options
+from decodekit.drafters.options import Range, Renamed, checked_options
 from decodekit.drafters.trie import chain_draft
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo
 
 SOURCE_TOKEN_BYTES = 110  # CPython 3.11, measured with tracemalloc: a source token and its share of ``follows``
 MAX_SUFFIX = 32  # longest suffix tried when re-anchoring: a search does at most MAX_SUFFIX * len(source) work
@@ -58,25 +58,24 @@ DECAY = 0.8  # weight of the past per drafting step; 0.5-1.0 all measured within
 
 
 @checked_options
-class AggressiveDecoding:
-    """Method ``aggressive``. Options: ``max_draft`` (longest draft), ``min_match`` (shortest anchoring suffix),
+class AggressiveDecoding(Drafter):
+    """Method ``aggressive``. Options: ``max_nodes`` (longest draft), ``min_match`` (shortest anchoring suffix),
     ``source_tokens`` (the source is the prompt's last ``source_tokens`` tokens; 0: the whole prompt).
 
     Memory: ``source`` (``<= len(prompt)`` ints) and ``follows`` (``len(source) - min_match`` positions), reset by
     ``begin``; the output is never stored.
     """
 
-    wants_prompt_logits = False
     wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(
         self,
         target: TargetInfo,
-        max_draft: Annotated[int, Range(1, MAX_DRAFT_NODES - 1)] = 16,
+        max_nodes: Annotated[int, Range(1, MAX_DRAFT_NODES - 1), Renamed("max_draft")] = 16,
         min_match: Annotated[int, Range(1, MAX_SUFFIX)] = 1,
         source_tokens: Annotated[int, Range(0, 1 << 20)] = 0,
     ) -> None:
-        self.max_draft, self.min_match, self.source_tokens = max_draft, min_match, source_tokens
+        self.max_nodes, self.min_match, self.source_tokens = max_nodes, min_match, source_tokens
         self.source: list[int] = []
         self.follows: dict[tuple[int, ...], list[int]] = {}  # min_match-gram -> positions j after it, j < len
         self.anchor: int | None = None
@@ -127,9 +126,9 @@ class AggressiveDecoding:
         return SOURCE_TOKEN_BYTES * len(self.source)
 
     def _length(self) -> int:
-        """The largest L in [1, max_draft] with p ** L >= ACCEPT_FLOOR."""
+        """The largest L in [1, max_nodes] with p ** L >= ACCEPT_FLOOR."""
         p = self.accepted / (self.accepted + self.rejected)
         length = 1
-        while length < self.max_draft and p ** (length + 1) >= ACCEPT_FLOOR:
+        while length < self.max_nodes and p ** (length + 1) >= ACCEPT_FLOOR:
             length += 1
         return length

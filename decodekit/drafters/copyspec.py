@@ -13,19 +13,18 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.lookup import NgramIndex
 from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import chain_draft
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo
 
 
 @checked_options
-class CopySpec:
+class CopySpec(Drafter):
     """Method ``copyspec``. Memory: at most ``2 * history`` tokens and their index entries (the history is cut
     back to its last ``history`` tokens whenever it doubles)."""
 
-    wants_prompt_logits = False
     wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(

@@ -7,8 +7,8 @@ that starts at the tenth's middle). For any other part a node's chance is the pr
 often the part's node at that index matched the committed text when its parent did (a running estimate per part
 and node index, from a neutral prior): static trees (recycling) are calibrated node by node, chains (lookup,
 copy) depth by depth. The committed tokens say what every node would have met, so nodes cut from the merged tree
-are scored too, and a part that starts badly is not shut out for good. The merged trie keeps the ``budget``
-best-scored nodes at or above ``min_score``; nodes two parts agree on are verified once. Each part then observes
+are scored too, and a part that starts badly is not shut out for good. The merged trie keeps the ``max_nodes``
+best-scored nodes at or above ``min_prob``; nodes two parts agree on are verified once. Each part then observes
 its own kept nodes as if it had drafted alone (its rows of the target's greedy choices and, unless it declares
 ``wants_step_logits = False``, of the logits; its part of the accepted path).
 """
@@ -19,11 +19,10 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
-from decodekit.drafters.options import Methods, Range, checked_options
+from decodekit.drafters.options import Methods, Range, Renamed, checked_options
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter, clip
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo, Tree
 from decodekit.verify import continuation_matches
 
 MAX_PARTS = 8  # methods one hybrid merges
@@ -33,9 +32,9 @@ BINS, BIN_PRIOR = 10, 4.0  # a part's own estimates, in tenths; each tenth start
 
 
 @checked_options
-class Hybrid:
+class Hybrid(Drafter):
     """Method ``hybrid``. ``parts``: method specs joined by ``+`` (default options each; build a Hybrid in code
-    for others). ``budget``: draft nodes per step. ``min_score``: the least estimated chance of reaching a node
+    for others). ``max_nodes``: draft nodes per step. ``min_prob``: the least estimated chance of reaching a node
     for it to be verified; a node pays when that chance exceeds MAT x (row cost / step cost). The defaults,
     aded + copyspec at 0.07 with 24 nodes, measured best of the mixes tried on the 2-vCPU AMX test machine in
     bfloat16 (192 Spec-Bench first turns: 4.42x transformers' greedy against 4.25x for aded alone, the best single
@@ -46,8 +45,8 @@ class Hybrid:
         self,
         target: TargetInfo,
         parts: Annotated[str, Methods(MAX_PARTS)] = "aded+copyspec",
-        budget: Annotated[int, Range(1, MAX_DRAFT_NODES - 1)] = 24,
-        min_score: Annotated[float, Range(0, 1)] = 0.07,
+        max_nodes: Annotated[int, Range(1, MAX_DRAFT_NODES - 1), Renamed("budget")] = 24,
+        min_prob: Annotated[float, Range(0, 1), Renamed("min_score")] = 0.07,
     ) -> None:
         from decodekit.drafters import make_drafter  # the registry imports this module
 
@@ -55,9 +54,9 @@ class Hybrid:
         if len(names) < 2 or "hybrid" in {name.partition(":")[0] for name in names}:
             raise InvalidParameter(f"hybrid needs two or more other methods joined by '+', got {clip(parts)}")
         self.parts = [make_drafter(name, target) for name in names]
-        if any(getattr(part, "side_tokens", False) or getattr(part, "samples_drafts", False) for part in self.parts):
+        if any(part.side_tokens or part.samples_drafts for part in self.parts):
             raise InvalidParameter("hybrid merges deterministic drafts only: not lookahead's side tokens or sjd")
-        self.budget, self.min_score = budget, min_score
+        self.max_nodes, self.min_prob = max_nodes, min_prob
         self.wants_prompt_logits = any(part.wants_prompt_logits for part in self.parts)
         # running counts per part, kept as Python floats: a step reads and updates a few of them at a time
         self._hits = [[PRIOR_HITS] * MAX_DRAFT_NODES for _ in self.parts]
@@ -89,7 +88,7 @@ class Hybrid:
                 nodes[i] = trie.insert(nodes[own.parents[i]], own.tokens[i], reach[i])
             self._drafts.append(own)
             trie_nodes.append(nodes)
-        merged = trie.build(int(sequence[-1]), self.budget, self.min_score)
+        merged = trie.build(int(sequence[-1]), self.max_nodes, self.min_prob)
         for own, nodes in zip(self._drafts, trie_nodes, strict=True):
             own.kept = [trie.draft_index.get(node, -1) for node in nodes]
         return merged
@@ -114,7 +113,7 @@ class Hybrid:
                 for i in range(1, len(own.tokens)):
                     trials[i] += reached[i]
                     hits[i] += matched[i]
-            part.observe(_restrict(outcome, own, verified, on_path, getattr(part, "wants_step_logits", True)))
+            part.observe(_restrict(outcome, own, verified, on_path, part.wants_step_logits))
 
     def memory_bytes(self) -> int:
         return sum(part.memory_bytes() for part in self.parts) + PART_BYTES * len(self.parts)
@@ -147,6 +146,6 @@ def _restrict(
         outcome.logits.index_select(0, at) if with_logits else outcome.logits.new_empty(len(rows), 0),
         torch.tensor([j for j, row in enumerate(rows) if row in on_path], dtype=torch.int64),
         outcome.committed,
-        outcome.sampler,
+        None if outcome.target_probs is None else lambda j: outcome.target_probs(rows[j]),
         greedy_choices=outcome.greedy_choices[at],
     )

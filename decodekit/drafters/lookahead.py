@@ -18,10 +18,9 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
 from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import DraftTrie
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo, Tree
 
 # CPython 3.11, measured with tracemalloc: a pool key (its int, list and ordered-dict slot), an n-gram tail's
 # tuple, and each token in it
@@ -29,11 +28,10 @@ KEY_BYTES, GRAM_BYTES, TOKEN_BYTES = 250, 80, 36
 
 
 @checked_options
-class Lookahead:
+class Lookahead(Drafter):
     """Method ``lookahead``. Memory: the window, and a pool of at most ``pool_keys`` first tokens (least recently
     used evicted) with ``candidates`` n-grams each: ``pool_keys * candidates * (ngram - 1)`` tokens."""
 
-    wants_prompt_logits = False
     side_tokens = True
 
     def __init__(

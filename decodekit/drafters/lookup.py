@@ -11,10 +11,10 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo
 
 # CPython 3.11, measured with tracemalloc: a list slot (and, past 256, its int), and one n-gram key (its tuple,
 # its list of positions and the dict slot)
@@ -74,10 +74,9 @@ class NgramIndex:
 
 
 @checked_options
-class PromptLookup:
+class PromptLookup(Drafter):
     """Method ``lookup``. Memory: the n-gram index of one request (see :class:`NgramIndex`)."""
 
-    wants_prompt_logits = False
     wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(

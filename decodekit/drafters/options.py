@@ -8,7 +8,8 @@ A method's options are its drafter's constructor keywords after ``target``; each
 - ``Choice(words, count)``: one of ``words``, or an integer in the ``count`` range;
 - ``FilePath(max_bytes)``: a regular file the drafter reads, at most ``max_bytes`` (never set by a server client);
 - ``Methods(max_parts)``: method specs joined by ``+`` (never set by a server client);
-- a plain ``bool`` needs nothing more.
+- a plain ``bool`` needs nothing more;
+- ``Renamed(old)`` beside the kind: the option's former name, still accepted for one release, with a warning.
 
 So every option that sizes memory or work is bounded. :func:`decodekit.drafters.parse_method` checks a spec for
 the library, the CLI, the bench and the server alike, and a class marked :func:`checked_options` makes the same
@@ -24,6 +25,7 @@ import inspect
 import math
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
@@ -144,6 +146,13 @@ class Methods(Kind):
         return f"2 to {self.max_parts} method specs joined by '+'"
 
 
+@dataclass(frozen=True)
+class Renamed:
+    """An option's former name: accepted for one release, with a FutureWarning that names the new one."""
+
+    old: str
+
+
 BOOL = "true/false"
 TYPES = {bool: ((bool,), BOOL), int: ((int,), "an integer"), float: ((int, float), "a number"), str: ((str,), "text")}
 
@@ -185,12 +194,13 @@ def _check_stat(info: os.stat_result, max_bytes: int) -> None:
 
 @dataclass(frozen=True)
 class Option:
-    """One constructor option: its name, type, default and kind (None for a bool)."""
+    """One constructor option: its name, type, default, kind (None for a bool) and former names."""
 
     name: str
     base: type
     default: object
     kind: Kind | None
+    former: tuple[str, ...] = ()
 
     @property
     def client_settable(self) -> bool:
@@ -229,15 +239,27 @@ def options_of(cls: type) -> dict[str, Option]:
     found: dict[str, Option] = {}
     for param in list(inspect.signature(init).parameters.values())[2:]:
         hint: Any = hints.get(param.name)
-        kinds = [a for a in get_args(hint)[1:] if isinstance(a, Kind)] if get_origin(hint) is Annotated else []
+        marks = get_args(hint)[1:] if get_origin(hint) is Annotated else ()
+        kinds = [a for a in marks if isinstance(a, Kind)]
+        former = tuple(a.old for a in marks if isinstance(a, Renamed))
         base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
         if base is bool and not kinds:
-            found[param.name] = Option(param.name, bool, param.default, None)
+            found[param.name] = Option(param.name, bool, param.default, None, former)
         elif len(kinds) == 1 and base in (int, float, str):
-            found[param.name] = Option(param.name, base, param.default, kinds[0])
+            found[param.name] = Option(param.name, base, param.default, kinds[0], former)
         else:
             raise TypeError(f"{cls.__name__} option {param.name} declares no kind (Range, Choice, FilePath, ...)")
     return found
+
+
+def current_name(cls: type, key: str, method: str) -> str:
+    """``key``, or the option it names by a former name (with a FutureWarning)."""
+    for option in options_of(cls).values():
+        if key in option.former:
+            message = f"option {key} of {method} is now called {option.name}; the old name goes in the next release"
+            warnings.warn(message, FutureWarning, stacklevel=4)
+            return option.name
+    return key
 
 
 def checked_options(cls: type[T]) -> type[T]:
@@ -247,6 +269,7 @@ def checked_options(cls: type[T]) -> type[T]:
 
     @functools.wraps(init)
     def checked_init(self: object, *args: object, **kwargs: object) -> None:
+        kwargs = {current_name(cls, key, cls.__name__): value for key, value in kwargs.items()}
         bound = inspect.signature(init).bind(self, *args, **kwargs)
         for name, value in list(bound.arguments.items())[2:]:
             try:

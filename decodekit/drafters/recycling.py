@@ -14,10 +14,9 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
 from decodekit.drafters.options import Choice, Range, checked_options
 from decodekit.errors import InvalidParameter
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo, Tree
 
 # The published "2.2.2" template: 80 nodes below the root, depth 6. Each string is one node's path of child
 # ranks from the root ("01" = rank 1 under rank 0 under the root), listed breadth-first.
@@ -102,7 +101,7 @@ def parse_tree(tree: str, target: TargetInfo) -> tuple[str, ...]:
 
 
 @checked_options
-class TokenRecycling:
+class TokenRecycling(Drafter):
     """Drafts from an adjacency matrix of the model's own recent top-k predictions.
 
     ``k``: columns of the matrix (candidates kept per token). ``tree``: see :func:`parse_tree`.

@@ -15,18 +15,16 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import Draft, StepOutcome, TargetInfo
 from decodekit.drafters.options import Range, checked_options
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo, Tree
 from decodekit.verify import draw
 
 
 @checked_options
-class SpeculativeJacobi:
+class SpeculativeJacobi(Drafter):
     """Method ``sjd``. Memory: the window and, under sampling, its distributions: ``(window + 1) * vocab``
     float64 values."""
 
-    wants_prompt_logits = False
     samples_drafts = True  # its drafts carry q: they cannot be merged into another method's tree
 
     def __init__(self, target: TargetInfo, window: Annotated[int, Range(1, 64)] = 4) -> None:
@@ -34,6 +32,7 @@ class SpeculativeJacobi:
         self.tree = Tree.chain(window + 1)
         self.window: list[int] = []
         self.window_probs: torch.Tensor | None = None  # [window + 1, V], row 0 unused; None: argmax guesses
+        self.generator = torch.Generator()  # seeded by the engine for every sampled request
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         # the first window repeats the prompt's last token: a deterministic start that the first forward replaces
@@ -44,7 +43,7 @@ class SpeculativeJacobi:
         return Draft(tokens, self.tree, draft_probs=self.window_probs)
 
     def observe(self, outcome: StepOutcome) -> None:
-        draft, sampler = outcome.draft, outcome.sampler
+        draft = outcome.draft
         if draft.tree is not self.tree:
             return  # not our draft
         rows = list(range(len(outcome.committed), self.tree.size))  # rows guessing the positions after the step
@@ -52,15 +51,15 @@ class SpeculativeJacobi:
             self.window, self.window_probs = [outcome.committed[-1]] * self.window_size, None
             return
         rows += rows[-1:] * (self.window_size - len(rows))
-        if sampler is None or sampler.params.greedy:
+        if outcome.target_probs is None:  # greedy
             guesses = outcome.greedy_choices[rows].tolist()
             self.window, self.window_probs = guesses, None
             return
-        probs = {row: sampler.node_probs(outcome.logits, draft.tokens, draft.tree, row) for row in set(rows)}
+        probs = {row: outcome.target_probs(row) for row in set(rows)}
         self.window_probs = torch.zeros(self.tree.size, self.vocab_size, dtype=torch.float64)
         for slot, row in enumerate(rows, start=1):
             self.window_probs[slot] = probs[row]
-        self.window = [draw(row, sampler.generator) for row in self.window_probs[1:]]
+        self.window = [draw(row, self.generator) for row in self.window_probs[1:]]
 
     def memory_bytes(self) -> int:
         return 0 if self.window_probs is None else self.window_probs.numel() * self.window_probs.element_size()

@@ -24,10 +24,10 @@ from typing import Annotated
 
 import torch
 
-from decodekit.drafters.base import MAX_DRAFT_NODES, Draft, StepOutcome, TargetInfo
 from decodekit.drafters.options import Range, checked_options
 from decodekit.drafters.trie import DraftTrie
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo
 
 # How far a count ratio is trusted given the context behind it: a token predicted from L tokens of context (the
 # match and the draft tokens above it) is taken to be accepted L / (L + CONTEXT_PRIOR) times as often as its count
@@ -188,7 +188,7 @@ def expand(part: SuffixTrie, node: int, matched: int, draft: DraftTrie, budget: 
 
 
 @checked_options
-class SuffixDrafter:
+class SuffixDrafter(Drafter):
     """Method ``suffix``.
 
     ``max_depth``: longest substring counted (match plus continuation; drafts reach ``max_depth - match`` deep).
@@ -200,7 +200,6 @@ class SuffixDrafter:
     Indexing costs ~30 us of CPU per token at depth 16 (a 1,000-token prompt: ~30 ms at the first step).
     """
 
-    wants_prompt_logits = False
     wants_step_logits = False  # observe never reads StepOutcome.logits
 
     def __init__(

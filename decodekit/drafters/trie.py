@@ -3,7 +3,7 @@ suffix and hybrid drafters.
 
 A path is the token sequence a drafter guesses will follow the root, with a score per token: the drafter's
 estimate that the target accepts the path up to that token. Paths that share a prefix share nodes (a node keeps
-the best score any path gave it). ``build`` keeps the ``budget`` best-scored nodes; scores are made
+the best score any path gave it). ``build`` keeps the ``max_nodes`` best-scored nodes; scores are made
 non-increasing along every path, so the kept set is always closed under parents.
 """
 
@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from decodekit.drafters.base import Draft
-from decodekit.runtime.tree import Tree
+from decodekit.protocol import Draft, Tree
 
 
 class DraftTrie:
@@ -60,14 +59,14 @@ class DraftTrie:
             self._score[child] = max(self._score[child], score)
         return child
 
-    def build(self, root: int, budget: int, min_score: float = float("-inf"), estimates: bool = False) -> Draft:
-        """The draft tree of the ``budget`` best nodes scoring at least ``min_score`` under ``root``, best first
+    def build(self, root: int, max_nodes: int, min_prob: float = float("-inf"), estimates: bool = False) -> Draft:
+        """The draft tree of the ``max_nodes`` best nodes scoring at least ``min_prob`` under ``root``, best first
         (ties: shallower, then earlier inserted), so parents come first and every prefix of the draft is the best
         subtree of its size. Afterwards ``draft_index`` maps every kept trie node to its index in the draft (the
         root, trie node 0, is index 0). ``estimates``: the scores are chances of acceptance, handed on as
         ``Draft.estimates``."""
-        kept = [i for i in range(1, len(self._token)) if self._score[i] >= min_score]
-        nodes = sorted(kept, key=lambda i: (-self._score[i], self._depth[i], i))[:budget]
+        kept = [i for i in range(1, len(self._token)) if self._score[i] >= min_prob]
+        nodes = sorted(kept, key=lambda i: (-self._score[i], self._depth[i], i))[:max_nodes]
         self.draft_index = {0: 0} | {node: i + 1 for i, node in enumerate(nodes)}
         tokens = [root] + [self._token[n] for n in nodes]
         parents = [-1] + [self.draft_index[self._parent[n]] for n in nodes]

@@ -30,22 +30,35 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   torch takes 3-8 small ones (at a few rows an op costs its dispatch, not its arithmetic). Each row on its own,
   in a fixed order.
 
-The extension is compiled on first use (``available()``), into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the cached build. On a CPU
-without AVX2/FMA, or if the build fails, ``available()`` is False (with one logged warning) and callers keep
-their default path. Inference only: the ops have no autograd formula.
+The extension is compiled on first use (``available()``; one warning when it starts and one with the time it
+took), into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
+processes load the cached build silently. ``available()`` is False, and callers keep their PyTorch path, where
+``$DECODEKIT_KERNELS`` is ``0``, on a CPU without AVX2/FMA, or where the build fails: a failure is recorded in
+the cache (``decodekit.failed``, keyed by sources, flags and torch version), so later processes skip the build
+and say once why (delete that file to retry). Inference only: the ops have no autograd formula.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import logging
+import os
 import platform
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from decodekit.errors import InvalidParameter
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,10 @@ NAME = "decodekit_cpu"  # the extension's name and its op namespace (torch.ops.d
 # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on one thread without it (the OpenMP
 # runtime itself comes from torch's own libgomp, already loaded).
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+SWITCH = "DECODEKIT_KERNELS"  # "0": never build nor load the kernels; read once, at the first available()
+# in the build directory: BUILT holds the key (_key) of the last good build; FAILED that of a failed one, then
+# the reason (one line), then the whole error
+BUILT, FAILED = "decodekit.built", "decodekit.failed"
 
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
@@ -92,9 +109,11 @@ def cpu_supported() -> bool:
 
 
 def available() -> bool:
-    """True if the kernel can be used here: compiles (or loads the cached build) on the first call.
+    """True if the kernels can be used here: builds them, or loads the cached build, on the first call.
 
-    False, without raising, on a CPU without AVX2/FMA or when the build fails (one warning is logged).
+    False, without raising, where ``$DECODEKIT_KERNELS`` is ``0``, on a CPU without AVX2/FMA, or where the build
+    fails now or failed in an earlier process with the same key (one warning says why). Raises InvalidParameter
+    if ``$DECODEKIT_KERNELS`` is set to anything but ``0`` or ``1``.
     """
     global _state
     if _state is None:
@@ -105,36 +124,108 @@ def available() -> bool:
 
 
 def _load() -> bool:
+    switch = os.environ.get(SWITCH, "1")
+    if switch not in ("0", "1"):
+        raise InvalidParameter(f"{SWITCH} must be 0 (kernels off) or 1, not {switch!r}")
+    if switch == "0":
+        return False
     if not cpu_supported():
-        log.warning("decodekit.runtime.cpu: this CPU lacks AVX2/FMA; the decode kernels are disabled")
+        log.warning("this CPU lacks AVX2/FMA: the CPU decode kernels are off; decoding takes the PyTorch path")
         return False
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import _get_build_directory
 
+    try:
         build = Path(_get_build_directory(NAME, verbose=False))
-        # torch guards a build with a plain `lock` file and waits forever while it exists, so a process killed
-        # mid-build (Ctrl-C on a first run) would hang every later one. Builds here hold an flock (released by
-        # the kernel when its holder dies) instead; holding it, any torch lock left in the directory is stale.
-        with open(build / "decodekit.flock", "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            (build / "lock").unlink(missing_ok=True)
-            load(
-                name=NAME,
-                sources=[str(path) for path in SOURCES],
-                extra_cflags=CFLAGS,
-                build_directory=str(build),
-                is_python_module=False,
-            )
-        for op in ("linear", "attention", "rms_norm", "rope_", "silu_mul"):
-            getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
-    except Exception as e:  # no compiler, no ninja, a compile error, ...: fall back
-        log.warning(
-            "decodekit.runtime.cpu: could not build the decode kernels (%s: %s); they are disabled",
-            type(e).__name__,
-            str(e).strip().splitlines()[-1] if str(e).strip() else "",
-        )
+        with _build_lock(build):
+            return _build_once(build)
+    except OSError as e:  # an unwritable cache: nowhere to build, nor to record the failure
+        log.warning("the CPU decode kernels are unavailable (%s); decoding takes the PyTorch path", _why(e))
         return False
-    return True
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold the build directory alone among processes.
+
+    torch guards a build with a plain ``lock`` file and waits forever while it exists, so a process killed
+    mid-build (Ctrl-C on a first run) would hang every later one. Where fcntl exists this holds an flock instead
+    (released by the OS when its holder dies) and, holding it, removes a torch ``lock`` left in the directory as
+    stale. Without fcntl (Windows) only torch's lock guards the build.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(build / "decodekit.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        yield
+
+
+def _build_once(build: Path) -> bool:
+    """Build or load the kernels in ``build``, unless a failure with this key is recorded there; record a new one.
+    A build is announced (and timed) unless the last good build in ``build`` had this key."""
+    key, built, failed = _key(), build / BUILT, build / FAILED
+    failed_key, _, record = _read(failed).partition("\n")
+    if failed_key == key:
+        reason = record.partition("\n")[0]
+    else:
+        fresh = _read(built) != key
+        if fresh:
+            log.warning("compiling the CPU decode kernels, once (about a minute); later runs load the cached build")
+            start = time.monotonic()
+        try:
+            _build(build)
+        except Exception as e:  # no compiler, no ninja, a compile error, ...: fall back
+            reason = _why(e)
+            failed.write_text(f"{key}\n{reason}\n{e}\n")
+        else:
+            failed.unlink(missing_ok=True)
+            if fresh:
+                built.write_text(key)
+                log.warning("compiled the CPU decode kernels in %.0f s", time.monotonic() - start)
+            return True
+    log.warning(
+        "the CPU decode kernels are unavailable (%s); decoding takes the PyTorch path. The build is not retried "
+        "while %s exists: delete it to retry",
+        reason,
+        failed,
+    )
+    return False
+
+
+def _build(build: Path) -> None:
+    """Compile (or load the up-to-date build in ``build``) and check that every op registered."""
+    from torch.utils.cpp_extension import load
+
+    load(
+        name=NAME,
+        sources=[str(path) for path in SOURCES],
+        extra_cflags=CFLAGS,
+        build_directory=str(build),
+        is_python_module=False,
+    )
+    for op in ("linear", "attention", "rms_norm", "rope_", "silu_mul"):
+        getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
+
+
+def _key() -> str:
+    """What a build depends on: the kernel sources and headers, the flags and torch's version."""
+    digest = hashlib.sha256(repr((CFLAGS, torch.__version__)).encode())
+    for path in sorted(SOURCES[0].parent.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _why(e: Exception) -> str:
+    """One line on why a build failed: the compiler's first error where there is one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+    error = (line for line in lines[1:] if "error" in line.lower() or "not found" in line)
+    return f"{type(e).__name__}: {next(error, lines[-1])}"[:300]
 
 
 def _ops():  # the torch.ops namespace of the extension

@@ -62,6 +62,16 @@ class KVCache:
     def batch(self) -> int:
         return self.kv.shape[2]
 
+    def grow(self, capacity: int) -> None:
+        """Make room for ``capacity`` slots per row, keeping every row's committed entries (on a whole cache,
+        not on a view from :meth:`rows`)."""
+        if capacity <= self.capacity:
+            return
+        kv = self.kv.new_zeros(*self.kv.shape[:4], capacity, self.kv.shape[5])
+        width = max(self.lengths)
+        kv[:, :, :, :, :width] = self.kv[:, :, :, :, :width]
+        self.kv = kv
+
     def reset(self) -> None:
         self.lengths = [0] * self.batch
 

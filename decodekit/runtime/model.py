@@ -16,10 +16,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decodekit.errors import InvalidParameter
+from decodekit.protocol import Tree
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.kv_cache import KVCache
-from decodekit.runtime.tree import Tree, Trees, attention_mask, positions
+from decodekit.runtime.tree import Trees, attention_mask, positions
 
 # Attention kernels allowed on CUDA. Not cuDNN's: it builds an execution plan for every new key length, and the
 # key length grows by one or more every step (measured on an H200: a bfloat16 decode step took ~4x its forward).

@@ -1,92 +1,14 @@
-"""Draft trees as parent pointers, and the pure functions that turn them into positions and attention masks.
-
-A tree of ``n`` nodes is stored in topological order: node 0 is the root (the last committed token, whose KV
-entry is not yet in the cache) and ``parents[i] < i`` for every other node. Drafters that reuse one static
-template build its :class:`Tree` once, so the derived tensors are computed once.
-"""
+"""The pure functions that turn draft trees (:class:`decodekit.protocol.Tree`) into positions and attention masks
+for a batch of rows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 from decodekit.errors import InvalidParameter
-
-
-@dataclass(frozen=True, eq=False)
-class Tree:
-    """A rooted tree over ``n`` nodes. ``parents``: int64 ``[n]``, ``parents[0] == -1``, ``parents[i] < i``."""
-
-    parents: torch.Tensor
-
-    @staticmethod
-    def from_parents(parents: list[int] | torch.Tensor) -> Tree:
-        """Validate parent pointers and wrap them. Raises InvalidParameter on a malformed tree."""
-        p = torch.as_tensor(parents, dtype=torch.int64).flatten()
-        if p.numel() == 0 or p[0].item() != -1:
-            raise InvalidParameter("a draft tree needs a root: parents[0] must be -1")
-        if p.numel() > 1 and not bool(((p[1:] >= 0) & (p[1:] < torch.arange(1, p.numel()))).all()):
-            raise InvalidParameter("draft tree parents must satisfy 0 <= parents[i] < i for i > 0")
-        return Tree(p)
-
-    @staticmethod
-    def chain(n: int) -> Tree:
-        """A path of ``n`` nodes (root included): what autoregressive or single-sequence drafts use."""
-        return Tree(torch.arange(-1, n - 1, dtype=torch.int64))
-
-    @property
-    def size(self) -> int:
-        return self.parents.numel()
-
-    @cached_property
-    def depth(self) -> torch.Tensor:
-        """int64 ``[n]``: distance from the root (root = 0)."""
-        return torch.arange(self.size) if self.is_chain else node_depths(self.parents)
-
-    @cached_property
-    def ancestors(self) -> torch.Tensor:
-        """bool ``[n, n]``: ``[i, j]`` is True when j is i or an ancestor of i."""
-        if self.is_chain:
-            return torch.ones(self.size, self.size, dtype=torch.bool).tril_()
-        return ancestor_mask(self.parents)
-
-    @cached_property
-    def is_chain(self) -> bool:
-        return bool((self.parents == torch.arange(-1, self.size - 1)).all())
-
-    def padded(self, n: int) -> Tree:
-        """This tree grown to ``n`` nodes by leaves under the root (so that trees of a batch share one size);
-        no original node sees them."""
-        if n <= self.size:
-            return self
-        return Tree(torch.cat([self.parents, torch.zeros(n - self.size, dtype=torch.int64)]))
-
-    def prefix(self, n: int) -> Tree:
-        """The tree of the first ``n`` nodes (topological order keeps it a tree)."""
-        return self if n >= self.size else Tree(self.parents[:n])
-
-
-def node_depths(parents: torch.Tensor) -> torch.Tensor:
-    """Depth of every node of a topologically ordered tree. ``parents`` int64 ``[n]`` -> int64 ``[n]``."""
-    parent_list = parents.tolist()
-    depth = [0] * len(parent_list)
-    for i in range(1, len(parent_list)):
-        depth[i] = depth[parent_list[i]] + 1
-    return torch.tensor(depth, dtype=torch.int64)
-
-
-def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
-    """bool ``[n, n]`` with ``[i, j]`` True iff node j is node i or one of its ancestors."""
-    n = parents.numel()
-    mask = torch.eye(n, dtype=torch.bool)
-    parent_list = parents.tolist()
-    for i in range(1, n):
-        mask[i] |= mask[parent_list[i]]
-    return mask
-
+from decodekit.protocol import Tree
 
 Trees = Tree | Sequence[Tree]  # one tree for every row of a batch, or one per row (all of one size)
 

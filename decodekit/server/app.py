@@ -29,19 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from decodekit import __version__
-from decodekit.drafters import METHODS, MethodPolicy, parse_method
-from decodekit.engine import PREFILL_CHUNK, Chunk, GenerationStats, check_messages, encode_prompt
+from decodekit import LoadedModel, SamplingParams, __version__
+from decodekit.engine import POOL_BYTES, PREFILL_CHUNK, Chunk, Engine, GenerationStats, client_policy
 from decodekit.errors import InvalidParameter, clip
-from decodekit.runtime.loader import LoadedModel
-from decodekit.sampling import SamplingParams
 from decodekit.server.guard import MAX_BODY_BYTES, Guard, error_body, error_response
 from decodekit.server.metrics import Metrics, MetricsMiddleware
-from decodekit.server.pool import POOL_BYTES
 from decodekit.server.scheduler import (
     Failed,
     Finished,
-    GenerationRequest,
     Job,
     QueueFull,
     Scheduler,
@@ -49,7 +44,6 @@ from decodekit.server.scheduler import (
     Started,
     internal_error,
 )
-from decodekit.text import stop_strings
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -119,18 +113,6 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def client_policy(allow_methods: list[str] | None, allow_method_options: bool) -> MethodPolicy:
-    """What a request's ``method`` may name: ``allow_methods`` (None: every method), options only when
-    ``allow_method_options`` (and then never those that name files or other methods)."""
-    if allow_methods is not None:
-        unknown = [name for name in allow_methods if name not in METHODS]
-        if unknown or not allow_methods:
-            given = clip(unknown or allow_methods)
-            raise InvalidParameter(f"the allowed methods must be some of {', '.join(METHODS)}; got {given}")
-    methods = None if allow_methods is None else frozenset(allow_methods)
-    return MethodPolicy(methods, options=allow_method_options, operator=False)
-
-
 def create_app(
     model: LoadedModel,
     method: str = "recycling",
@@ -156,26 +138,26 @@ def create_app(
     get 413; with ``api_key`` every endpoint but ``/health`` wants ``Authorization: Bearer <api_key>``; with
     ``loopback_only`` (set it False when the server listens beyond this machine) a ``Host`` that is not a loopback
     name gets 400. Each step prefills up to ``prefill_chunk`` prompt tokens of joining requests (whole chunks of
-    ``decodekit.engine.PREFILL_CHUNK``, at least one), between the live requests' decode steps. Idle drafters kept
+    ``decodekit.decoding.PREFILL_CHUNK``, at least one), between the live requests' decode steps. Idle drafters kept
     for reuse hold at most ``drafter_pool_bytes``. ``app.state.scheduler.drain`` shuts down gracefully. Its metrics
     live in ``app.state.metrics.registry``.
     """
-    parse_method(method)
-    policy = client_policy(allow_methods, allow_method_options)
     if api_key == "":
         raise InvalidParameter("the API key is empty")
-    metrics = Metrics()
-    scheduler = Scheduler(
+    engine = Engine(
         model,
-        metrics,
-        queue_size,
-        max_prompt_tokens,
-        max_batch,
-        max_tokens_cap,
-        adaptive,
-        prefill_chunk,
-        drafter_pool_bytes,
+        method,
+        max_batch=max_batch,
+        adaptive=adaptive,
+        preallocate=True,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens_cap=max_tokens_cap,
+        prefill_chunk=prefill_chunk,
+        pool_bytes=drafter_pool_bytes,
+        policy=client_policy(allow_methods, allow_method_options),
     )
+    metrics = Metrics()
+    scheduler = Scheduler(engine, metrics, queue_size)
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -194,7 +176,9 @@ def create_app(
 
     @app.exception_handler(InvalidParameter)
     async def invalid_parameter(_: Request, err: InvalidParameter) -> JSONResponse:
-        return error_response(400, str(err))
+        if err.param == "max_new_tokens":  # the engine's name for OpenAI's field
+            return error_response(400, str(err).replace("max_new_tokens", "max_tokens"), "max_tokens")
+        return error_response(400, str(err), err.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -217,23 +201,18 @@ def create_app(
     async def unexpected(_: Request, err: Exception) -> Response:
         return error_response(500, internal_error(err))
 
-    async def prepare(body: GenerationBody, prompt: Any, chat: bool, max_tokens: int | None, default: int) -> Job:
-        """Check the request's parameters, tokenize its prompt (in a thread) and queue it."""
+    async def prepare(
+        body: GenerationBody, prompt: Any, chat: bool, max_tokens: int | None, default: int | None
+    ) -> Job:
+        """Check the request's parameters, tokenize its prompt (in a thread: ``Engine.request``) and queue it.
+        ``default``: the ``max_tokens`` of a request that sets none (None: as many as fit)."""
         arrived = time.perf_counter()
         for name, value in (body.model_extra or {}).items():
             if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
                 allowed = json.dumps(UNSUPPORTED[name][0])
                 raise APIError(400, f"{name}={clip(value)} is not supported (only {allowed})", name)
-        if max_tokens is None:
+        if max_tokens is None and default is not None:
             max_tokens = min(default, max_tokens_cap or default)
-        elif max_tokens_cap is not None and max_tokens > max_tokens_cap:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap of {max_tokens_cap}", "max_tokens")
-        spec = body.method or method
-        if spec != method:  # the operator's own spec needs no permission
-            try:
-                parse_method(spec, policy)
-            except InvalidParameter as err:
-                raise APIError(400, str(err), "method") from None
         sampling = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_k=0 if body.top_k in (None, -1) else body.top_k,  # -1: off, as in vLLM
@@ -242,10 +221,9 @@ def create_app(
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed,
         )
-        stop = stop_strings(body.stop)
-        ids = await run_in_threadpool(encode_prompt, model, prompt, chat)
+        request = await run_in_threadpool(engine.request, prompt, max_tokens, body.stop, chat, sampling, body.method)
         try:
-            return scheduler.submit(GenerationRequest(ids, spec, max_tokens, stop, sampling), arrived)
+            return scheduler.submit(request, arrived)
         except QueueFull as err:
             raise APIError(429, str(err)) from None
         except ShuttingDown as err:
@@ -308,13 +286,13 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
-        messages = check_messages([_text_message(i, m) for i, m in enumerate(body.messages)])
+        messages = [_text_message(i, m) for i, m in enumerate(body.messages)]
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = await prepare(body, messages, True, max_tokens, model.cfg.context_window)
+        job = await prepare(body, messages, True, max_tokens, None)  # None: the rest of the context
         return await respond(job, body, True, request)
 
     methods = {
-        "methods": [name for name in METHODS if policy.methods is None or name in policy.methods],
+        "methods": engine.methods,
         "default_method": method,
         "method_options": allow_method_options,
     }

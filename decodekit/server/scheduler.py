@@ -1,14 +1,9 @@
-"""The generation worker: one thread owns the model and decodes the queued requests as one continuous batch.
+"""The generation worker: one thread owns the :class:`decodekit.engine.Engine` and steps it over the queued
+requests, one continuous batch.
 
-Between steps the worker admits waiting requests (first come, first served) while the batch has free rows, then
-runs one step of :class:`decodekit.batch.Batch` (a chunk of the joining requests' prompts, then one decode step
-over every live request) and hands each its chunk; requests that finished, failed or whose client left leave the
-batch, a joining one too. Each request drafts with its own drafter, taken from an idle pool per method spec so
-that learnt state (Token Recycling's adjacency matrix, say) carries over to later requests; greedy output never
-depends on it. A sampled request with a seed gets a fresh drafter and always drafts its whole tree, so that its
-output depends on nothing but the request.
-
-Requests arrive tokenized and checked (:meth:`Scheduler.submit`), so the worker never spends time on text.
+Between steps the worker submits waiting requests (first come, first served) while the engine has free rows, stops
+those whose client left, then runs one :meth:`Engine.step` and hands each request its chunk. Requests arrive
+checked and tokenized (``Engine.request``, in the HTTP handler), so the worker never spends time on text.
 """
 
 from __future__ import annotations
@@ -21,27 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from decodekit.batch import Batch
-from decodekit.drafters import Drafter, make_drafter
-from decodekit.drafters.base import MAX_DRAFT_NODES
-from decodekit.engine import PREFILL_CHUNK, Chunk, Decoding, Generation, target_info, validate_request
-from decodekit.errors import DecodekitError, PromptTooLong
-from decodekit.runtime.loader import LoadedModel
-from decodekit.sampling import SamplingParams
+from decodekit.engine import Chunk, Decoding, Engine, Generation, Request
+from decodekit.errors import DecodekitError
 from decodekit.server.metrics import Metrics
-from decodekit.server.pool import POOL_BYTES, DrafterPool
 
 DRAIN_POLL_S = 0.05  # how often a drain checks whether its requests have finished
 log = logging.getLogger("decodekit.server")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: list[int]  # token ids, chat template applied
-    method: str
-    max_tokens: int
-    stop: list[str]
-    sampling: SamplingParams
 
 
 @dataclass
@@ -75,7 +55,7 @@ class Job:
     """One request on its way through the worker. The worker sends Started or Failed first, then Chunks and
     Finished (or Failed); the events arrive on the event loop that submitted the job."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, arrived: float) -> None:
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, arrived: float) -> None:
         self.request = request
         self.arrived = arrived  # time.perf_counter() when the request reached the server
         self.cancelled = False
@@ -89,7 +69,7 @@ class Job:
         return self._ended or self.cancelled
 
     def cancel(self) -> None:
-        """Drop the request (its client left): the worker checks before starting it and after every chunk."""
+        """Drop the request (its client left): the worker checks before starting it and before every step."""
         self.cancelled = True
 
     async def next(self) -> Event:
@@ -105,30 +85,11 @@ class Job:
 
 
 class Scheduler:
-    """A bounded queue of requests in front of one worker thread that owns the model and its batch."""
+    """A bounded queue of requests in front of one worker thread that owns ``engine`` and steps it."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        metrics: Metrics,
-        queue_size: int = 16,
-        max_prompt_tokens: int | None = None,
-        max_batch: int = 8,
-        max_tokens_cap: int | None = None,
-        adaptive: bool = True,
-        prefill_chunk: int = PREFILL_CHUNK,
-        pool_bytes: int = POOL_BYTES,
-    ) -> None:
-        """``max_batch`` requests decode together; each row of the batch's cache holds ``max_prompt_tokens +
-        max_tokens_cap`` tokens (at most the context window). ``adaptive``: load-aware speculation.
-        ``prefill_chunk``: prompt tokens of joining requests prefilled per step (``decodekit.batch.Batch``).
-        ``pool_bytes``: what idle drafters kept for reuse may hold (:class:`decodekit.server.pool.DrafterPool`)."""
-        self.model, self.metrics = model, metrics
-        self.queue_size, self.max_prompt_tokens = queue_size, max_prompt_tokens
-        window = model.cfg.context_window
-        self.row_tokens = min(window, (max_prompt_tokens or window) + (max_tokens_cap or window))
-        self.max_batch, self.adaptive, self.prefill_chunk = max_batch, adaptive, prefill_chunk
-        self._pool = DrafterPool(pool_bytes)
+    def __init__(self, engine: Engine, metrics: Metrics, queue_size: int = 16) -> None:
+        """At most ``queue_size`` requests wait for a row of the engine's batch; more get QueueFull."""
+        self.engine, self.metrics, self.queue_size = engine, metrics, queue_size
         self._jobs: dict[Decoding, Job] = {}
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting = 0
@@ -148,14 +109,10 @@ class Scheduler:
         """False once a drain or close has begun."""
         return self._accepting
 
-    def submit(self, request: GenerationRequest, arrived: float | None = None) -> Job:
-        """Queue a request (from the event loop) that reached the server at ``arrived`` (``time.perf_counter()``,
-        default now). Raises PromptTooLong or InvalidParameter for a prompt or ``max_tokens`` this server cannot
-        take, QueueFull when ``queue_size`` requests already wait, ShuttingDown once a drain or close has begun."""
-        ids, limit = request.prompt, self.max_prompt_tokens
-        if limit is not None and len(ids) > limit:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens; this server accepts at most {limit}")
-        validate_request(self.model, ids, request.max_tokens)
+    def submit(self, request: Request, arrived: float | None = None) -> Job:
+        """Queue a checked request (from the event loop) that reached the server at ``arrived``
+        (``time.perf_counter()``, default now). Raises QueueFull when ``queue_size`` requests already wait,
+        ShuttingDown once a drain or close has begun."""
         job = Job(request, asyncio.get_running_loop(), time.perf_counter() if arrived is None else arrived)
         with self._lock:  # one lock with _stop: no job is queued after the worker's last look at the queue
             if not self._accepting:
@@ -194,15 +151,13 @@ class Scheduler:
             self._queue.put(None)
 
     def _work(self) -> None:
-        capacity = self.row_tokens + MAX_DRAFT_NODES
-        batch = Batch(self.model, self.max_batch, capacity, self.adaptive, self.prefill_chunk)
         while not self._closed:
-            self._admit(batch, wait=not batch.size)
-            if batch.size and not self._closed:
-                self._step(batch)
+            self._admit(wait=not self.engine.busy)
+            if self.engine.busy and not self._closed:
+                self._step()
         for decoding, job in list(self._jobs.items()):
             job.send(Failed(503, "the server is shutting down"))
-            self._leave(batch, decoding)
+            self._drop(decoding)
         while True:  # fail whatever still waits
             try:
                 job = self._queue.get_nowait()
@@ -211,9 +166,9 @@ class Scheduler:
             if job is not None:
                 job.send(Failed(503, "the server is shutting down"))
 
-    def _admit(self, batch: Batch, wait: bool) -> None:
-        """Start waiting requests while the batch has room (``wait``: block for the first one)."""
-        while not batch.full:
+    def _admit(self, wait: bool) -> None:
+        """Start waiting requests while the engine has room (``wait``: block for the first one)."""
+        while not self.engine.full:
             try:
                 job = self._queue.get(block=wait)
             except queue.Empty:
@@ -227,20 +182,11 @@ class Scheduler:
             if self._closed:
                 job.send(Failed(503, "the server is shutting down"))
             elif not job.cancelled:
-                self._start(batch, job)
+                self._start(job)
 
-    def _start(self, batch: Batch, job: Job) -> None:
-        request = job.request
-        # a seeded sample must not depend on earlier requests: a drafter's state shapes its drafts, and the
-        # drafts decide which random draws verification makes (the distribution is the same either way)
-        seeded = request.sampling.seed is not None and not request.sampling.greedy
+    def _start(self, job: Job) -> None:
         try:
-            ids = request.prompt  # checked by submit
-            drafter = self._drafter(request.method, fresh=seeded)
-            decoding = Decoding(
-                self.model, drafter, request.method, ids, request.max_tokens, request.stop, request.sampling
-            )
-            batch.join(decoding, pinned=seeded)
+            decoding = self.engine.submit(job.request)
         except DecodekitError as err:
             job.send(Failed(400, str(err)))
             return
@@ -249,26 +195,20 @@ class Scheduler:
             return
         self._jobs[decoding] = job
         self.metrics.running.inc()
-        self.metrics.prompt_tokens.inc(len(ids))
-        job.send(Started(len(ids)))
+        self.metrics.prompt_tokens.inc(len(job.request.prompt_ids))
+        job.send(Started(len(job.request.prompt_ids)))
 
-    def _step(self, batch: Batch) -> None:
-        for row in list(batch.joining):  # a client that left before its prompt was in frees its row
-            if self._jobs[row.decoding].cancelled:
-                self._leave(batch, row.decoding)
-        try:
-            results = batch.step()
-        except Exception as err:  # the shared forward failed: every live request fails, the server lives on
-            for decoding, job in list(self._jobs.items()):
-                job.send(Failed(500, _failure(err)))
-                self._leave(batch, decoding)
-            return
-        self.metrics.batch_width.set(batch.last_width)
+    def _step(self) -> None:
+        for decoding, job in list(self._jobs.items()):  # a client that left frees its row, joining or live
+            if job.cancelled:
+                self._drop(decoding)
+        results = self.engine.step()
+        self.metrics.batch_width.set(self.engine.batch.last_width)
         for decoding, result in results:
             job = self._jobs[decoding]
             if isinstance(result, Exception):
                 job.send(Failed(500, _failure(result)))
-                self._leave(batch, decoding)
+                self._drop(decoding)
                 continue
             if decoding.stats.steps == 1:
                 self.metrics.ttft.observe(time.perf_counter() - job.arrived)
@@ -278,24 +218,14 @@ class Scheduler:
                 generation = decoding.result()
                 self.metrics.observe_generation(generation.stats)
                 job.send(Finished(generation))
-                self._leave(batch, decoding)
-            elif job.cancelled:
-                self._leave(batch, decoding)
+                self._drop(decoding)
+        self.metrics.pool_bytes.set(self.engine.pool.nbytes)
 
-    def _leave(self, batch: Batch, decoding: Decoding) -> None:
-        batch.leave(decoding)
-        job = self._jobs.pop(decoding)
+    def _drop(self, decoding: Decoding) -> None:
+        """Forget ``decoding``'s job, stopping it in the engine if it has not left already."""
+        self.engine.cancel(decoding)
+        del self._jobs[decoding]
         self.metrics.running.dec()
-        seeded = job.request.sampling.seed is not None and not job.request.sampling.greedy
-        if not seeded:
-            self._pool.give(decoding.method, decoding.drafter)
-            self.metrics.pool_bytes.set(self._pool.nbytes)
-
-    def _drafter(self, spec: str, fresh: bool) -> Drafter:
-        """An idle drafter of a method spec, or a new one (raises InvalidParameter for a bad spec)."""
-        idle = None if fresh else self._pool.take(spec)
-        self.metrics.pool_bytes.set(self._pool.nbytes)
-        return idle if idle is not None else make_drafter(spec, target_info(self.model))
 
 
 def internal_error(err: BaseException) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from decodekit.drafters import Drafter
+from decodekit.protocol import Drafter
 
 MAX_IDLE = 64  # idle drafters kept at most, whatever their size
 POOL_BYTES = 256 * 2**20  # the default bound on their bytes

@@ -1,0 +1,49 @@
+"""The layout tells the architecture: each layer imports only the layers below it (checked on the source)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import decodekit
+
+PACKAGE = Path(decodekit.__file__).parent
+FACES = ("decodekit.cli", "decodekit.bench", "decodekit.server")  # what users run (one may start another)
+ENGINE_SURFACE = {"decodekit", "decodekit.engine", "decodekit.errors", "decodekit.prompts"}
+
+
+def imports(path: Path) -> set[str]:
+    """The decodekit modules a source file imports (at any depth of the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name == "decodekit" or name.startswith("decodekit.")}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOURCES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_the_protocol_is_the_bottom():
+    assert imports(SOURCES["decodekit.protocol"]) <= {"decodekit.errors"}
+
+
+@pytest.mark.parametrize("name", [n for n in SOURCES if n.startswith("decodekit.drafters")])
+def test_drafters_see_the_protocol_not_the_engine(name):
+    allowed = {"decodekit.protocol", "decodekit.errors", "decodekit.verify"}
+    assert {m for m in imports(SOURCES[name]) if not m.startswith("decodekit.drafters")} <= allowed
+
+
+@pytest.mark.parametrize("name", [n for n in SOURCES if n.startswith(FACES)])
+def test_faces_reach_the_engine_and_nothing_below_it(name):
+    below = {m for m in imports(SOURCES[name]) if not m.startswith(FACES) and m not in ENGINE_SURFACE}
+    assert not below, f"{name} imports {sorted(below)}: go through decodekit.engine"
