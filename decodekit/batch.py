@@ -312,9 +312,12 @@ class Batch:
         size = max(draft.tree.size for draft in drafts)
         tokens = torch.stack([padded_tokens(draft, size) for draft in drafts])
         cache = self.cache.rows(0, len(self.rows))
+        wanted = {layer for row in self.rows for layer in row.decoding.drafter.wants_hidden}
+        capture = dict.fromkeys(wanted) if wanted else None
         start = time.perf_counter()
         try:
-            logits = self.model.transformer(tokens.to(self.model.device), cache, [d.tree.padded(size) for d in drafts])
+            trees = [draft.tree.padded(size) for draft in drafts]
+            logits = self.model.transformer(tokens.to(self.model.device), cache, trees, capture=capture)
         except Exception as err:  # the shared forward failed: every live row fails, the batch lives on
             return [(row.decoding, err) for row in self.rows]
         forward_s = time.perf_counter() - start
@@ -325,8 +328,10 @@ class Batch:
             if b in failed:
                 results.append((row.decoding, failed[b]))
                 continue
+            n, wants = draft.tree.size, row.decoding.drafter.wants_hidden
+            hidden = {layer: capture[layer][b, :n] for layer in wants} if wants else None
             try:
-                chunk = row.decoding.accept(draft, logits[b, : draft.tree.size], cache, b, forward_s)
+                chunk = row.decoding.accept(draft, logits[b, :n], cache, b, forward_s, hidden)
             except Exception as err:
                 results.append((row.decoding, err))
                 continue

@@ -20,6 +20,7 @@ from decodekit.errors import DecodekitError
 from decodekit.protocol import MAX_DRAFT_NODES, Draft, Drafter, StepOutcome, TargetInfo, Tree
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.loader import LoadedModel
+from decodekit.runtime.runner import TargetModel
 from decodekit.sampling import GREEDY, Sampler, SamplingParams
 from decodekit.text import TextStream, find_stop
 
@@ -182,10 +183,18 @@ class Decoding:
         """A step that skips ``propose``: the root alone (one token, as plain decoding)."""
         return Draft(self.sequence[self.length - 1 : self.length], ROOT)
 
-    def accept(self, draft: Draft, logits: torch.Tensor, cache: KVCache, row: int, forward_s: float) -> Chunk:
+    def accept(
+        self,
+        draft: Draft,
+        logits: torch.Tensor,
+        cache: KVCache,
+        row: int,
+        forward_s: float,
+        hidden: dict[int, torch.Tensor] | None = None,
+    ) -> Chunk:
         """Verify ``draft`` against its ``logits`` ``[n, vocab]`` (row ``row`` of ``cache`` holds its entries),
-        commit the accepted path there, let the drafter observe and hand out the committed tokens. Sets ``done``
-        after the last step."""
+        commit the accepted path there, let the drafter observe (with the ``hidden`` states it wants, ``[n,
+        hidden]`` by layer) and hand out the committed tokens. Sets ``done`` after the last step."""
         start = time.perf_counter()
         greedy_choices = self.sampler.greedy_choices(draft.tokens, draft.tree, logits)
         path, bonus = self.sampler.verify(
@@ -202,7 +211,8 @@ class Decoding:
         start = time.perf_counter()
         sampled = not self.sampler.params.greedy
         probs = partial(self.sampler.node_probs, logits, draft.tokens, draft.tree) if sampled else None
-        self.drafter.observe(StepOutcome(draft, logits, path, committed, probs, self._proposed, greedy_choices))
+        outcome = StepOutcome(draft, logits, path, committed, probs, self._proposed, greedy_choices, hidden)
+        self.drafter.observe(outcome)
         self._proposed = False
         self.stats.draft_s += time.perf_counter() - start
         self.sampler.advance(committed)
@@ -238,8 +248,10 @@ def draft_seed(seed: int) -> int:
 
 
 def target_info(model: LoadedModel) -> TargetInfo:
-    """What drafters may know about ``model``."""
-    return TargetInfo(model.cfg.vocab_size, model.device.type, str(model.dtype).removeprefix("torch."))
+    """What drafters may know about ``model``, and the model itself for those that run (part of) one (one
+    :class:`TargetModel` per call: its draft checkpoints load once per engine)."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return TargetInfo(model.cfg.vocab_size, model.device.type, dtype, TargetModel(model))
 
 
 def _check(draft: Draft, root: int, method: str) -> None:

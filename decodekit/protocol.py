@@ -2,8 +2,9 @@
 
 The engine knows a speculative method only through :class:`Drafter`. Per request it calls ``begin`` once, then
 repeats ``propose`` -> (one forward + verification) -> ``observe``. Drafters see token ids, the target's logits
-and greedy choices, and under sampling the target distribution of a node; they never touch the model or the KV
-cache. Under load the server may verify only a prefix of a draft (``Draft.prefix``), or skip ``propose`` for a
+and greedy choices, and under sampling the target distribution of a node; they never touch the target's forward
+or its KV cache (a drafter that runs a model gets one with a cache of its own: :class:`ModelAccess`). Under load
+the server may verify only a prefix of a draft (``Draft.prefix``), or skip ``propose`` for a
 step: ``observe`` then gets a draft of the root alone, which the drafter did not propose (``StepOutcome.drafted``).
 So a drafter lists its most promising nodes first (parents still before children): a cut then keeps the best
 subtree of its size.
@@ -13,8 +14,8 @@ This is the bottom of the package: it imports torch and decodekit's errors, noth
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -102,13 +103,58 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+class DraftModel:
+    """A model a drafter runs, a draft checkpoint or a slice of the target's layers, with a KV cache of its own
+    that follows the sequences it is handed (made by :class:`ModelAccess`; the runtime implements it). Its rows
+    of logits are over the vocabulary ids ``head_ids`` int64 ``[h]`` (None: the whole vocabulary)."""
+
+    head_ids: torch.Tensor | None = None
+
+    def logits(self, sequence: torch.Tensor) -> torch.Tensor:
+        """float ``[V]`` (or ``[h]``): the logits after ``sequence`` int64 ``[t]``. Its cache keeps the longest
+        prefix of ``sequence`` it held and scores the rest, so consecutive calls along one sequence (drafting
+        token by token, then the next step's committed text) cost a forward of the new tokens only."""
+        raise NotImplementedError
+
+    def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]``: the model's greedy choice after each prefix of ``tokens`` int64 ``[n]``, scored alone
+        (teacher-forced; its cache is left as it is)."""
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        """Bytes its cache holds (the weights are shared and not counted)."""
+        raise NotImplementedError
+
+
+class ModelAccess:
+    """The target model as drafters may use it (``TargetInfo.model``): its shape, slices of it, draft checkpoints.
+    A drafter never reaches the target's own cache: every :class:`DraftModel` brings its own."""
+
+    layers: int
+    hidden_size: int
+    vocab_size: int
+
+    def slice(self, layers: Sequence[int], head: torch.Tensor | None = None) -> DraftModel:
+        """The target run through ``layers`` only (increasing block indices), its final norm and LM head on top
+        (scoring only the vocabulary ids ``head`` when given). Raises InvalidParameter on a bad layer list."""
+        raise NotImplementedError
+
+    def checkpoint(self, path: str) -> DraftModel:
+        """A draft model loaded from ``path`` (a checkpoint directory or a GGUF file) on the target's device and
+        dtype, loaded once however many drafters ask. Raises InvalidParameter unless it shares the target's
+        tokenizer, ModelFileError when it cannot be read."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class TargetInfo:
-    """What a drafter may know about the target model when it is built."""
+    """What a drafter may know about the target model when it is built; ``model``: the target itself, for
+    drafters that run (part of) a model (None where no engine built the drafter)."""
 
     vocab_size: int
     device_type: str = "cpu"
     dtype: str = "float32"
+    model: ModelAccess | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -165,6 +211,8 @@ class StepOutcome:
     ``greedy_choices`` int64 ``[n]``: the token greedy decoding picks after every node, the first maximum of its
     logits row after any repetition penalty (what greedy verification compared the drafts with); the engine
     hands it on, and when left out it is taken from ``logits``. Cheaper to read than an argmax over ``logits``.
+    ``hidden``: for a drafter with ``wants_hidden``, the target's residual stream entering each layer it names
+    (``layers``: leaving the last block, before the final norm), float ``[n, hidden]`` by node; else None.
     """
 
     draft: Draft
@@ -174,6 +222,7 @@ class StepOutcome:
     target_probs: Callable[[int], torch.Tensor] | None = None
     drafted: bool = True
     greedy_choices: torch.Tensor = None  # type: ignore[assignment]  # filled in by __post_init__
+    hidden: dict[int, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.greedy_choices is None:
@@ -190,13 +239,15 @@ class Drafter:
     nodes that are never accepted (``Draft.candidates``). ``samples_drafts``: its drafts carry the distributions
     their tokens were drawn from (``Draft.draft_probs``), drawn with ``self.generator``, a ``torch.Generator`` it
     owns, which the engine seeds from the request's seed before each sampled request, so that a seeded request
-    drafts the same every time and the draws of different requests are independent.
+    drafts the same every time and the draws of different requests are independent. ``wants_hidden``: the
+    layers whose hidden states (``StepOutcome.hidden``) ``observe`` reads.
     """
 
     wants_prompt_logits: bool = False
     wants_step_logits: bool = True
     side_tokens: bool = False
     samples_drafts: bool = False
+    wants_hidden: tuple[int, ...] = ()
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         """Start a request. ``prompt`` int64 ``[p]``; ``prompt_logits`` float ``[m, vocab]`` over the last prompt

@@ -59,6 +59,12 @@ def write_tiny_llama(directory: Path, **overrides: object) -> Path:
     return directory
 
 
+def runnable(method: str, model: object) -> str:
+    """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` also needs a draft
+    checkpoint, and gets the model's own (every draft then accepted, unless sampled)."""
+    return f"draft:model={model.path}" if method == "draft" else method
+
+
 SMALL_VOCAB = ["a", "b", "c", "d", "e", "f", "g", "h"]
 
 

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from helpers import runnable
 from test_engine import Oracle
 
 from decodekit import Engine
@@ -48,7 +49,7 @@ def run(batch: Batch, joining: list[tuple[int, Decoding]]) -> dict[Decoding, lis
 
 @pytest.mark.parametrize("widths", ["whole trees", "random widths"])
 def test_every_method_in_one_batch_gives_its_single_request_output(tiny_model, widths):
-    cases = [(method, PROMPTS[i % len(PROMPTS)], 12 + 5 * i) for i, method in enumerate(METHODS)]
+    cases = [(runnable(m, tiny_model), PROMPTS[i % len(PROMPTS)], 12 + 5 * i) for i, m in enumerate(METHODS)]
     batch = Batch(tiny_model, max_rows=4, capacity=512, adaptive=False)
     if widths == "random widths":  # every drafter must take a cut draft, or a skipped step, in its stride
         choice = random.Random(0).choice

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import runnable
 
 from decodekit import DecodekitError, Engine, InvalidParameter, PromptTooLong, SamplingParams, load_model
 from decodekit.drafters import METHODS
@@ -126,7 +127,7 @@ EXTRA_SPECS = [
 @pytest.mark.parametrize("method", sorted(METHODS) + EXTRA_SPECS)
 def test_every_method_equals_plain_on_tiny_model(tiny_model, method):
     plain = Engine(tiny_model, "ar")
-    spec = Engine(tiny_model, method)
+    spec = Engine(tiny_model, runnable(method, tiny_model))
     for prompt in [PROMPT, "it is sunny today", "foxes and dogs"]:
         for _ in range(2):  # the second request starts from the state the first one left
             a, b = plain.generate(prompt, max_new_tokens=48), spec.generate(prompt, max_new_tokens=48)

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import write_small_vocab_llama
+from helpers import runnable, write_small_vocab_llama
 from test_sampling import chi_square_pvalue
 from transformers import AutoModelForCausalLM
 
@@ -71,7 +71,7 @@ def test_plain_greedy_equals_transformers_greedy(pure, tiny_dir):
 
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar"}))
 def test_every_method_equals_plain(pure, method):
-    plain, spec = Engine(pure, "ar"), Engine(pure, method)
+    plain, spec = Engine(pure, "ar"), Engine(pure, runnable(method, pure))
     for prompt in PROMPTS:
         assert spec.generate(prompt, 32).token_ids == plain.generate(prompt, 32).token_ids, prompt
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import write_small_vocab_llama
+from helpers import runnable, write_small_vocab_llama
 from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -292,7 +292,7 @@ def sample_outputs(model, method, trials: int = 1500) -> list[tuple]:
 @pytest.mark.parametrize("method", [*METHODS, "wide-tree", "sampled-tree"])
 def test_every_drafter_samples_the_target_distribution(small_model, exact_triples, method):
     drafter = {"wide-tree": WideTree, "sampled-tree": SampledTree}.get(method)
-    samples = sample_outputs(small_model, drafter() if drafter else method)
+    samples = sample_outputs(small_model, drafter() if drafter else runnable(method, small_model))
     assert chi_square_pvalue(samples, exact_triples) > 1e-3
 
 
@@ -303,7 +303,7 @@ def test_engine_negative_control_is_detected(small_model, exact_triples, monkeyp
 
 def test_same_seed_same_output_for_every_method(tiny_model):
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=11)
-    for method in METHODS:
+    for method in (runnable(name, tiny_model) for name in METHODS):
         first = Engine(tiny_model, method).generate("the quick brown fox", 24, sampling=params)
         again = Engine(tiny_model, method).generate("the quick brown fox", 24, sampling=params)
         assert first.token_ids == again.token_ids, method

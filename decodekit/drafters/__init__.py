@@ -6,6 +6,7 @@ from decodekit.drafters.aded import AdaptiveNgram
 from decodekit.drafters.aggressive import AggressiveDecoding
 from decodekit.drafters.ar import Autoregressive
 from decodekit.drafters.copyspec import CopySpec
+from decodekit.drafters.draft import DraftModelDrafter
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
@@ -13,6 +14,7 @@ from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, c
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.drafters.sjd import SpeculativeJacobi
 from decodekit.drafters.suffix import SuffixDrafter
+from decodekit.drafters.swift import LayerSkip
 from decodekit.errors import InvalidParameter, clip
 from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo
 
@@ -27,6 +29,8 @@ METHODS: dict[str, type] = {
     "lookahead": Lookahead,
     "hybrid": Hybrid,
     "sjd": SpeculativeJacobi,
+    "draft": DraftModelDrafter,
+    "swift": LayerSkip,
 }
 
 __all__ = [

@@ -58,6 +58,7 @@ class Hybrid(Drafter):
             raise InvalidParameter("hybrid merges deterministic drafts only: not lookahead's side tokens or sjd")
         self.max_nodes, self.min_prob = max_nodes, min_prob
         self.wants_prompt_logits = any(part.wants_prompt_logits for part in self.parts)
+        self.wants_hidden = tuple(sorted({layer for part in self.parts for layer in part.wants_hidden}))
         # running counts per part, kept as Python floats: a step reads and updates a few of them at a time
         self._hits = [[PRIOR_HITS] * MAX_DRAFT_NODES for _ in self.parts]
         self._trials = [[PRIOR_TRIALS] * MAX_DRAFT_NODES for _ in self.parts]
@@ -113,7 +114,7 @@ class Hybrid(Drafter):
                 for i in range(1, len(own.tokens)):
                     trials[i] += reached[i]
                     hits[i] += matched[i]
-            part.observe(_restrict(outcome, own, verified, on_path, part.wants_step_logits))
+            part.observe(_restrict(outcome, own, verified, on_path, part))
 
     def memory_bytes(self) -> int:
         return sum(part.memory_bytes() for part in self.parts) + PART_BYTES * len(self.parts)
@@ -131,21 +132,22 @@ class _PartDraft:
         )
 
 
-def _restrict(
-    outcome: StepOutcome, own: _PartDraft, verified: int, on_path: set[int], with_logits: bool
-) -> StepOutcome:
-    """The outcome as one part sees it: its nodes that made it into the verified draft, renumbered, with their
-    greedy choices, their logits (``[n, 0]`` unless ``with_logits``: a vocabulary-wide copy that most parts never
-    read) and its share of the accepted path (``on_path``: merged-draft indices)."""
+def _restrict(outcome: StepOutcome, own: _PartDraft, verified: int, on_path: set[int], part: Drafter) -> StepOutcome:
+    """The outcome as ``part`` sees it: its nodes that made it into the verified draft, renumbered, with their
+    greedy choices, their logits (``[n, 0]`` unless it wants them: a vocabulary-wide copy that most parts never
+    read), the hidden states it wants and its share of the accepted path (``on_path``: merged-draft indices)."""
     nodes = [i for i, m in enumerate(own.kept) if 0 <= m < verified]  # closed under parents, like the merged draft
     renumber = {node: j for j, node in enumerate(nodes)}
     rows = [own.kept[i] for i in nodes]
     at = torch.tensor(rows)
+    estimates = None if own.draft.estimates is None else own.draft.estimates[nodes]
+    tree = Tree(torch.tensor([-1] + [renumber[own.parents[i]] for i in nodes[1:]]))
     return StepOutcome(
-        Draft(own.draft.tokens[nodes], Tree(torch.tensor([-1] + [renumber[own.parents[i]] for i in nodes[1:]]))),
-        outcome.logits.index_select(0, at) if with_logits else outcome.logits.new_empty(len(rows), 0),
+        Draft(own.draft.tokens[nodes], tree, estimates=estimates),
+        outcome.logits.index_select(0, at) if part.wants_step_logits else outcome.logits.new_empty(len(rows), 0),
         torch.tensor([j for j, row in enumerate(rows) if row in on_path], dtype=torch.int64),
         outcome.committed,
         None if outcome.target_probs is None else lambda j: outcome.target_probs(rows[j]),
         greedy_choices=outcome.greedy_choices[at],
+        hidden=None if outcome.hidden is None else {layer: outcome.hidden[layer][at] for layer in part.wants_hidden},
     )

@@ -7,6 +7,8 @@ A method's options are its drafter's constructor keywords after ``target``; each
 - ``Range(low, high)``: an int or float (the annotated type) in ``[low, high]``;
 - ``Choice(words, count)``: one of ``words``, or an integer in the ``count`` range;
 - ``FilePath(max_bytes)``: a regular file the drafter reads, at most ``max_bytes`` (never set by a server client);
+- ``ModelPath()``: a checkpoint directory or a GGUF file the drafter runs (never set by a server client);
+- ``LayerSet()``: layer indices joined by ``/``, ranges allowed (``4-9/12``);
 - ``Methods(max_parts)``: method specs joined by ``+`` (never set by a server client);
 - a plain ``bool`` needs nothing more;
 - ``Renamed(old)`` beside the kind: the option's former name, still accepted for one release, with a warning.
@@ -119,6 +121,65 @@ class FilePath(Kind):
 
     def describe(self) -> str:
         return f"a regular file of at most {self.max_bytes} bytes"
+
+
+@dataclass(frozen=True)
+class ModelPath(Kind):
+    """A model the drafter loads: a checkpoint directory (with ``config.json``) or a ``.gguf`` file ("" = none).
+    Never set by a server client."""
+
+    client_settable: ClassVar[bool] = False
+
+    def parse(self, raw: str, base: type) -> object:
+        return raw
+
+    def check(self, value: object) -> None:
+        if value == "":
+            return
+        if not isinstance(value, str):
+            raise ValueError("expects a path")
+        path = os.path.expanduser(value)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError("is a directory without config.json")
+        elif not path.endswith(".gguf") or not os.path.isfile(path):
+            raise ValueError("is neither a checkpoint directory nor a .gguf file")
+
+    def describe(self) -> str:
+        return "a checkpoint directory or a .gguf file"
+
+
+@dataclass(frozen=True)
+class LayerSet(Kind):
+    """Layer indices joined by ``/``, ranges allowed: ``4-9/12`` ("" = none given)."""
+
+    MAX_LAYER: ClassVar[int] = 1023
+
+    def parse(self, raw: str, base: type) -> object:
+        return raw
+
+    def check(self, value: object) -> None:
+        if value != "":
+            LayerSet.layers(value)
+
+    @staticmethod
+    def layers(value: object) -> list[int]:
+        """The sorted distinct indices ``value`` names; ValueError when it is malformed."""
+        if not isinstance(value, str):
+            raise ValueError("expects layer indices such as 4-9/12")
+        found: set[int] = set()
+        for part in value.split("/"):
+            first, dash, last = part.strip().partition("-")
+            if not first.isdigit() or (dash and not last.isdigit()):
+                raise ValueError("expects layer indices such as 4-9/12")
+            low, high = int(first), int(last) if dash else int(first)
+            if not low <= high <= LayerSet.MAX_LAYER:
+                raise ValueError(f"expects ranges low-high within 0-{LayerSet.MAX_LAYER}")
+            found.update(range(low, high + 1))
+        return sorted(found)
+
+    def describe(self) -> str:
+        return "layer indices joined by '/', ranges allowed (4-9/12)"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Merge scored token paths into one draft tree under a node budget: the shared back end of the n-gram, copy,
-suffix and hybrid drafters.
+suffix, hybrid and model drafters.
 
 A path is the token sequence a drafter guesses will follow the root, with a score per token: the drafter's
 estimate that the target accepts the path up to that token. Paths that share a prefix share nodes (a node keeps

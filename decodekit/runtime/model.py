@@ -8,6 +8,7 @@ scratch slots and returns logits. Projections are fused (q|k|v and gate|up) so a
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -105,7 +106,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 # Queries up to which a CPU block uses cpu.attention (a row's output independent of the other rows),
 # past which torch's flash attention (faster for a long prompt's prefill). Every decode step stays under it:
-# drafts are at most 256 nodes (decodekit.drafters.base.MAX_DRAFT_NODES).
+# drafts are at most 256 nodes (decodekit.protocol.MAX_DRAFT_NODES).
 KERNEL_ATTENTION_MAX_QUERIES = 256
 
 
@@ -114,9 +115,8 @@ class Block(nn.Module):
     cpu_attention = False
     fused = False  # cpu.rope_ and cpu.silu_mul
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layer = layer
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
         qkv_out = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -132,9 +132,11 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache,
+        slot: int,
         width: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """``slot``: the cache layer that holds this block's keys and values."""
         B, n, _ = x.shape
         H, G, d = self.heads, self.kv_heads, self.head_dim
         qkv = self.wqkv(self.attn_norm(x)).view(B, n, H + 2 * G, d)
@@ -143,8 +145,8 @@ class Block(nn.Module):
         else:
             qkv[:, :, : H + G] = rotate(qkv[:, :, : H + G], cos, sin)
         q = qkv[:, :, :H].transpose(1, 2)
-        cache.write(self.layer, qkv[:, :, H:].view(B, n, 2, G, d).permute(2, 0, 3, 1, 4))
-        keys, values = cache.view(self.layer, width)
+        cache.write(slot, qkv[:, :, H:].view(B, n, 2, G, d).permute(2, 0, 3, 1, 4))
+        keys, values = cache.view(slot, width)
         if self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES:
             attn = cpu.attention(q, keys, values, mask)
         else:
@@ -163,7 +165,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -197,9 +199,11 @@ class Transformer(nn.Module):
                     module.pack(backend, keep_weight=module is self.lm_head and self.cfg.tie_embeddings)
         return self
 
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+    def new_cache(self, capacity: int, batch: int = 1, layers: int | None = None) -> KVCache:
+        """A cache for ``layers`` blocks (None: every block) of this model."""
         cfg = self.cfg
-        return KVCache(cfg.layers, batch, cfg.kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
+        layers = cfg.layers if layers is None else layers
+        return KVCache(layers, batch, cfg.kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
 
     def rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[length, head_dim]`` in the model dtype, computed in float32 and kept."""
@@ -221,31 +225,58 @@ class Transformer(nn.Module):
         cache: KVCache,
         tree: Trees | None = None,
         logits_at: torch.Tensor | slice | None = None,
+        capture: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Score ``tokens`` int64 ``[B, n]`` laid out as ``tree`` (a chain when None; or one tree per row, all
         of ``n`` nodes) after each row's prefix.
 
         Writes their key/value entries to the cache's scratch slots; the caller commits what it keeps.
         Returns float logits ``[B, m, vocab]`` for the nodes selected by ``logits_at`` (all when None).
+        ``capture``: see :meth:`hidden_states`.
         """
+        x = self.hidden_states(tokens, cache, tree, capture=capture)
+        return self.logits(x if logits_at is None else x[:, logits_at])
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        tree: Trees | None = None,
+        layers: Sequence[int] | None = None,
+        capture: dict[int, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """The residual stream ``[B, n, hidden]`` after the last block run, before the final norm: as
+        :meth:`forward`, with only the blocks ``layers`` (increasing indices; None: all), whose keys and values
+        ``cache`` holds in its layers ``0, 1, ...`` in that order. ``capture``: a dict whose keys are layer indices;
+        entry ``l`` is set to the residual stream entering block ``l`` (``l = cfg.layers``: leaving the last
+        block), ``[B, n, hidden]``."""
         n = tokens.shape[1]
         tree = tree if tree is not None else Tree.chain(n)
+        layers = range(self.cfg.layers) if layers is None else layers
         cache.check_room(n)
         lengths = cache.lengths
         pos = positions(lengths, tree).to(self.device)
         cos_table, sin_table = self.rope_table(int(max(lengths)) + n)
         cos, sin = cos_table[pos][:, :, None], sin_table[pos][:, :, None]
         width = max(lengths) + n
+        windows = [self.cfg.layer_windows[layer] for layer in layers]
         masks: dict[int | None, torch.Tensor | None] = {}
-        for window in set(self.cfg.layer_windows):
+        for window in set(windows):
             if n == 1 and (window is None or width <= window) and len(set(lengths)) == 1:
                 masks[window] = None  # one query that sees every slot
             else:
                 masks[window] = attention_mask(lengths, tree, window).to(self.device)
         x = self.embed(tokens)
         with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext():
-            for block, window in zip(self.blocks, self.cfg.layer_windows, strict=True):
-                x = block(x, cos, sin, cache, width, masks[window])
-        if logits_at is not None:
-            x = x[:, logits_at]
-        return self.lm_head(self.norm(x)).float()
+            for slot, (layer, window) in enumerate(zip(layers, windows, strict=True)):
+                if capture is not None and layer in capture:
+                    capture[layer] = x
+                x = self.blocks[layer](x, cos, sin, cache, slot, width, masks[window])
+        if capture is not None and self.cfg.layers in capture:
+            capture[self.cfg.layers] = x
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float logits ``[..., vocab]`` of the residual stream ``hidden`` ``[..., hidden]`` leaving the last block."""
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,0 +1,77 @@
+"""Drafting by running a model forward from the root: the shared loop of the model-based drafters (``draft``,
+``swift``).
+
+At each depth the model's ``branch`` most likely next tokens become children of the path's last node, each scored
+by its chance of being accepted, and the path goes on through the most likely one. Drafting stops when that chance
+falls below ``min_prob`` (SpecDec++'s rule, with the drafter's calibrated probability standing in for a trained
+acceptance head) or the tree holds ``max_nodes`` nodes, so a draft is long where the model is sure and short where
+it is not. A depth costs one forward of one token (the last drafted token is never fed); nodes come out best first
+(:class:`decodekit.drafters.trie.DraftTrie`).
+
+A node's chance is the product of the model's probabilities along its path times a calibration: the decayed count
+of accepted draft nodes over the decayed sum of the chances they were given. A draft model that is sure and wrong
+(a slice of a small target, say) drops below ``min_prob`` within a few steps; while even a first node could not
+reach it, the walker drafts nothing and runs no forward, and probes once every ``PROBE_EVERY`` steps to learn
+whether that has changed (the model then catches up on the skipped text in one forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decodekit.drafters.trie import DraftTrie, chain_draft
+from decodekit.protocol import Draft, DraftModel, StepOutcome
+
+DECAY = 0.95  # weight of the past per drafted step in the calibration counts
+PRIOR = 2.0  # pseudo-counts of the calibration: it starts at 1 (the model's probabilities taken as they are)
+PROBE_EVERY = 16  # steps between two drafts while the calibrated chance of a first node is below min_prob
+
+
+class Walker:
+    """Drafts of up to ``max_nodes`` nodes, ``branch`` children per depth, while the calibrated chance of the path
+    is at least ``min_prob``."""
+
+    def __init__(self, max_nodes: int, min_prob: float, branch: int) -> None:
+        self.max_nodes, self.min_prob, self.branch = max_nodes, min_prob, branch
+        self.accepted = self.expected = PRIOR
+        self.idle = 0  # steps since the walker last drafted
+
+    @property
+    def calibration(self) -> float:
+        """Accepted draft nodes per unit of the model's own chance of them (decayed counts)."""
+        return self.accepted / self.expected
+
+    def propose(self, model: DraftModel, sequence: torch.Tensor) -> Draft:
+        """The draft tree ``model`` walks from ``sequence[-1]`` (int64 ``[t]``, the committed sequence)."""
+        scale = min(1.0, self.calibration)
+        if scale < self.min_prob and self.idle < PROBE_EVERY:
+            self.idle += 1
+            return chain_draft(int(sequence[-1]), [])
+        self.idle = 0
+        trie, node, chance = DraftTrie(), 0, scale
+        context = sequence
+        while len(trie) < self.max_nodes:
+            probs = torch.softmax(model.logits(context), dim=-1)
+            top = probs.topk(self.branch)
+            ids = top.indices if model.head_ids is None else model.head_ids[top.indices]
+            best = None
+            for p, token in zip(top.values.tolist(), ids.tolist(), strict=True):
+                if chance * p < self.min_prob or len(trie) >= self.max_nodes:
+                    break
+                child = trie.insert(node, token, chance * p)
+                best = best or (child, token, chance * p)
+            if best is None:
+                break
+            node, token, chance = best
+            context = torch.cat([context, torch.tensor([token], dtype=torch.int64)])
+        return trie.build(int(sequence[-1]), self.max_nodes, estimates=True)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Count the verified nodes of the walker's own draft: accepted ones against the chances they were given
+        (divided by the calibration they were scored with, so the counts are of the model's own chances)."""
+        estimates = outcome.draft.estimates
+        if estimates is None or estimates.numel() < 2:
+            return
+        scale = min(1.0, self.calibration)
+        self.expected = DECAY * self.expected + float(estimates[1:].sum()) / scale
+        self.accepted = DECAY * self.accepted + (outcome.accepted.numel() - 1)

@@ -1,0 +1,144 @@
+"""Models that drafters run: a separate draft checkpoint or a slice of the target's own layers, each with a KV
+cache of its own that follows the committed text.
+
+A :class:`ModelRunner` holds a one-row cache over the layers it runs and the tokens that cache holds. Asked for
+the logits after a sequence, it keeps the longest prefix of the sequence it already holds (so a rejected draft is
+rewound by shortening the cache, and the accepted path and bonus token are simply the new suffix), scores the rest
+and returns the last position's logits. The drafter hands it token ids only; the target's cache is never touched.
+:class:`TargetModel` is what the engine gives drafters (``TargetInfo.model``): slices of the target, draft
+checkpoints loaded once per engine, and the shapes a drafter may size itself by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from decodekit.errors import InvalidParameter, clip
+from decodekit.protocol import MAX_DRAFT_NODES, DraftModel, ModelAccess, greedy_choice
+from decodekit.runtime.loader import LoadedModel, load_model
+from decodekit.runtime.model import Transformer
+
+GROWTH = 512  # a runner's cache grows by whole multiples of this many slots
+CHUNK = 256  # tokens per forward when a runner catches up with a long sequence (a prompt)
+
+
+class ModelRunner(DraftModel):
+    """``transformer`` restricted to ``layers`` (block indices in order; None: every block), its final norm and
+    LM head on top, over a one-row cache of its own. ``head``: vocabulary ids the LM head scores (None: all);
+    :meth:`logits` then returns a row over that subset."""
+
+    def __init__(
+        self, transformer: Transformer, layers: Sequence[int] | None = None, head: torch.Tensor | None = None
+    ) -> None:
+        self.transformer = transformer
+        self.layers = tuple(range(transformer.cfg.layers)) if layers is None else tuple(layers)
+        self.vocab_size = transformer.cfg.vocab_size
+        self.head_ids = head
+        self.head_weight = None if head is None else _head_weight(transformer)[head].contiguous()
+        self.cache = transformer.new_cache(0, layers=len(self.layers))
+        self.tokens = torch.empty(0, dtype=torch.int64)  # what the cache holds: tokens[: cache.lengths[0]]
+        self.last_logits: torch.Tensor | None = None  # the logits after all the cache holds
+
+    @property
+    def cached(self) -> int:
+        return self.cache.lengths[0]
+
+    def logits(self, sequence: torch.Tensor) -> torch.Tensor:
+        """float ``[V]`` (or ``[len(head)]``): the logits after ``sequence`` int64 ``[t]``, ``t >= 1``, which the
+        cache holds afterwards. Costs a forward over the tokens past the longest prefix it already held (at least
+        the last one, unless the cache holds exactly ``sequence``)."""
+        sequence = sequence.to(torch.int64).cpu()
+        t = sequence.numel()
+        n = min(t, self.cached)
+        differs = (self.tokens[:n] != sequence[:n]).nonzero()
+        keep = int(differs[0]) if differs.numel() else n
+        if keep == t == self.cached and self.last_logits is not None:
+            return self.last_logits
+        keep = min(keep, t - 1)
+        self.cache.lengths = [keep]
+        if t + MAX_DRAFT_NODES > self.cache.capacity:
+            capacity = -(-(t + MAX_DRAFT_NODES) // GROWTH) * GROWTH
+            self.cache.grow(capacity)
+            self.tokens = torch.cat([self.tokens[:keep], torch.empty(capacity - keep, dtype=torch.int64)])
+        model = self.transformer
+        while keep < t:
+            n = min(CHUNK, t - keep)
+            tokens = sequence[None, keep : keep + n].to(model.device)
+            hidden = model.hidden_states(tokens, self.cache, layers=self.layers)
+            self.cache.commit(0, n)
+            keep += n
+        self.tokens[:t] = sequence
+        self.last_logits = self._head(hidden[0, -1:])[0]
+        return self.last_logits
+
+    def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]``: the greedy choice after each prefix of ``tokens`` int64 ``[n]``, scored alone in a cache
+        made for the purpose (the runner's own is left as it is)."""
+        model = self.transformer
+        cache = model.new_cache(tokens.numel(), layers=len(self.layers))
+        hidden = model.hidden_states(tokens[None].to(model.device), cache, layers=self.layers)
+        choices = greedy_choice(self._head(hidden[0])).cpu()
+        return choices if self.head_ids is None else self.head_ids[choices]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float ``[m, V]`` (or ``[m, len(head)]``) from the last run block's output ``[m, hidden]``."""
+        if self.head_weight is None:
+            return self.transformer.logits(hidden)
+        return (self.transformer.norm(hidden) @ self.head_weight.T).float()
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.last_logits = None
+
+    def memory_bytes(self) -> int:
+        extra = 0 if self.head_weight is None else self.head_weight.numel() * self.head_weight.element_size()
+        return self.cache.kv.numel() * self.cache.kv.element_size() + self.tokens.numel() * 8 + extra
+
+
+class TargetModel(ModelAccess):
+    """The engine's model as drafters may use it: its shape, slices of it, and draft checkpoints (loaded on the
+    first request for each path, kept for the engine's life, on the target's device and dtype)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.layers = model.cfg.layers
+        self.hidden_size = model.cfg.hidden_size
+        self.vocab_size = model.cfg.vocab_size
+        self._checkpoints: dict[str, LoadedModel] = {}
+
+    def slice(self, layers: Sequence[int], head: torch.Tensor | None = None) -> ModelRunner:
+        layers = list(layers)
+        if not layers:
+            raise InvalidParameter("a slice of the target needs at least one layer")
+        if any(not 0 <= layer < self.layers for layer in layers) or layers != sorted(set(layers)):
+            raise InvalidParameter(f"slice layers must be increasing indices in [0, {self.layers}), got {clip(layers)}")
+        return ModelRunner(self.model.transformer, layers, head)
+
+    def checkpoint(self, path: str) -> ModelRunner:
+        if path not in self._checkpoints:
+            draft = load_model(Path(path), self.model.dtype, str(self.model.device))
+            if draft.cfg.vocab_size != self.vocab_size:
+                raise InvalidParameter(
+                    f"the draft model {clip(path)} has a vocabulary of {draft.cfg.vocab_size} tokens, the target "
+                    f"{self.vocab_size}: they must share one tokenizer"
+                )
+            if _vocab(draft.tokenizer) != _vocab(self.model.tokenizer):
+                raise InvalidParameter(
+                    f"the draft model {clip(path)} has another tokenizer than the target (same size, "
+                    f"{self.vocab_size} tokens, different ids): they must share one"
+                )
+            self._checkpoints[path] = draft
+        return ModelRunner(self._checkpoints[path].transformer)
+
+
+def _vocab(tokenizer: object) -> dict[str, int]:
+    return tokenizer.get_vocab()  # type: ignore[attr-defined]
+
+
+def _head_weight(transformer: Transformer) -> torch.Tensor:
+    """The LM head's weight ``[V, hidden]`` (a packed head keeps it only when tied to the embeddings)."""
+    weight = transformer.lm_head.weight
+    return transformer.embed.weight if weight is None else weight
