@@ -76,9 +76,10 @@ def test_every_method_equals_plain_greedy(default_model, plain, method):
     assert steps < (0.98 if method == "sjd" else 0.95) * new_tokens
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar"}))
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar", "draft", "swift"}))
 def test_second_turns_equal_plain_greedy(default_model, method):
-    """A multi-turn conversation: the second turn carries the model's own first answer in its prompt."""
+    """A multi-turn conversation: the second turn carries the model's own first answer in its prompt. Not for the
+    model drafters, to keep CI short: their cache across requests is tested on tiny models (test_model_drafters)."""
     conversations = [q.turns for q in builtin_questions() if len(q.turns) > 1][:2]
     engines = {name: Engine(default_model, runnable(name, default_model)) for name in ("ar", method)}
     for turns in conversations:
