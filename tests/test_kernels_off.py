@@ -15,7 +15,7 @@ from helpers import runnable, write_small_vocab_llama
 from test_sampling import chi_square_pvalue
 from transformers import AutoModelForCausalLM
 
-from decodekit import Engine, SamplingParams, load_model
+from decodekit import Engine, InvalidParameter, SamplingParams, load_model
 from decodekit.drafters import METHODS
 from decodekit.runtime import cpu, model
 from decodekit.sampling import warp
@@ -56,6 +56,12 @@ def test_no_module_takes_a_kernel_path(pure):
         assert not getattr(module, "fused", False) and not getattr(module, "cpu_attention", False)
         assert getattr(module, "backend", None) != "small_gemm"
     assert any(isinstance(m, model.Linear) for m in pure.transformer.modules())
+
+
+def test_asking_for_the_kernel_matmul_with_kernels_off_is_a_clear_error(tiny_dir, monkeypatch):
+    monkeypatch.setenv("DECODEKIT_LINEAR", "small_gemm")
+    with pytest.raises(InvalidParameter, match="DECODEKIT_LINEAR=small_gemm needs the CPU kernels"):
+        load_model(tiny_dir)
 
 
 def test_plain_greedy_equals_transformers_greedy(pure, tiny_dir):

@@ -42,6 +42,11 @@ def cpu_linear_backend() -> str:
     if choice:
         if choice not in ("small_gemm", "onednn", "torch"):
             raise InvalidParameter(f"DECODEKIT_LINEAR must be small_gemm, onednn or torch, not {choice!r}")
+        if choice == "small_gemm" and not cpu.available():
+            raise InvalidParameter(
+                f"DECODEKIT_LINEAR=small_gemm needs the CPU kernels, which are off here ({cpu.SWITCH}=0, a CPU without "
+                "AVX2/FMA, or a failed build: see the warning above); use onednn or torch"
+            )
         return choice
     if cpu.available():
         return "small_gemm"
