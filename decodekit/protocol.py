@@ -105,13 +105,10 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
 
 class DraftModel:
     """A model a drafter runs, a draft checkpoint or a slice of the target's layers, with a KV cache of its own
-    that follows the sequences it is handed (made by :class:`ModelAccess`; the runtime implements it). Its rows
-    of logits are over the vocabulary ids ``head_ids`` int64 ``[h]`` (None: the whole vocabulary)."""
-
-    head_ids: torch.Tensor | None = None
+    that follows the sequences it is handed (made by :class:`ModelAccess`; the runtime implements it)."""
 
     def logits(self, sequence: torch.Tensor) -> torch.Tensor:
-        """float ``[V]`` (or ``[h]``): the logits after ``sequence`` int64 ``[t]``. Its cache keeps the longest
+        """float ``[V]``: the logits after ``sequence`` int64 ``[t]``. Its cache keeps the longest
         prefix of ``sequence`` it held and scores the rest, so consecutive calls along one sequence (drafting
         token by token, then the next step's committed text) cost a forward of the new tokens only."""
         raise NotImplementedError
@@ -134,9 +131,9 @@ class ModelAccess:
     hidden_size: int
     vocab_size: int
 
-    def slice(self, layers: Sequence[int], head: torch.Tensor | None = None) -> DraftModel:
-        """The target run through ``layers`` only (increasing block indices), its final norm and LM head on top
-        (scoring only the vocabulary ids ``head`` when given). Raises InvalidParameter on a bad layer list."""
+    def slice(self, layers: Sequence[int]) -> DraftModel:
+        """The target run through ``layers`` only (increasing block indices), its final norm and LM head on top.
+        Raises InvalidParameter on a bad layer list."""
         raise NotImplementedError
 
     def checkpoint(self, path: str) -> DraftModel:

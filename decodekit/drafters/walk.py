@@ -53,9 +53,8 @@ class Walker:
         while len(trie) < self.max_nodes:
             probs = torch.softmax(model.logits(context), dim=-1)
             top = probs.topk(self.branch)
-            ids = top.indices if model.head_ids is None else model.head_ids[top.indices]
             best = None
-            for p, token in zip(top.values.tolist(), ids.tolist(), strict=True):
+            for p, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
                 if chance * p < self.min_prob or len(trie) >= self.max_nodes:
                     break
                 child = trie.insert(node, token, chance * p)

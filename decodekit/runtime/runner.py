@@ -27,17 +27,11 @@ CHUNK = 256  # tokens per forward when a runner catches up with a long sequence 
 
 class ModelRunner(DraftModel):
     """``transformer`` restricted to ``layers`` (block indices in order; None: every block), its final norm and
-    LM head on top, over a one-row cache of its own. ``head``: vocabulary ids the LM head scores (None: all);
-    :meth:`logits` then returns a row over that subset."""
+    LM head on top, over a one-row cache of its own."""
 
-    def __init__(
-        self, transformer: Transformer, layers: Sequence[int] | None = None, head: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, transformer: Transformer, layers: Sequence[int] | None = None) -> None:
         self.transformer = transformer
         self.layers = tuple(range(transformer.cfg.layers)) if layers is None else tuple(layers)
-        self.vocab_size = transformer.cfg.vocab_size
-        self.head_ids = head
-        self.head_weight = None if head is None else _head_weight(transformer)[head].contiguous()
         self.cache = transformer.new_cache(0, layers=len(self.layers))
         self.tokens = torch.empty(0, dtype=torch.int64)  # what the cache holds: tokens[: cache.lengths[0]]
         self.last_logits: torch.Tensor | None = None  # the logits after all the cache holds
@@ -47,7 +41,7 @@ class ModelRunner(DraftModel):
         return self.cache.lengths[0]
 
     def logits(self, sequence: torch.Tensor) -> torch.Tensor:
-        """float ``[V]`` (or ``[len(head)]``): the logits after ``sequence`` int64 ``[t]``, ``t >= 1``, which the
+        """float ``[V]``: the logits after ``sequence`` int64 ``[t]``, ``t >= 1``, which the
         cache holds afterwards. Costs a forward over the tokens past the longest prefix it already held (at least
         the last one, unless the cache holds exactly ``sequence``)."""
         sequence = sequence.to(torch.int64).cpu()
@@ -71,7 +65,7 @@ class ModelRunner(DraftModel):
             self.cache.commit(0, n)
             keep += n
         self.tokens[:t] = sequence
-        self.last_logits = self._head(hidden[0, -1:])[0]
+        self.last_logits = model.logits(hidden[0, -1])
         return self.last_logits
 
     def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -80,22 +74,10 @@ class ModelRunner(DraftModel):
         model = self.transformer
         cache = model.new_cache(tokens.numel(), layers=len(self.layers))
         hidden = model.hidden_states(tokens[None].to(model.device), cache, layers=self.layers)
-        choices = greedy_choice(self._head(hidden[0])).cpu()
-        return choices if self.head_ids is None else self.head_ids[choices]
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float ``[m, V]`` (or ``[m, len(head)]``) from the last run block's output ``[m, hidden]``."""
-        if self.head_weight is None:
-            return self.transformer.logits(hidden)
-        return (self.transformer.norm(hidden) @ self.head_weight.T).float()
-
-    def reset(self) -> None:
-        self.cache.reset()
-        self.last_logits = None
+        return greedy_choice(model.logits(hidden[0])).cpu()
 
     def memory_bytes(self) -> int:
-        extra = 0 if self.head_weight is None else self.head_weight.numel() * self.head_weight.element_size()
-        return self.cache.kv.numel() * self.cache.kv.element_size() + self.tokens.numel() * 8 + extra
+        return self.cache.kv.numel() * self.cache.kv.element_size() + self.tokens.numel() * 8
 
 
 class TargetModel(ModelAccess):
@@ -109,13 +91,13 @@ class TargetModel(ModelAccess):
         self.vocab_size = model.cfg.vocab_size
         self._checkpoints: dict[str, LoadedModel] = {}
 
-    def slice(self, layers: Sequence[int], head: torch.Tensor | None = None) -> ModelRunner:
+    def slice(self, layers: Sequence[int]) -> ModelRunner:
         layers = list(layers)
         if not layers:
             raise InvalidParameter("a slice of the target needs at least one layer")
         if any(not 0 <= layer < self.layers for layer in layers) or layers != sorted(set(layers)):
             raise InvalidParameter(f"slice layers must be increasing indices in [0, {self.layers}), got {clip(layers)}")
-        return ModelRunner(self.model.transformer, layers, head)
+        return ModelRunner(self.model.transformer, layers)
 
     def checkpoint(self, path: str) -> ModelRunner:
         if path not in self._checkpoints:
@@ -136,9 +118,3 @@ class TargetModel(ModelAccess):
 
 def _vocab(tokenizer: object) -> dict[str, int]:
     return tokenizer.get_vocab()  # type: ignore[attr-defined]
-
-
-def _head_weight(transformer: Transformer) -> torch.Tensor:
-    """The LM head's weight ``[V, hidden]`` (a packed head keeps it only when tied to the embeddings)."""
-    weight = transformer.lm_head.weight
-    return transformer.embed.weight if weight is None else weight
