@@ -101,13 +101,10 @@ class Choice(Kind):
         )
 
 
-@dataclass(frozen=True)
-class FilePath(Kind):
-    """A regular file the drafter reads once, of at most ``max_bytes`` ("" = none). Devices, FIFOs and /proc files
-    are refused, so a read can neither block nor run forever."""
+class OptionalText(Kind):
+    """Text that may be left empty (""); any other value is a string that :meth:`check_text` accepts."""
 
-    max_bytes: int
-    client_settable: ClassVar[bool] = False
+    expects: ClassVar[str] = "text"  # what the message of a value that is no string says the option expects
 
     def parse(self, raw: str, base: type) -> object:
         return raw
@@ -116,7 +113,24 @@ class FilePath(Kind):
         if value == "":
             return
         if not isinstance(value, str):
-            raise ValueError("expects a path")
+            raise ValueError(f"expects {self.expects}")
+        self.check_text(value)
+
+    def check_text(self, value: str) -> None:
+        """Raise ValueError unless ``value`` (not empty) is allowed."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FilePath(OptionalText):
+    """A regular file the drafter reads once, of at most ``max_bytes`` ("" = none). Devices, FIFOs and /proc files
+    are refused, so a read can neither block nor run forever."""
+
+    max_bytes: int
+    client_settable: ClassVar[bool] = False
+    expects: ClassVar[str] = "a path"
+
+    def check_text(self, value: str) -> None:
         check_regular_file(value, self.max_bytes)
 
     def describe(self) -> str:
@@ -124,20 +138,14 @@ class FilePath(Kind):
 
 
 @dataclass(frozen=True)
-class ModelPath(Kind):
+class ModelPath(OptionalText):
     """A model the drafter loads: a checkpoint directory (with ``config.json``) or a ``.gguf`` file ("" = none).
     Never set by a server client."""
 
     client_settable: ClassVar[bool] = False
+    expects: ClassVar[str] = "a path"
 
-    def parse(self, raw: str, base: type) -> object:
-        return raw
-
-    def check(self, value: object) -> None:
-        if value == "":
-            return
-        if not isinstance(value, str):
-            raise ValueError("expects a path")
+    def check_text(self, value: str) -> None:
         path = os.path.expanduser(value)
         if os.path.isdir(path):
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -150,28 +158,23 @@ class ModelPath(Kind):
 
 
 @dataclass(frozen=True)
-class LayerSet(Kind):
+class LayerSet(OptionalText):
     """Layer indices joined by ``/``, ranges allowed: ``4-9/12`` ("" = none given)."""
 
     MAX_LAYER: ClassVar[int] = 1023
+    expects: ClassVar[str] = "layer indices such as 4-9/12"
 
-    def parse(self, raw: str, base: type) -> object:
-        return raw
-
-    def check(self, value: object) -> None:
-        if value != "":
-            LayerSet.layers(value)
+    def check_text(self, value: str) -> None:
+        LayerSet.layers(value)
 
     @staticmethod
-    def layers(value: object) -> list[int]:
+    def layers(value: str) -> list[int]:
         """The sorted distinct indices ``value`` names; ValueError when it is malformed."""
-        if not isinstance(value, str):
-            raise ValueError("expects layer indices such as 4-9/12")
         found: set[int] = set()
         for part in value.split("/"):
             first, dash, last = part.strip().partition("-")
             if not first.isdigit() or (dash and not last.isdigit()):
-                raise ValueError("expects layer indices such as 4-9/12")
+                raise ValueError(f"expects {LayerSet.expects}")
             low, high = int(first), int(last) if dash else int(first)
             if not low <= high <= LayerSet.MAX_LAYER:
                 raise ValueError(f"expects ranges low-high within 0-{LayerSet.MAX_LAYER}")
