@@ -15,10 +15,14 @@ import sys
 import time
 from dataclasses import replace
 
-from decodekit import DecodekitError, InvalidParameter, SamplingParams
+from decodekit import WEIGHT_CHOICES, DecodekitError, InvalidParameter, SamplingParams
 from decodekit.engine import POOL_BYTES, PREFILL_CHUNK
 from decodekit.server.guard import MAX_BODY_BYTES
 
+DTYPE_HELP = (
+    "the weights: auto (default) runs a GGUF file's own quantized weights (gguf) and a checkpoint directory in "
+    "float32; float32/bfloat16 de-quantize a GGUF file"
+)
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
     "Then list three tips for using a refrigerator efficiently."
@@ -34,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", default="recycling", help="ar, recycling, or name:key=value,... (default: recycling)")
     gen.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     gen.add_argument(
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--first-turn-only", action="store_true", help="run only the first turn of each question")
     bench.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     bench.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--cache-dir", help="where converted GGUF weights are kept")
     bench.add_argument("--output", default="bench-out", help="directory for result.json and speedup.png")
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
     serve.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     serve.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -300,7 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     meta = {
         "command": shlex.join(["decodekit", *sys.argv[1:]]),
         "model": model.name,
-        "dtype": args.dtype,
+        "dtype": model.weights,
         "device": model.device.type,
         "dataset": args.dataset or "built-in",
         "max_new_tokens": args.max_new_tokens,

@@ -31,6 +31,12 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def default_model_gguf(default_model: LoadedModel) -> LoadedModel:
+    """The default model on its own GGUF weights (Q4_1 layers, a Q8_0 embedding), through the CPU kernels."""
+    return load_model(default_model.source, dtype="gguf", cache_dir=os.environ.get("DECODEKIT_CACHE"))
+
+
+@pytest.fixture(scope="session")
 def default_model_bf16(default_model: LoadedModel) -> LoadedModel:
     """The default model's checkpoint in bfloat16."""
     return load_model(default_model.path, dtype="bfloat16")

@@ -1,5 +1,5 @@
-"""Lossless on the real default model (float32, and bfloat16 through the CPU kernels): every method == plain
-greedy == transformers' greedy (float32).
+"""Lossless on the real default model (float32; bfloat16 and its own GGUF weights through the CPU kernels): every
+method == plain greedy (== transformers' greedy in float32).
 
 These run SmolLM2-135M for 128 tokens on 24 prompts per method and take a few minutes each on a 2-core CPU.
 """
@@ -106,6 +106,31 @@ def test_bfloat16_methods_equal_plain_greedy(default_model_bf16):
     for method in ("recycling", "suffix", "hybrid", "lookahead", "aggressive"):
         engine = Engine(bf16, method)
         assert [engine.generate(p, max_new_tokens=64).token_ids for p in prompts] == expected, method
+
+
+@pytest.fixture(scope="module")
+def plain_gguf(default_model_gguf):
+    engine = Engine(default_model_gguf, "ar")
+    return {p: engine.generate(p, max_new_tokens=GGUF_TOKENS).token_ids for p in GGUF_PROMPTS}
+
+
+GGUF_PROMPTS, GGUF_TOKENS = PROMPTS[::4] + EDIT_PROMPTS[:1], 96
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the GGUF weights run on the CPU kernels")
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"ar"}))
+def test_every_method_equals_plain_greedy_on_the_gguf_weights(default_model_gguf, plain_gguf, method):
+    """On the file's own Q4_1/Q8_0 weights (the default for a GGUF model): each row of a quantized linear is
+    computed as if alone (activations quantized per row), so trees change nothing here either; one prompt per
+    task and an edit-like one."""
+    spec = "swift:skip=0.1" if method == "swift" else runnable(method, default_model_gguf)
+    engine = Engine(default_model_gguf, spec)
+    steps = new_tokens = 0
+    for prompt, expected in plain_gguf.items():
+        out = engine.generate(prompt, max_new_tokens=GGUF_TOKENS)
+        assert out.token_ids == expected, prompt
+        steps, new_tokens = steps + out.stats.steps, new_tokens + out.stats.new_tokens
+    assert steps < (0.98 if method == "sjd" else 0.95) * new_tokens
 
 
 @pytest.mark.parametrize("method", ["recycling:tree=published", "recycling:seed_prompt=0,tree=8,k=4"])

@@ -192,8 +192,8 @@ class CheckoutRunner(WorkerRunner):
         if not (checkout / "decodekit" / "__init__.py").is_file():
             raise InvalidParameter(f"--checkout {checkout} holds no decodekit package")
         self.name, self.sampling = f"{method}@{checkout.resolve().name}", sampling.to_dict()
-        dtype = str(model.dtype).removeprefix("torch.")
-        self.command = [sys.executable, str(self.WORKER), method, "--model", str(model.source), "--dtype", dtype]
+        self.command = [sys.executable, str(self.WORKER), method, "--model", str(model.source)]
+        self.command += ["--dtype", model.dtype_option]
         self.command += ["--device", model.device.type]
         self.cwd, self.env = checkout, os.environ | {"PYTHONPATH": str(checkout.resolve())}
         self._start()

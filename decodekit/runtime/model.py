@@ -54,7 +54,8 @@ def cpu_linear_backend() -> str:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can hand its weight to a packed CPU backend (float32; small_gemm also bfloat16).
+    """``nn.Linear`` that can hand its weight to a packed CPU backend (float32; small_gemm also bfloat16), or hold
+    a GGUF-quantized weight (backend ``quant``, :func:`cpu.quant_linear`, float32 x) instead of a float one.
 
     Both packed backends compute a row's output the same way whatever the number of rows, so a token scored in
     a tree gets bitwise the logits it gets alone. One backend serves every call of a model: the two sum in
@@ -65,7 +66,15 @@ class Linear(nn.Linear):
     backend = "torch"
     packed: object = None
 
+    def quantized(self, weight: cpu.QuantWeight) -> None:
+        """Take ``weight`` (of this layer's shape) in place of the float weight."""
+        if (weight.n, weight.k) != (self.out_features, self.in_features):
+            raise ValueError(f"a [{weight.n}, {weight.k}] weight for a [{self.out_features}, {self.in_features}] layer")
+        self.packed, self.backend, self.weight = weight, "quant", None
+
     def pack(self, backend: str, keep_weight: bool) -> None:
+        if self.backend == "quant":
+            return
         weight = self.weight.detach()
         if backend == "small_gemm":
             self.packed = cpu.pack(weight)
@@ -78,11 +87,30 @@ class Linear(nn.Linear):
             self.weight = None  # the packed copy replaces it; the module is inference-only from here on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "quant":
+            return cpu.quant_linear(x, self.packed, self.bias)
         if self.backend == "small_gemm":
             return cpu.linear(x, self.packed, self.bias)
         if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that can hold a GGUF-quantized table instead (rows de-quantized as they are looked up)."""
+
+    quant: cpu.QuantWeight | None = None
+
+    def quantized(self, weight: cpu.QuantWeight) -> None:
+        if (weight.n, weight.k) != (self.num_embeddings, self.embedding_dim):
+            shape = (self.num_embeddings, self.embedding_dim)
+            raise ValueError(f"a [{weight.n}, {weight.k}] table for a {list(shape)} one")
+        self.quant, self.weight = weight, None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return cpu.dequantize(self.quant, tokens.reshape(-1)).view(*tokens.shape, self.embedding_dim)
+        return super().forward(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -169,7 +197,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -179,11 +207,16 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The activations' dtype (the weights' too, unless they are quantized)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
+
+    @property
+    def quantized(self) -> bool:
+        return self.embed.quant is not None
 
     def prepare(self) -> Transformer:
         """Final step after loading: on CPU in float32 or bfloat16, pack every linear weight for the fastest

@@ -82,7 +82,8 @@ class ModelRunner(DraftModel):
 
 class TargetModel(ModelAccess):
     """The engine's model as drafters may use it: its shape, slices of it, and draft checkpoints (loaded on the
-    first request for each path, kept for the engine's life, on the target's device and dtype)."""
+    first request for each path, kept for the engine's life, on the target's device; a GGUF file on the CPU runs on
+    its own quantized weights, anything else in the target's dtype)."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
@@ -101,7 +102,8 @@ class TargetModel(ModelAccess):
 
     def checkpoint(self, path: str) -> ModelRunner:
         if path not in self._checkpoints:
-            draft = load_model(Path(path), self.model.dtype, str(self.model.device))
+            cpu_gguf = Path(path).suffix == ".gguf" and self.model.device.type == "cpu"
+            draft = load_model(Path(path), "gguf" if cpu_gguf else self.model.dtype, str(self.model.device))
             if draft.cfg.vocab_size != self.vocab_size:
                 raise InvalidParameter(
                     f"the draft model {clip(path)} has a vocabulary of {draft.cfg.vocab_size} tokens, the target "
