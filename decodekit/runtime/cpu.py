@@ -229,10 +229,16 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {next(error, lines[-1])}"[:300]
 
 
-def _ops():  # the torch.ops namespace of the extension
-    if not available():
-        raise RuntimeError("decodekit.runtime.cpu: the decode kernels are not available on this machine")
-    return getattr(torch.ops, NAME)
+_namespace = None  # torch.ops.decodekit_cpu, once available() has said yes
+
+
+def _ops():  # the torch.ops namespace of the extension (called per op: keep it a global read)
+    global _namespace
+    if _namespace is None:
+        if not available():
+            raise RuntimeError("decodekit.runtime.cpu: the decode kernels are not available on this machine")
+        _namespace = getattr(torch.ops, NAME)
+    return _namespace
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -380,6 +386,11 @@ class QuantWeight(NamedTuple):
     n: int
     k: int
 
+    @property
+    def code(self) -> int:
+        """The kind's number in the kernel."""
+        return QUANT_KINDS[self.kind]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins) if t is not None)
 
@@ -451,10 +462,9 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     row ``i`` of the result depends only on row ``i`` of x, bitwise, on every ``isa`` (``"auto"``, ``"avx2"``,
     ``"avx512_vnni"``). Error against the float32 product with the de-quantized weight: at most
     ``sum_b d_x[b] / 2 * sum_{k in b} |w[j, k]|`` (``d_x[b] = max |x| over block b / 127``), plus float rounding."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != w.k:
-        raise ValueError(f"cpu.quant_linear: need float32 CPU x [..., {w.k}], got {x.dtype} {tuple(x.shape)}")
-    if isa not in QUANT_ISAS:
-        raise ValueError(f"cpu.quant_linear: isa must be one of {', '.join(QUANT_ISAS)}, not {isa!r}")
-    x2 = x.reshape(-1, w.k).contiguous()
-    y = _ops().quant_linear(x2, w.qs, w.scales, w.mins, QUANT_KINDS[w.kind], w.n, bias, isa)
-    return y.reshape(*x.shape[:-1], w.n)
+    if x.dtype != torch.float32 or x.shape[-1] != w.k or isa not in QUANT_ISAS:  # the op checks the device
+        raise ValueError(
+            f"cpu.quant_linear: need float32 x [..., {w.k}] and isa in {QUANT_ISAS}, got {x.dtype} "
+            f"{tuple(x.shape)}, {isa!r}"
+        )
+    return _ops().quant_linear(x.contiguous(), w.qs, w.scales, w.mins, w.code, w.n, bias, isa)

@@ -201,6 +201,13 @@ QG_VNNI void panels_vnni(const QuantizedX& xq, int64_t M, int64_t K, const uint8
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = qs + (p * nb + b) * B;
+      if (p + 1 < p1) {  // the next panel's block b, one panel ahead
+        for (int l = 0; l < B; l += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + nb * B + l), _MM_HINT_T0);
+        if (b % 2 == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(scales + (p * nb + b + nb) * NR), _MM_HINT_T0);
+          if (mins != nullptr) _mm_prefetch(reinterpret_cast<const char*>(mins + (p * nb + b + nb) * NR), _MM_HINT_T0);
+        }
+      }
       __m512i w[GROUPS];
       if constexpr (KIND == Q8_0) {  // q + 128, unsigned: vpdpbusd's first operand
         for (int g = 0; g < GROUPS; ++g) w[g] = _mm512_loadu_si512(blk + 64 * g);
@@ -245,7 +252,7 @@ Panels pick(int64_t kind, bool vnni) {
   }
 }
 
-// x [M, K] float32 @ w.T (+ bias) for w [n, K] packed as described at the top (kind 0: Q4_0, 1: Q4_1, 2: Q8_0;
+// x [..., K] float32 @ w.T (+ bias) -> [..., n], for w [n, K] packed as described at the top (kind 0: Q4_0, 1: Q4_1, 2: Q8_0;
 // mins only for Q4_1). isa: "auto" (AVX-512 VNNI where the CPU has it, else AVX2), "avx2" or "avx512_vnni":
 // every path gives the same bits.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
@@ -255,9 +262,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
   TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512_vnni",
               "quant_gemm.linear: isa must be auto, avx2 or avx512_vnni");
   TORCH_CHECK(isa != "avx512_vnni" || has_avx512_vnni(), "quant_gemm.linear: this CPU has no AVX-512 VNNI");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "quant_gemm.linear: x must be a contiguous float32 [M, K] CPU tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = n, nb = K / QK, P = (N + NR - 1) / NR;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.is_contiguous(),
+              "quant_gemm.linear: x must be a contiguous float32 [..., K] CPU tensor");
+  const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K, N = n, nb = K / QK, P = (N + NR - 1) / NR;
   TORCH_CHECK(K % QK == 0 && N >= 0, "quant_gemm.linear: K must be a multiple of 32");
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 3 && qs.size(0) == P &&
                   qs.size(1) == nb && qs.size(2) == block_bytes(kind),
@@ -277,7 +284,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
                 "quant_gemm.linear: bias must be a [n] CPU tensor");
     b = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());  // [..., N]
   if (M == 0 || N == 0) return y;
   const QuantizedX xq = quantize_x(x.data_ptr<float>(), M, K, kind);
   const Panels run = pick(kind, isa == "avx512_vnni" || (isa == "auto" && has_avx512_vnni()));
