@@ -316,6 +316,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "options": {spec: resolved_options(spec) for spec in args.methods},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": bench.machine(),
+        "peer_builds": {r.name: r.info["build"] for r in runners if "build" in getattr(r, "info", {})},
         "notes": notes,
     }
     output = Path(args.output)

@@ -250,8 +250,7 @@ def draft_seed(seed: int) -> int:
 def target_info(model: LoadedModel) -> TargetInfo:
     """What drafters may know about ``model``, and the model itself for those that run (part of) one (one
     :class:`TargetModel` per call: its draft checkpoints load once per engine)."""
-    dtype = str(model.dtype).removeprefix("torch.")
-    return TargetInfo(model.cfg.vocab_size, model.device.type, dtype, TargetModel(model))
+    return TargetInfo(model.cfg.vocab_size, model.device.type, model.dtype_option, TargetModel(model))
 
 
 def _check(draft: Draft, root: int, method: str) -> None:

@@ -150,7 +150,7 @@ class TargetInfo:
 
     vocab_size: int
     device_type: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights': float32, bfloat16, float16, or gguf (a GGUF file's own quantized ones)
     model: ModelAccess | None = field(default=None, compare=False, repr=False)
 
 

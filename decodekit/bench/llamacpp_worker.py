@@ -1,7 +1,8 @@
 """llama.cpp peer for ``decodekit bench``, run as its own process (llama_cpp next to torch has crashed).
 
 Started as a script (not ``-m``, which would import the decodekit package and torch). Protocol, one JSON object
-per line: it prints ``{"ready": true}`` once the model is loaded; then for each request
+per line: it prints ``{"ready": true, "build": {...}}`` once the model is loaded (the llama-cpp-python version and
+llama.cpp's system info: the CPU features it was built for); then for each request
 ``{"prompt_ids": [...], "max_new_tokens": N, "eos": [...], "sampling": {...}}`` on stdin (sampling: decodekit's
 SamplingParams as a dict) it prints ``{"token_ids": [...], "wall_s": s}`` (EOS kept, as decodekit does) or
 ``{"error": "..."}``. llama.cpp applies its repetition penalty to the last 64 tokens only.
@@ -23,6 +24,7 @@ def main() -> int:
     parser.add_argument("--n-ctx", type=int, default=8192)
     args = parser.parse_args()
 
+    import llama_cpp
     from llama_cpp import Llama
 
     draft = None
@@ -31,7 +33,8 @@ def main() -> int:
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=args.lookup)
     llm = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, draft_model=draft, verbose=False)
-    print(json.dumps({"ready": True}), flush=True)
+    build = {"llama_cpp_python": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
+    print(json.dumps({"ready": True, "build": build}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         eos = set(request["eos"])

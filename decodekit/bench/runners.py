@@ -132,6 +132,7 @@ class WorkerRunner:
         line = self.process.stdout.readline()
         if not line.startswith('{"ready"'):
             raise PeerError(f"{self.name} did not start (exit status {self.process.wait()})")
+        self.info = {k: v for k, v in json.loads(line).items() if k != "ready"}  # what the worker says it runs
 
     def request(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
         """The request line for a turn."""

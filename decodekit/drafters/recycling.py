@@ -81,9 +81,10 @@ class TemplateTree:
 
 
 # Node budget of the "auto" tree by device and dtype, measured with `decodekit bench` (BENCHMARKS.md): on a CPU
-# every extra node costs compute (~1.5 ms each in float32 on the 2-core AVX2 test machine), on a GPU a tree of
-# this size costs about what one token does.
-AUTO_TREE_SIZE = {("cpu", "float32"): 9, ("cpu", "bfloat16"): 9}
+# every extra node costs compute (~1.5 ms each in float32 on the 2-core AVX2 test machine; on GGUF Q4 weights
+# ~0.6 ms against a ~6 ms step on the 2-core Zen 4, where 3 nodes beat 5, 9 and 16), on a GPU a tree of this size
+# costs about what one token does.
+AUTO_TREE_SIZE = {("cpu", "float32"): 9, ("cpu", "bfloat16"): 9, ("cpu", "gguf"): 3}
 
 
 def parse_tree(tree: str, target: TargetInfo) -> tuple[str, ...]:

@@ -21,6 +21,11 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   from the float32 kernel's in their last bits, while each row is still its own fixed sequence; and where it
   also has AMX (Sapphire Rapids and later), on the tile unit, whose far higher rate makes a tree's extra rows
   nearly free (another fixed sequence per row, other last bits again).
+- ``quant_linear`` (``quant_gemm.cpp``, AVX2, AVX-512 VNNI where the CPU has it): the same for weights kept in
+  their GGUF blocks (Q4_0, Q4_1, Q8_0; ``quant_pack`` lays them out, ``dequantize`` gives their floats back as
+  gguf-py does). Each row of x is rounded to 8 bits per block of 32 and multiplied as exact integer sums, one
+  float multiply-add per block in a fixed order: a row's result never depends on the other rows, and both paths
+  give the same bits.
 - ``attention`` (``attention.cpp``, AVX2 + FMA; float32 or bfloat16, computed in float32): a few queries over
   the cache, each query on its own: its
   visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
@@ -229,16 +234,10 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {next(error, lines[-1])}"[:300]
 
 
-_namespace = None  # torch.ops.decodekit_cpu, once available() has said yes
-
-
-def _ops():  # the torch.ops namespace of the extension (called per op: keep it a global read)
-    global _namespace
-    if _namespace is None:
-        if not available():
-            raise RuntimeError("decodekit.runtime.cpu: the decode kernels are not available on this machine")
-        _namespace = getattr(torch.ops, NAME)
-    return _namespace
+def _ops():  # the torch.ops namespace of the extension (called per op: the common case is one global read)
+    if _state is not True and not available():
+        raise RuntimeError("decodekit.runtime.cpu: the decode kernels are not available on this machine")
+    return getattr(torch.ops, NAME)
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
