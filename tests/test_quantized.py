@@ -12,23 +12,38 @@ from gguf.quants import dequantize, quantize
 from decodekit import ModelFileError, UnsupportedArchitecture
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
+from decodekit.runtime.model import Linear
 from decodekit.runtime.quantized import QUANT_TYPES, parse_blocks, read_gguf_weights
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="the quantized kernel needs the CPU kernels")
 
 
+QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q8_0")  # gguf-py quantizes these; the K-quants get random blocks
+
+
 def quantized(type_name: str, n: int, k: int, seed: int = 0) -> tuple[cpu.QuantWeight, np.ndarray]:
-    """A random [n, k] matrix quantized by gguf-py: our packed weight, and gguf-py's raw blocks."""
-    values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
-    values[0, :32] = 0.0  # an all-zero block: scale 0
-    raw = quantize(values, GGMLQuantizationType[type_name])
-    rows = parse_blocks(torch.from_numpy(raw.copy()), type_name, k)
-    return cpu.quant_pack(rows.kind, rows.values, rows.scales, rows.mins), raw
+    """A random [n, k] matrix of GGML type ``type_name``: our packed weight, and its raw blocks."""
+    rng = np.random.default_rng(seed)
+    qtype = GGMLQuantizationType[type_name]
+    if type_name in QUANTIZABLE:
+        values = rng.standard_normal((n, k)).astype(np.float32)
+        values[0, :32] = 0.0  # an all-zero block: scale 0
+        raw = quantize(values, qtype)
+    else:  # random bits, with sane float16 super-block scales (d, and dmin where there is one)
+        elements, size = QUANT_TYPES[type_name]
+        raw = rng.integers(0, 256, (n, k // elements, size), dtype=np.uint8)
+        scales = (rng.random((n, k // elements, 2)) * 0.01).astype(np.float16).view(np.uint8)
+        if type_name == "Q6_K":
+            raw[..., 208:210] = scales[..., 0:2]
+        else:
+            raw[..., 0:4] = scales.reshape(n, k // elements, 4)
+        raw = raw.reshape(n, -1)
+    return parse_blocks(torch.from_numpy(raw.copy()), type_name, k), raw
 
 
 @pytest.mark.parametrize("type_name", list(QUANT_TYPES))
 def test_dequantization_is_gguf_py_bit_for_bit(type_name):
-    weight, raw = quantized(type_name, 40, 96)  # 40 rows: the last panel half full
+    weight, raw = quantized(type_name, 40, 512)  # 40 rows: the last panel half full
     expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]))
     assert torch.equal(cpu.dequantize(weight), expected)
     rows = torch.tensor([39, 0, 17, 17])
@@ -46,9 +61,9 @@ def activations(m: int, k: int) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("type_name", list(QUANT_TYPES))
 def test_a_row_is_computed_as_if_alone(type_name):
-    weight, _ = quantized(type_name, 40, 96)
+    weight, _ = quantized(type_name, 40, 256)
     bias = torch.randn(40)
-    x = activations(37, 96)
+    x = activations(37, 256)
     together = cpu.quant_linear(x, weight, bias)
     alone = torch.cat([cpu.quant_linear(x[i : i + 1], weight, bias) for i in range(len(x))])
     assert torch.equal(together, alone)
@@ -61,8 +76,8 @@ def test_a_row_is_computed_as_if_alone(type_name):
 def test_every_isa_gives_the_same_bits(type_name):
     if not cpu.has_avx512_vnni():
         pytest.skip("this CPU has only the AVX2 path")
-    weight, _ = quantized(type_name, 48, 128)
-    x = activations(9, 128)
+    weight, _ = quantized(type_name, 48, 256)
+    x = activations(9, 256)
     assert torch.equal(cpu.quant_linear(x, weight, isa="avx2"), cpu.quant_linear(x, weight, isa="avx512_vnni"))
 
 
@@ -84,10 +99,10 @@ def test_error_stays_within_the_stated_bound(type_name):
 
 def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
-        cpu.quant_pack("q5_0", torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(16, 1))
+        cpu.quant_pack("q5_1", torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(16, 1))
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu.quant_pack("q8_0", torch.zeros(16, 40, dtype=torch.int8), torch.zeros(16, 1))
-    with pytest.raises(ValueError, match="mins for q4_1 only"):
+    with pytest.raises(ValueError, match="mins for q4_1, q4_k and q5_k only"):
         cpu.quant_pack("q4_1", torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(16, 1))
 
 
@@ -167,16 +182,28 @@ def test_a_gguf_file_is_read_into_the_runtime_layout(tmp_path):
 
 def test_an_unsupported_type_is_named(tmp_path):
     path = tmp_path / "q5.gguf"
-    write_gguf(path, {"blk.0.ffn_down.weight": "Q5_0"})
-    with pytest.raises(UnsupportedArchitecture, match=r"blk\.0\.ffn_down\.weight is Q5_0.*--dtype float32"):
+    write_gguf(path, {"blk.0.ffn_down.weight": "Q5_1"})
+    with pytest.raises(UnsupportedArchitecture, match=r"blk\.0\.ffn_down\.weight is Q5_1.*--dtype float32"):
         read_gguf_weights(path, tiny_config())
 
 
-def test_fused_parts_of_different_types_are_refused(tmp_path):
+def test_fused_parts_share_a_form_or_stay_apart(tmp_path):
+    """q|k|v of one kernel form (Q5_0 is stored as Q8_0) become one weight; of different forms, a list whose
+    products are concatenated."""
+    path = tmp_path / "fused.gguf"
+    write_gguf(path, {"blk.0.attn_q.weight": "Q5_0", "blk.0.attn_k.weight": "Q5_0", "blk.0.attn_v.weight": "Q8_0"})
+    fused = read_gguf_weights(path, tiny_config())["blocks.0.wqkv.weight"]
+    assert fused.kind == "q5_0+q8_0" and fused.n == (HEADS + 2 * KV_HEADS) * HEAD_DIM
     path = tmp_path / "mixed.gguf"
-    write_gguf(path, {"blk.0.attn_v.weight": "Q8_0"})
-    with pytest.raises(UnsupportedArchitecture, match="different types"):
-        read_gguf_weights(path, tiny_config())
+    write_gguf(path, {"blk.0.attn_v.weight": "Q8_0"})  # q and k Q4_1
+    parts = read_gguf_weights(path, tiny_config())["blocks.0.wqkv.weight"]
+    assert [part.kind for part in parts] == ["q4_1", "q4_1", "q8_0"]
+    if cpu.available():
+        layer = Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False)
+        layer.quantized(parts)
+        x = torch.randn(3, HIDDEN)
+        expected = torch.cat([cpu.quant_linear(x, part) for part in parts], dim=-1)
+        assert torch.equal(layer(x), expected)
 
 
 def test_a_truncated_or_incomplete_file_is_a_model_file_error(tmp_path):

@@ -22,10 +22,10 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   also has AMX (Sapphire Rapids and later), on the tile unit, whose far higher rate makes a tree's extra rows
   nearly free (another fixed sequence per row, other last bits again).
 - ``quant_linear`` (``quant_gemm.cpp``, AVX2, AVX-512 VNNI where the CPU has it): the same for weights kept in
-  their GGUF blocks (Q4_0, Q4_1, Q8_0; ``quant_pack`` lays them out, ``dequantize`` gives their floats back as
-  gguf-py does). Each row of x is rounded to 8 bits per block of 32 and multiplied as exact integer sums, one
-  float multiply-add per block in a fixed order: a row's result never depends on the other rows, and both paths
-  give the same bits.
+  their GGUF blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; ``quant_pack`` lays them out, ``dequantize``
+  gives their floats back as gguf-py does). Each row of x is rounded to 8 bits per block of 32 and multiplied as
+  exact integer sums, one float multiply-add per block in a fixed order: a row's result never depends on the
+  other rows, and both paths give the same bits.
 - ``attention`` (``attention.cpp``, AVX2 + FMA; float32 or bfloat16, computed in float32): a few queries over
   the cache, each query on its own: its
   visible slots gathered in order, exact two-pass softmax, fixed summation order. A query's output depends only
@@ -368,64 +368,85 @@ def attention(
 # ---- GGUF-quantized weights (kernels/quant_gemm.cpp) ------------------------------------------------------------
 
 QUANT_BLOCK = 32  # k per block of every supported kind
-QUANT_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # name -> the kernel's kind number
 QUANT_PANEL = 16  # outputs per panel
+# GGUF type -> the kernel's form of it (kernels/quant_gemm.cpp): Q5_0's integers, less 16, are stored as Q8_0's
+QUANT_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}
+WIDE_FORMS = (2, 4, 5)  # 8-bit integers (stored + 128); the others 4-bit
+FLOAT_SCALE_FORMS = (3, 4, 5)  # float32 scales (and mins); the others float16
+MIN_FORMS = (1, 3, 4)
+HALF_BLOCK_FORMS = (5,)  # a scale per 16 k (Q6_K); the others per 32
 
 
 class QuantWeight(NamedTuple):
     """A GGUF-quantized weight ``w [n, k]`` in the kernel's layout (kernels/quant_gemm.cpp): ``qs`` uint8
-    ``[ceil(n / 16), k / 32, 256 or 512]``, ``scales`` (and, for q4_1, ``mins``) float16 ``[ceil(n / 16), k / 32, 16]``.
-    Block ``b`` of output ``j`` is ``w[j, 32 b : 32 b + 32] = d * (q - 8)`` (q4_0), ``d * q + m`` (q4_1) or
-    ``d * q`` (q8_0), exactly as GGUF defines it."""
+    ``[ceil(n / 16), k / 32, 256 or 512]``, ``scales`` ``[ceil(n / 16), k / 32, 1 or 2, 16]`` and, where the form
+    has them, ``mins`` ``[ceil(n / 16), k / 32, 16]`` (float16, or float32 for the K-quants). ``kind``: the GGUF
+    type(s) it holds (``q4_1``; ``q5_0+q8_0`` for matrices fused from both); ``form``: the kernel's number for it.
+    Each block is what GGUF defines: ``d * (q - 8)`` (q4_0), ``d * q + m`` (q4_1, q4_k, q5_k), ``d * q``
+    (q8_0, q5_0 with q less 16, q6_k with q less 32 and a d per half block)."""
 
     kind: str
+    form: int
     qs: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None
     n: int
     k: int
 
-    @property
-    def code(self) -> int:
-        """The kind's number in the kernel."""
-        return QUANT_KINDS[self.kind]
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins) if t is not None)
 
 
 def quant_pack(kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> QuantWeight:
-    """Lay out a quantized weight for :func:`quant_linear`: ``q [n, k]`` the integers (uint8 0..15 for q4_0 and
-    q4_1, int8 for q8_0), ``scales`` and ``mins`` (q4_1 only) ``[n, k / 32]`` float16. Pure torch: works where the
-    kernels do not."""
+    """Lay out a quantized weight for :func:`quant_linear`: ``q [n, k]`` the integers as the module docstring's
+    table has them (4-bit forms 0..15; q8_0 -128..127, q5_0 -16..15, q6_k -32..31, q5_k 0..31), ``scales``
+    ``[n, k / 32]`` (q6_k: ``[n, k / 16]``) and, for q4_1, q4_k and q5_k, ``mins`` ``[n, k / 32]``, in float16
+    (float32 for the K-quants). Pure torch: works where the kernels do not."""
     if kind not in QUANT_KINDS:
         raise ValueError(f"cpu.quant_pack: kind must be one of {', '.join(QUANT_KINDS)}, not {kind!r}")
+    form = QUANT_KINDS[kind]
     n, k = q.shape
-    blocks = k // QUANT_BLOCK
-    if k % QUANT_BLOCK or scales.shape != (n, blocks) or (mins is not None) != (kind == "q4_1"):
-        raise ValueError("cpu.quant_pack: need q [n, k] (k a multiple of 32), scales [n, k / 32], mins for q4_1 only")
+    blocks, halves = k // QUANT_BLOCK, 2 if form in HALF_BLOCK_FORMS else 1
+    if k % QUANT_BLOCK or scales.shape != (n, blocks * halves) or (mins is not None) != (form in MIN_FORMS):
+        raise ValueError(
+            "cpu.quant_pack: need q [n, k] (k a multiple of 32), scales [n, k / 32] (q6_k: [n, k / 16]), mins for "
+            "q4_1, q4_k and q5_k only"
+        )
+    scale_type = torch.float32 if form in FLOAT_SCALE_FORMS else torch.float16
     panels = -(-n // QUANT_PANEL)
     pad = panels * QUANT_PANEL - n
 
-    def panel_major(t: torch.Tensor) -> torch.Tensor:  # [n, blocks] -> [panels, blocks, 16]
-        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
-        return t.view(panels, QUANT_PANEL, blocks).transpose(1, 2).contiguous()
+    def panel_major(t: torch.Tensor, per_block: int) -> torch.Tensor:  # [n, blocks * per] -> [panels, blocks, per, 16]
+        t = torch.nn.functional.pad(t.to(scale_type), (0, 0, 0, pad))
+        return t.view(panels, QUANT_PANEL, blocks, per_block).permute(0, 2, 3, 1).contiguous()
 
     # [n, k] -> [panels, blocks, 8 groups, 16 outputs, 4]
     groups = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(panels, QUANT_PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
-    if kind == "q8_0":
+    if form in WIDE_FORMS:
         qs = (groups.to(torch.int16) + 128).to(torch.uint8)
     else:  # groups 2c and 2c + 1 in the low and high nibbles of chunk c
         pairs = groups.to(torch.uint8).reshape(panels, blocks, 4, 2, QUANT_PANEL, 4)
         qs = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
     return QuantWeight(
         kind,
+        form,
         qs.reshape(panels, blocks, -1).contiguous(),
-        panel_major(scales.to(torch.float16)),
-        None if mins is None else panel_major(mins.to(torch.float16)),
+        panel_major(scales, halves),
+        None if mins is None else panel_major(mins, 1)[:, :, 0].contiguous(),
         n,
         k,
     )
+
+
+def quant_cat(weights: list[QuantWeight]) -> QuantWeight:
+    """Weights of one form stacked by rows (each ``n`` a multiple of 16, but the last), as one."""
+    first = weights[0]
+    if len({w.form for w in weights}) > 1 or any(w.n % QUANT_PANEL for w in weights[:-1]):
+        raise ValueError("cpu.quant_cat: the weights must share a form and fill whole panels")
+    kinds = "+".join(dict.fromkeys(w.kind for w in weights))
+    qs, scales = torch.cat([w.qs for w in weights]), torch.cat([w.scales for w in weights])
+    mins = None if first.mins is None else torch.cat([w.mins for w in weights])
+    return QuantWeight(kinds, first.form, qs, scales, mins, sum(w.n for w in weights), first.k)
 
 
 def dequantize(w: QuantWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -434,16 +455,17 @@ def dequantize(w: QuantWeight, rows: torch.Tensor | None = None) -> torch.Tensor
     rows = torch.arange(w.n) if rows is None else rows.reshape(-1)
     panel, lane = rows // QUANT_PANEL, rows % QUANT_PANEL
     blocks = w.k // QUANT_BLOCK
-    if w.kind == "q8_0":
+    if w.form in WIDE_FORMS:
         q = w.qs.view(-1, blocks, 8, QUANT_PANEL, 4)[panel, :, :, lane].to(torch.int16) - 128
     else:
         chunks = w.qs.view(-1, blocks, 4, QUANT_PANEL, 4)[panel, :, :, lane]  # [R, blocks, 4, 4]
         q = torch.stack((chunks & 15, chunks >> 4), dim=3)
-        if w.kind == "q4_0":
+        if w.form == QUANT_KINDS["q4_0"]:
             q = q.to(torch.int16) - 8
-    q = q.reshape(len(rows), blocks, QUANT_BLOCK).float()
-    d = w.scales[panel, :, lane].float()[..., None]
-    out = q * d if w.mins is None else d * q + w.mins[panel, :, lane].float()[..., None]
+    halves = w.scales.shape[2]
+    q = q.reshape(len(rows), blocks, halves, QUANT_BLOCK // halves).float()
+    d = w.scales[panel, :, :, lane].float()[..., None]  # [R, blocks, halves, 1]
+    out = q * d if w.mins is None else d * q + w.mins[panel, :, lane].float()[..., None, None]
     return out.reshape(len(rows), w.k)
 
 
@@ -466,4 +488,4 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
             f"cpu.quant_linear: need float32 x [..., {w.k}] and isa in {QUANT_ISAS}, got {x.dtype} "
             f"{tuple(x.shape)}, {isa!r}"
         )
-    return _ops().quant_linear(x.contiguous(), w.qs, w.scales, w.mins, w.code, w.n, bias, isa)
+    return _ops().quant_linear(x.contiguous(), w.qs, w.scales, w.mins, w.form, w.n, bias, isa)

@@ -266,8 +266,9 @@ def load_model(
         transformer = Transformer(cfg)
     if torch_dtype == GGUF:
         weights = read_gguf_weights(source, cfg)
-        kinds = sorted({w.kind for w in weights.values() if isinstance(w, cpu.QuantWeight)})
-        described = f"{GGUF} ({', '.join(kinds)})"
+        quantized = [w for value in weights.values() for w in (value if isinstance(value, list) else [value])]
+        kinds = {kind for w in quantized if isinstance(w, cpu.QuantWeight) for kind in w.kind.split("+")}
+        described = f"{GGUF} ({', '.join(sorted(kinds))})"
         _load_gguf_weights(transformer, weights, source)
     else:
         try:
@@ -304,7 +305,7 @@ def _load_gguf_weights(transformer: Transformer, weights: dict, source: Path) ->
     modules = dict(transformer.named_modules())
     floats = {}
     for name, weight in weights.items():
-        if isinstance(weight, cpu.QuantWeight):
+        if isinstance(weight, cpu.QuantWeight | list):
             modules[name.removesuffix(".weight")].quantized(weight)
         else:
             floats[name] = weight

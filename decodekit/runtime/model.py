@@ -66,10 +66,13 @@ class Linear(nn.Linear):
     backend = "torch"
     packed: object = None
 
-    def quantized(self, weight: cpu.QuantWeight) -> None:
-        """Take ``weight`` (of this layer's shape) in place of the float weight."""
-        if (weight.n, weight.k) != (self.out_features, self.in_features):
-            raise ValueError(f"a [{weight.n}, {weight.k}] weight for a [{self.out_features}, {self.in_features}] layer")
+    def quantized(self, weight: cpu.QuantWeight | list[cpu.QuantWeight]) -> None:
+        """Take ``weight`` (of this layer's shape; or blocks of its rows in different forms, in order) in place of
+        the float weight."""
+        parts = weight if isinstance(weight, list) else [weight]
+        rows = sum(part.n for part in parts)
+        if rows != self.out_features or any(part.k != self.in_features for part in parts):
+            raise ValueError(f"a [{rows}, {parts[0].k}] weight for a [{self.out_features}, {self.in_features}] layer")
         self.packed, self.backend, self.weight = weight, "quant", None
 
     def pack(self, backend: str, keep_weight: bool) -> None:
@@ -88,7 +91,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "quant":
-            return cpu.quant_linear(x, self.packed, self.bias)
+            if not isinstance(self.packed, list):
+                return cpu.quant_linear(x, self.packed, self.bias)
+            y = torch.cat([cpu.quant_linear(x, part) for part in self.packed], dim=-1)
+            return y if self.bias is None else y + self.bias
         if self.backend == "small_gemm":
             return cpu.linear(x, self.packed, self.bias)
         if self.backend == "onednn":

@@ -9,7 +9,6 @@ rows of q and k permuted for its rotary layout; they are put back here, as trans
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,22 +17,21 @@ from decodekit.errors import ModelFileError, UnsupportedArchitecture
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 
-# GGML type name -> (kernel kind, bytes per block of 32, byte offset of q in a block)
-QUANT_TYPES = {"Q4_0": ("q4_0", 18, 2), "Q4_1": ("q4_1", 20, 4), "Q8_0": ("q8_0", 34, 2)}
+# GGML type name -> (elements, bytes) of one block
+QUANT_TYPES = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+Matrix = cpu.QuantWeight | list[cpu.QuantWeight] | torch.Tensor  # one weight, or row blocks of different forms
 
 
-class Rows(NamedTuple):
-    """One GGUF tensor: ``kind`` None and float32 ``values`` ``[n, k]`` (or ``[n]``), or a quantized kind with its
-    integers ``values [n, k]``, ``scales`` and (q4_1) ``mins`` ``[n, k / 32]`` float16."""
-
-    kind: str | None
-    values: torch.Tensor
-    scales: torch.Tensor | None = None
-    mins: torch.Tensor | None = None
-
-
-def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, cpu.QuantWeight | torch.Tensor]:
+def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, Matrix]:
     """The runtime's parameters from GGUF file ``path`` (see the module docstring). Raises ModelFileError for a
     missing tensor or a damaged file, UnsupportedArchitecture for a tensor type the kernel does not run."""
     from gguf import GGUFReader
@@ -43,30 +41,30 @@ def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, cpu.QuantWeight
     except Exception as err:  # the gguf reader raises assorted errors on damaged files
         raise ModelFileError(f"cannot read GGUF file {path}: {err}") from None
 
-    def matrix(names: list[str], permute: list[bool]) -> cpu.QuantWeight | torch.Tensor:
-        """The tensors ``names`` stacked by rows into one matrix (all of one type)."""
-        parts = [_rows(tensors, name, path, cfg if flip else None) for name, flip in zip(names, permute, strict=True)]
-        kinds = {part.kind for part in parts}
-        if len(kinds) > 1:
+    def matrix(names: list[str], permute: list[bool]) -> Matrix:
+        """The tensors ``names`` stacked by rows into one matrix: one weight where they share a kernel form (or
+        are all float), else the list of their weights (each form its own product, the outputs concatenated)."""
+        parts = [_tensor(tensors, name, path, cfg if flip else None) for name, flip in zip(names, permute, strict=True)]
+        floats = [isinstance(part, torch.Tensor) for part in parts]
+        if all(floats):
+            return torch.cat(parts)
+        if any(floats):
             raise UnsupportedArchitecture(
-                f"{path.name}: {', '.join(names)} are stored in different types ({', '.join(sorted(map(str, kinds)))});"
-                " decodekit fuses them and runs one type per matrix: load this file with --dtype float32"
+                f"{path.name}: {', '.join(names)} mix float and quantized types; load this file with --dtype float32"
             )
-        values = torch.cat([part.values for part in parts])
-        if parts[0].kind is None:
-            return values
-        scales = torch.cat([part.scales for part in parts])
-        mins = None if parts[0].mins is None else torch.cat([part.mins for part in parts])
-        return cpu.quant_pack(parts[0].kind, values, scales, mins)
+        forms = [part.form for part in parts]
+        if any(form != forms[0] for form in forms) or any(part.n % cpu.QUANT_PANEL for part in parts[:-1]):
+            return parts
+        return cpu.quant_cat(parts) if len(parts) > 1 else parts[0]
 
     def vector(name: str, permute: bool = False) -> torch.Tensor:
-        part = _rows(tensors, name, path, cfg if permute else None)
-        if part.kind is not None:
+        values = _tensor(tensors, name, path, cfg if permute else None)
+        if not isinstance(values, torch.Tensor):
             raise UnsupportedArchitecture(f"{path.name}: {name} is quantized; decodekit expects it in float")
-        return part.values.reshape(-1)
+        return values.reshape(-1)
 
     llama = cfg.architecture == "llama"  # llama.cpp permutes q and k rows of llama models only
-    out: dict[str, cpu.QuantWeight | torch.Tensor] = {
+    out: dict[str, Matrix] = {
         "embed.weight": matrix(["token_embd.weight"], [False]),
         "norm.weight": vector("output_norm.weight"),
     }
@@ -86,8 +84,9 @@ def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, cpu.QuantWeight
     return out
 
 
-def _rows(tensors: dict, name: str, path: Path, permute_for: ModelConfig | None) -> Rows:
-    """Tensor ``name`` of the file, its rows put back in the model's order when ``permute_for`` is given."""
+def _tensor(tensors: dict, name: str, path: Path, permute_for: ModelConfig | None) -> cpu.QuantWeight | torch.Tensor:
+    """Tensor ``name`` of the file (float32 values, or a packed weight), its rows put back in the model's order when
+    ``permute_for`` is given."""
     if name not in tensors:
         raise ModelFileError(f"{path.name} lacks tensor {name}")
     tensor = tensors[name]
@@ -96,9 +95,7 @@ def _rows(tensors: dict, name: str, path: Path, permute_for: ModelConfig | None)
     if type_name in FLOAT_TYPES:
         values = torch.from_numpy(np.asarray(tensor.data, dtype=FLOAT_TYPES[type_name]).astype(np.float32))
         values = values.reshape(shape)
-        if permute_for is not None:
-            values = values[_unpermute(shape[0], permute_for, name)]
-        return Rows(None, values)
+        return values[_unpermute(shape[0], permute_for, name)] if permute_for is not None else values
     if type_name not in QUANT_TYPES:
         supported = ", ".join([*QUANT_TYPES, *FLOAT_TYPES])
         raise UnsupportedArchitecture(
@@ -112,17 +109,55 @@ def _rows(tensors: dict, name: str, path: Path, permute_for: ModelConfig | None)
     return parse_blocks(raw, type_name, k)
 
 
-def parse_blocks(raw: torch.Tensor, type_name: str, k: int) -> Rows:
-    """GGML blocks ``raw`` (uint8 ``[n, k / 32 * block bytes]``, one matrix row per row) of a type in QUANT_TYPES
-    as integers, scales and mins."""
-    kind, block_bytes, offset = QUANT_TYPES[type_name]
-    blocks = raw.reshape(raw.shape[0], k // cpu.QUANT_BLOCK, block_bytes)
-    scales = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]
-    mins = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0] if kind == "q4_1" else None
-    body = blocks[..., offset:]
-    # q8_0: signed bytes; 4-bit kinds: byte j holds element j (low nibble) and element j + 16 (high nibble)
-    q = body.contiguous().view(torch.int8) if kind == "q8_0" else torch.cat((body & 15, body >> 4), dim=-1)
-    return Rows(kind, q.reshape(raw.shape[0], k), scales, mins)
+def parse_blocks(raw: torch.Tensor, type_name: str, k: int) -> cpu.QuantWeight:
+    """GGML blocks ``raw`` (uint8 ``[n, bytes of a row]``, one matrix row per row) of a type in QUANT_TYPES,
+    packed for the kernel; their de-quantization is bitwise gguf-py's."""
+    elements, size = QUANT_TYPES[type_name]
+    n = raw.shape[0]
+    blocks = raw.reshape(n, k // elements, size)
+    half = lambda t: t.contiguous().view(torch.float16)  # noqa: E731  bytes -> float16 values
+    nibbles = lambda t: torch.stack((t & 15, t >> 4), dim=-2)  # noqa: E731  [.., m] -> [.., 2 (low, high), m]
+    if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):  # d (fp16), [m (fp16)], [high bits (32)], 16 or 32 bytes
+        d = half(blocks[..., 0:2])[..., 0]
+        if type_name == "Q8_0":
+            return cpu.quant_pack("q8_0", blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d)
+        if type_name == "Q4_1":
+            q = nibbles(blocks[..., 4:]).reshape(n, k)
+            return cpu.quant_pack("q4_1", q, d, half(blocks[..., 2:4])[..., 0])
+        if type_name == "Q4_0":
+            return cpu.quant_pack("q4_0", nibbles(blocks[..., 2:]).reshape(n, k), d)
+        high = _bits(blocks[..., 2:6]).reshape(n, -1, 32)  # bit j of the little-endian word: element j
+        q = (nibbles(blocks[..., 6:]).reshape(n, -1, 32) | (high << 4)).to(torch.int8) - 16
+        return cpu.quant_pack("q5_0", q.reshape(n, k), d)
+    if type_name == "Q6_K":  # low 4 bits (128), high 2 bits (64), int8 scales (16), d (fp16)
+        low = nibbles(blocks[..., :128].reshape(n, -1, 2, 64))  # [n, blocks, 2, 2 (low, high), 64]
+        high = blocks[..., 128:192].reshape(n, -1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).view(4, 1).to(torch.uint8)
+        q = (low.reshape(n, -1, 8, 32) | ((high & 3).reshape(n, -1, 8, 32) << 4)).to(torch.int8) - 32
+        scales = half(blocks[..., 208:210]).float() * blocks[..., 192:208].contiguous().view(torch.int8).float()
+        return cpu.quant_pack("q6_k", q.reshape(n, k), scales.reshape(n, -1))
+    # Q4_K, Q5_K: d, dmin (fp16), 12 bytes of 6-bit sub-block scales and mins, [high bits (32)], low bits (128)
+    d, dmin = half(blocks[..., 0:2]).float(), half(blocks[..., 2:4]).float()
+    sc, m = _scale_min(blocks[..., 4:16])
+    low = nibbles(blocks[..., -128:].reshape(n, -1, 4, 32))  # [n, blocks, 4, 2, 32]: sub-block 2j + h
+    q = low.reshape(n, -1, 8, 32)
+    kind = "q4_k"
+    if type_name == "Q5_K":
+        q = q | (_bits(blocks[..., 16:48]).transpose(-1, -2) << 4)  # sub-block i, element j: bit i of byte j
+        kind = "q5_k"
+    return cpu.quant_pack(kind, q.reshape(n, k), (d * sc).reshape(n, -1), (-(dmin * m)).reshape(n, -1))
+
+
+def _bits(data: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., bytes]`` -> its bits, 0 or 1, ``[..., bytes, 8]``: bit i of byte j at ``[..., j, i]``."""
+    return (data[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+
+
+def _scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit scales and mins of K-quant sub-blocks from their 12 packed bytes ``[..., 12]``, as float32."""
+    d, m, md = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mins = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc.float(), mins.float()
 
 
 def _unpermute(rows: int, cfg: ModelConfig, name: str) -> torch.Tensor:
