@@ -1,12 +1,12 @@
 """Time from command to first token, and peak resident memory, of `decodekit generate` against llama.cpp.
 
-    python scripts/startup.py [--repeats 3] [--out benchmarks/startup-cpu.json]
+    python scripts/startup.py [--repeats 3] [--out benchmarks/startup-cpu]
 
 Each command runs as a fresh process (caches warm: the converted checkpoint and the kernel build exist, the file is
 in the page cache after the first run), streaming a 64-token answer to one chat prompt; the time is from starting
 the process to its first byte of answer on stdout, the memory its peak resident set (ru_maxrss). llama.cpp is
 llama-cpp-python's `create_chat_completion(stream=True)` on the same GGUF file with the same threads. Prints a
-Markdown table and writes the raw numbers as JSON.
+Markdown table and writes it (result.md, for BENCHMARKS.md) and the raw numbers (result.json) into --out.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/startup-cpu.json")
+    parser.add_argument("--out", default="benchmarks/startup-cpu")
     args = parser.parse_args()
     from decodekit.runtime.loader import default_model_file
 
@@ -77,8 +77,11 @@ def main() -> None:
     print("\n".join(rows))
     from decodekit.bench import machine
 
-    payload = {"prompt": PROMPT, "tokens": TOKENS, "results": results, "machine": machine(), "table": rows}
-    Path(args.out).write_text(json.dumps(payload, indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"prompt": PROMPT, "tokens": TOKENS, "results": results, "machine": machine(), "date": time.ctime()}
+    (out / "result.json").write_text(json.dumps(payload, indent=1))
+    (out / "result.md").write_text("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
