@@ -114,7 +114,7 @@ def plain_gguf(default_model_gguf):
     return {p: engine.generate(p, max_new_tokens=GGUF_TOKENS).token_ids for p in GGUF_PROMPTS}
 
 
-GGUF_PROMPTS, GGUF_TOKENS = PROMPTS[::4] + EDIT_PROMPTS[:1], 96
+GGUF_PROMPTS, GGUF_TOKENS = PROMPTS[::4] + EDIT_PROMPTS[:1], 64
 
 
 @pytest.mark.skipif(not cpu.available(), reason="the GGUF weights run on the CPU kernels")
