@@ -35,9 +35,10 @@ def test_matches_torch_attention(d: int, n: int, width: int) -> None:
         torch.testing.assert_close(out.double(), reference(q, k, v, m), rtol=1e-5, atol=1e-5)
 
 
-def test_a_query_depends_only_on_what_it_sees_in_order() -> None:
-    g = torch.Generator().manual_seed(0)
-    d, prefix, n = 64, 523, 9
+@pytest.mark.parametrize("d", cpu.ATTENTION_HEAD_DIMS)
+def test_a_query_depends_only_on_what_it_sees_in_order(d: int) -> None:
+    g = torch.Generator().manual_seed(d)
+    prefix, n = 523, 9
     tree = Tree.from_parents([-1, 0, 0, 1, 1, 2, 3, 3, 5])  # node 7's ancestors: 0, 1, 3
     mask = attention_mask([prefix], tree)
     k = torch.randn(1, 1, prefix + n, d, generator=g)

@@ -1,5 +1,6 @@
-"""The fused elementwise kernels (cpu.rms_norm, cpu.rope_, cpu.silu_mul): agree with the model's torch code, and
-each row is bitwise independent of the other rows and of their number, in float32 and bfloat16."""
+"""The fused elementwise kernels (cpu.rms_norm, cpu.rope_, cpu.silu_mul, and Gemma's: rms_norm with a unit offset,
+rms_norm_heads_, gelu_tanh_mul): agree with the model's torch code, and each row is bitwise independent of the other
+rows and of their number, in float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from decodekit.runtime import cpu
-from decodekit.runtime.model import RMSNorm, rotate
+from decodekit.runtime.model import GemmaRMSNorm, RMSNorm, rotate
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="AVX2/FMA kernels unavailable here")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -37,6 +38,27 @@ def test_rms_norm_matches_the_reference_and_rows_are_independent(dtype: torch.dt
     assert torch.equal(rows_alone(lambda r: cpu.rms_norm(r, norm.weight, norm.eps), x), fused)
     assert torch.equal(cpu.rms_norm(x.view(4, 6, dim), norm.weight, norm.eps).view(24, dim), fused)
     assert torch.equal(cpu.rms_norm(x.t().contiguous().t(), norm.weight, norm.eps), fused)  # strided x is copied
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", (640, 13))
+def test_gemma_rms_norm_matches_its_reference_and_rows_are_independent(dtype: torch.dtype, dim: int) -> None:
+    """Gemma's ``x / rms * (1 + weight)``, all in float32 and rounded once; and in place on some heads of a row."""
+    g = torch.Generator().manual_seed(dim)
+    norm = GemmaRMSNorm(dim, 1e-6)
+    norm.weight.data = torch.randn(dim, generator=g)
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(24, dim, generator=g)).to(dtype)
+    with torch.inference_mode():
+        reference = norm(x)
+        fused = cpu.rms_norm(x, norm.weight, norm.eps, unit_offset=True)
+    assert fused.dtype == dtype
+    torch.testing.assert_close(fused.float(), reference.float(), **TOLERANCE[dtype])
+    assert torch.equal(rows_alone(lambda r: cpu.rms_norm(r, norm.weight, norm.eps, unit_offset=True), x), fused)
+    heads = x.view(2, 3, 4, dim).clone()  # [B, n, heads, d]: heads 1 and 2 normed in place, the others kept
+    cpu.rms_norm_heads_(heads, norm.weight, norm.eps, 1, 2, unit_offset=True)
+    assert torch.equal(heads[:, :, 1:3], fused.view(2, 3, 4, dim)[:, :, 1:3])
+    assert torch.equal(heads[:, :, [0, 3]], x.view(2, 3, 4, dim)[:, :, [0, 3]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -71,6 +93,20 @@ def test_silu_mul_matches_torch_and_rows_are_independent(dtype: torch.dtype, inn
     assert torch.equal(cpu.silu_mul(gate_up.view(3, 3, 2 * inner)).view(9, inner), fused)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inner", (2048, 13))
+def test_gelu_tanh_mul_matches_torch_and_rows_are_independent(dtype: torch.dtype, inner: int) -> None:
+    g = torch.Generator().manual_seed(inner)
+    gate_up = (4 * torch.randn(9, 2 * inner, generator=g)).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero gates
+    gate, up = gate_up.chunk(2, dim=-1)
+    fused = cpu.gelu_tanh_mul(gate_up)
+    assert fused.dtype == dtype and fused.shape == (9, inner)
+    torch.testing.assert_close(fused.float(), (F.gelu(gate, approximate="tanh") * up).float(), **TOLERANCE[dtype])
+    assert torch.equal(rows_alone(cpu.gelu_tanh_mul, gate_up), fused)
+    assert torch.equal(cpu.gelu_tanh_mul(gate_up.view(3, 3, 2 * inner)).view(9, inner), fused)
+
+
 def test_bad_shapes_raise() -> None:
     with pytest.raises(RuntimeError):
         cpu.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
@@ -78,3 +114,7 @@ def test_bad_shapes_raise() -> None:
         cpu.rope_(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8), 4)  # more heads than x has
     with pytest.raises(RuntimeError):
         cpu.silu_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError):
+        cpu.gelu_tanh_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError):  # heads past the last
+        cpu.rms_norm_heads_(torch.randn(1, 2, 3, 8), torch.ones(8), 1e-6, 2, 2)

@@ -33,7 +33,8 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   queries it takes 10-40% less time than torch's CPU flash attention, about the same at 64.
 - ``rms_norm``, ``rope_``, ``silu_mul`` (``elementwise.cpp``): a block's elementwise steps, one op each where
   torch takes 3-8 small ones (at a few rows an op costs its dispatch, not its arithmetic). Each row on its own,
-  in a fixed order.
+  in a fixed order. Gemma's variants: ``rms_norm(..., unit_offset=True)`` (``x * (1 + weight)``),
+  ``rms_norm_heads_`` (the per-head q and k norms, in place) and ``gelu_tanh_mul`` (GeGLU).
 
 The extension is compiled on first use (``available()``; one warning when it starts and one with the time it
 took), into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 KERNEL_FILES = ("small_gemm.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp")
 SOURCES = [Path(__file__).parent / "kernels" / name for name in KERNEL_FILES]
 NAME = "decodekit_cpu"  # the extension's name and its op namespace (torch.ops.decodekit_cpu)
+OPS = ("linear", "quant_linear", "attention", "rms_norm", "rms_norm_heads_", "rope_", "silu_mul", "gelu_tanh_mul")
 # -mavx2 -mfma rather than -march=native: the build may be cached and reused on another machine of the fleet;
 # the AVX-512 path is compiled for that ISA by a function attribute and taken only where the CPU has it.
 # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on one thread without it (the OpenMP
@@ -210,7 +212,7 @@ def _build(build: Path) -> None:
         build_directory=str(build),
         is_python_module=False,
     )
-    for op in ("linear", "quant_linear", "attention", "rms_norm", "rope_", "silu_mul"):
+    for op in OPS:
         getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
 
 
@@ -317,11 +319,20 @@ def linear(
     return y.reshape(*x.shape[:-1], packed.n)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     """``weight * (x / sqrt(mean(x**2, -1) + eps))`` for x ``[..., D]`` and weight ``[D]`` of x's dtype (float32 or
     bfloat16; statistics in float32, the normalized row rounded to the dtype before the weight, as the Llama
-    reference). Each row bitwise independent of the others."""
-    return _ops().rms_norm(x.contiguous(), weight.detach(), eps)
+    reference). ``unit_offset``: Gemma's ``(x / sqrt(...)) * (1 + weight)`` instead, all in float32, rounded to the
+    dtype once. Each row bitwise independent of the others."""
+    return _ops().rms_norm(x.contiguous(), weight.detach(), eps, unit_offset)
+
+
+def rms_norm_heads_(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, first: int, heads: int, unit_offset: bool = False
+) -> None:
+    """In place on heads ``[first, first + heads)`` of a contiguous ``x [..., all heads, d]``: each head's ``d``
+    values normed as a row of :func:`rms_norm` (same bits), with ``weight [d]`` of x's dtype."""
+    _ops().rms_norm_heads_(x, weight.detach(), eps, first, heads, unit_offset)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
@@ -336,7 +347,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _ops().silu_mul(gate_up.contiguous())
 
 
-ATTENTION_HEAD_DIMS = (64, 128)
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, approximate="tanh") * up`` for ``gate_up [..., 2I]`` = (gate | up) (Gemma's GeGLU), computed as
+    ``gate * sigmoid(2u)``, ``u = sqrt(2 / pi) (gate + 0.044715 gate**3)``, lane by lane; ``[..., I]`` of its
+    dtype."""
+    return _ops().gelu_tanh_mul(gate_up.contiguous())
+
+
+ATTENTION_HEAD_DIMS = (64, 128, 256)
 
 
 def attention(

@@ -189,7 +189,7 @@ at::Tensor attention_of(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == G && v.size(2) == W && k.size(3) == d &&
                   v.size(3) == d && G > 0 && H % G == 0,
               "attention: shapes do not match (q [B, H, n, d], k and v [B, G, W, d], H a multiple of G)");
-  TORCH_CHECK(d == 64 || d == 128, "attention: head_dim must be 64 or 128");
+  TORCH_CHECK(d == 64 || d == 128 || d == 256, "attention: head_dim must be 64, 128 or 256");
   const bool* mp = nullptr;
   at::Tensor m;
   if (mask.has_value() && mask->defined()) {
@@ -225,8 +225,10 @@ at::Tensor attention_of(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const T* vb = vp + b * v.stride(0) + g * v.stride(1);
       if (d == 64)
         heads_any<8>(R, qr, kb, k.stride(2), vb, v.stride(2), sc, o, scratch);
-      else
+      else if (d == 128)
         heads_any<16>(R, qr, kb, k.stride(2), vb, v.stride(2), sc, o, scratch);
+      else
+        heads_any<32>(R, qr, kb, k.stride(2), vb, v.stride(2), sc, o, scratch);
     }
   });
   return out.to(q.scalar_type()).transpose(1, 2);  // rounded once for bfloat16
