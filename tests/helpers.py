@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A tiny model writes tiny stories about foxes, dogs and "
@@ -56,6 +62,45 @@ def write_tiny_llama(directory: Path, **overrides: object) -> Path:
     config.update(overrides)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_gemma(directory: Path, **overrides: object) -> Path:
+    """A 3-layer random Gemma 3 (text) checkpoint with its tokenizer: two sliding-window layers (window 8) and a
+    global one, each kind with its own rope (the global one linearly scaled), an attention scale apart from
+    head_dim's, and random norm weights (Gemma initializes them to zero, which would leave its ``1 + weight`` and
+    the q/k norms' weights untested)."""
+    tokenizer = write_tokenizer(directory)
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+        },
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    config.update(overrides)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(directory)
     return directory
 
 

