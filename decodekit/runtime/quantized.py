@@ -31,6 +31,16 @@ QUANT_TYPES = {
     "Q6_K": (256, 210),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+# the runtime's norms -> the file's tensors (blk.N.*)
+LLAMA_NORMS = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+GEMMA_NORMS = {
+    "attn_norm": "attn_norm",
+    "post_attn_norm": "post_attention_norm",
+    "mlp_norm": "ffn_norm",
+    "post_mlp_norm": "post_ffw_norm",
+    "q_norm": "attn_q_norm",
+    "k_norm": "attn_k_norm",
+}
 Matrix = cpu.QuantWeight | list[cpu.QuantWeight] | torch.Tensor  # one weight, or row blocks of different forms
 # the packed weights of a GGUF file, kept beside its conversion; the version names the kernel's layout (bump it
 # when quant_pack's layout changes, and old files are simply not read)
@@ -142,17 +152,22 @@ def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, Matrix]:
             raise UnsupportedArchitecture(f"{path.name}: {name} is quantized; decodekit expects it in float")
         return values.reshape(-1)
 
+    def norm(name: str) -> torch.Tensor:
+        # llama.cpp stores Gemma's norm weights plus one: take it off as transformers does, so both paths agree
+        return vector(name) - 1 if cfg.gemma else vector(name)
+
     llama = cfg.architecture == "llama"  # llama.cpp permutes q and k rows of llama models only
+    norms = GEMMA_NORMS if cfg.gemma else LLAMA_NORMS
     out: dict[str, Matrix] = {
         "embed.weight": matrix(["token_embd.weight"], [False]),
-        "norm.weight": vector("output_norm.weight"),
+        "norm.weight": norm("output_norm.weight"),
     }
     out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else matrix(["output.weight"], [False])
     for i in range(cfg.layers):
         blk, ours = f"blk.{i}.", f"blocks.{i}."
         qkv = [blk + f"attn_{p}" for p in "qkv"]
-        out[ours + "attn_norm.weight"] = vector(blk + "attn_norm.weight")
-        out[ours + "mlp_norm.weight"] = vector(blk + "ffn_norm.weight")
+        for name, stored in norms.items():
+            out[f"{ours}{name}.weight"] = norm(f"{blk}{stored}.weight")
         out[ours + "wqkv.weight"] = matrix([name + ".weight" for name in qkv], [llama, llama, False])
         if cfg.qkv_bias:
             biases = [vector(name + ".bias", llama and name[-1] != "v") for name in qkv]
