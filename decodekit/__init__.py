@@ -9,13 +9,14 @@ from decodekit.errors import (
     PromptTooLong,
     UnsupportedArchitecture,
 )
-from decodekit.runtime.loader import WEIGHT_CHOICES, LoadedModel, load_model
+from decodekit.runtime.loader import NAMED_MODELS, WEIGHT_CHOICES, LoadedModel, load_model
 from decodekit.sampling import GREEDY, SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GREEDY",
+    "NAMED_MODELS",
     "WEIGHT_CHOICES",
     "Chunk",
     "DecodekitError",

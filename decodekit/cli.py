@@ -15,9 +15,8 @@ import sys
 import time
 from dataclasses import replace
 
-from decodekit import WEIGHT_CHOICES, DecodekitError, InvalidParameter, SamplingParams
+from decodekit import NAMED_MODELS, WEIGHT_CHOICES, DecodekitError, InvalidParameter, SamplingParams
 from decodekit.engine import POOL_BYTES, PREFILL_CHUNK
-from decodekit.runtime.loader import NAMED_MODELS
 from decodekit.server.guard import MAX_BODY_BYTES
 
 DTYPE_HELP = (
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin; default: a built-in prompt)")
-    gen.add_argument("--method", default="recycling", help="ar, recycling, or name:key=value,... (default: recycling)")
+    gen.add_argument("--method", default="hybrid", help="a method, as name:key=value,... (default: hybrid)")
     gen.add_argument("--model", help=MODEL_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     gen.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
@@ -97,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--method", default="recycling", help="method of requests that name none (default: recycling)")
+    serve.add_argument("--method", default="hybrid", help="method of requests that name none (default: hybrid)")
     serve.add_argument("--max-prompt-tokens", type=int, metavar="N", help="refuse longer prompts (default: context)")
     serve.add_argument("--max-tokens-cap", type=int, metavar="N", help="refuse a larger max_tokens (default: context)")
     serve.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait (default: 16)")

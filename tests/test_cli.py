@@ -111,8 +111,8 @@ def bad_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-models")
     corrupt = root / "corrupt.gguf"
     corrupt.write_bytes(b"this is not a gguf file" * 10)
-    gemma = root / "gemma.gguf"
-    write_gguf(gemma, "gemma3")
+    falcon = root / "falcon.gguf"
+    write_gguf(falcon, "falcon")
     gpt2 = root / "gpt2"
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
     no_weights = root / "no-weights"
@@ -128,7 +128,7 @@ def bad_models(tmp_path_factory):
         "chat-broken": root / "chat-broken.json",
         "chat-utf16": root / "chat-utf16.json",
         "corrupt": corrupt,
-        "gemma": gemma,
+        "falcon": falcon,
         "gpt2": gpt2,
         "no-weights": no_weights,
         "missing": root / "nope.gguf",
@@ -154,7 +154,7 @@ def bad_models(tmp_path_factory):
         (["fox " * 400, "--model", "{tiny}"], "context window holds 256"),
         (["hi", "--model", "{missing}"], "model path not found"),
         (["hi", "--model", "{corrupt}"], "cannot read GGUF file"),
-        (["hi", "--model", "{gemma}"], "unsupported architecture 'gemma3'"),
+        (["hi", "--model", "{falcon}"], "unsupported architecture 'falcon'"),
         (["hi", "--model", "{gpt2}"], "unsupported architecture 'gpt2'"),
         (["hi", "--model", "{no-weights}"], "no .safetensors weights"),
         (["hi", "--model", "{tiny}", "--device", "tpu"], "device"),

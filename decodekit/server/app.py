@@ -115,7 +115,7 @@ class APIError(Exception):
 
 def create_app(
     model: LoadedModel,
-    method: str = "recycling",
+    method: str = "hybrid",
     queue_size: int = 16,
     max_prompt_tokens: int | None = None,
     max_tokens_cap: int | None = None,
