@@ -69,12 +69,16 @@ struct Form {
   static constexpr int32_t offset(bool vnni) { return KIND == Q4_0 ? 8 : wide && vnni ? 128 : 0; }
 };
 
-int64_t block_bytes(int64_t kind) {
-  return kind == Q8_0 || kind == Q5_K || kind == Q6_K ? NR * QK : NR * QK / 2;
+// Form<KIND>'s facts, for a kind known at run time.
+struct FormInfo {
+  int64_t bytes, halves;
+  bool f32, mins;
+};
+template <int64_t KIND>
+constexpr FormInfo info() {
+  return {Form<KIND>::bytes, Form<KIND>::halves, Form<KIND>::f32, Form<KIND>::mins};
 }
-int64_t halves_of(int64_t kind) { return kind == Q6_K ? 2 : 1; }
-bool f32_scales(int64_t kind) { return kind >= Q4_K; }
-bool has_mins(int64_t kind) { return kind == Q4_1 || kind == Q4_K || kind == Q5_K; }
+constexpr FormInfo kForms[KINDS] = {info<Q4_0>(), info<Q4_1>(), info<Q8_0>(), info<Q4_K>(), info<Q5_K>(), info<Q6_K>()};
 
 // x quantized per row and block (AVX2 code, the same for every path).
 struct QuantizedX {
@@ -152,6 +156,14 @@ inline __m256 load8_scales(const S* p) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
 }
 
+// Panel p's results acc [M, 16] into y [M, N] (the outputs that exist), plus the bias.
+void store_panel(const float* acc, int64_t M, int64_t N, const float* bias, float* y, int64_t p) {
+  const int64_t n = p * NR;
+  const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - n));
+  for (int64_t m = 0; m < M; ++m)
+    for (int i = 0; i < nvalid; ++i) y[m * N + n + i] = bias != nullptr ? acc[m * NR + i] + bias[n + i] : acc[m * NR + i];
+}
+
 // ---- AVX2: 8 outputs per ymm, the panel's unpacked block staged in L1 ----------------------------------------
 
 // Panels [p0, p1): y[m, 16 p + i] for every m. S: the scales' storage (uint16_t for fp16, float).
@@ -222,10 +234,7 @@ void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, 
         }
       }
     }
-    const int64_t n = p * NR;
-    const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - n));
-    for (int64_t m = 0; m < M; ++m)
-      for (int i = 0; i < nvalid; ++i) y[m * N + n + i] = bias != nullptr ? acc[m * NR + i] + bias[n + i] : acc[m * NR + i];
+    store_panel(acc.data(), M, N, bias, y, p);
   }
 }
 
@@ -296,10 +305,7 @@ QG_VNNI void panels_vnni(const QuantizedX& xq, int64_t M, int64_t K, const uint8
         _mm512_storeu_ps(a, av);
       }
     }
-    const int64_t n = p * NR;
-    const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - n));
-    for (int64_t m = 0; m < M; ++m)
-      for (int i = 0; i < nvalid; ++i) y[m * N + n + i] = bias != nullptr ? acc[m * NR + i] + bias[n + i] : acc[m * NR + i];
+    store_panel(acc.data(), M, N, bias, y, p);
   }
 }
 
@@ -332,6 +338,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
                         const std::optional<at::Tensor>& mins, int64_t kind, int64_t n,
                         const std::optional<at::Tensor>& bias, std::string_view isa) {
   TORCH_CHECK(kind >= 0 && kind < KINDS, "quant_gemm.linear: kind must be 0..5 (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  const FormInfo form = kForms[kind];
   TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512_vnni",
               "quant_gemm.linear: isa must be auto, avx2 or avx512_vnni");
   TORCH_CHECK(isa != "avx512_vnni" || has_avx512_vnni(), "quant_gemm.linear: this CPU has no AVX-512 VNNI");
@@ -340,15 +347,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
   const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K, N = n, nb = K / QK, P = (N + NR - 1) / NR;
   TORCH_CHECK(K % QK == 0 && N >= 0, "quant_gemm.linear: K must be a multiple of 32");
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 3 && qs.size(0) == P &&
-                  qs.size(1) == nb && qs.size(2) == block_bytes(kind),
+                  qs.size(1) == nb && qs.size(2) == form.bytes,
               "quant_gemm.linear: qs must be a packed [ceil(n / 16), K / 32, B] uint8 tensor of this kind");
-  const at::ScalarType scale_type = f32_scales(kind) ? at::kFloat : at::kHalf;
+  const at::ScalarType scale_type = form.f32 ? at::kFloat : at::kHalf;
   TORCH_CHECK(scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 4 &&
-                  scales.size(0) == P && scales.size(1) == nb && scales.size(2) == halves_of(kind) &&
+                  scales.size(0) == P && scales.size(1) == nb && scales.size(2) == form.halves &&
                   scales.size(3) == NR,
               "quant_gemm.linear: scales must be a packed [ceil(n / 16), K / 32, H, 16] tensor of this kind's type");
   const bool with_mins = mins.has_value() && mins->defined();
-  TORCH_CHECK(with_mins == has_mins(kind), "quant_gemm.linear: mins go with Q4_1, Q4_K and Q5_K, and only with them");
+  TORCH_CHECK(with_mins == form.mins, "quant_gemm.linear: mins go with Q4_1, Q4_K and Q5_K, and only with them");
   if (with_mins)
     TORCH_CHECK(mins->scalar_type() == scale_type && mins->is_contiguous() && mins->dim() == 3 && mins->size(0) == P &&
                     mins->size(1) == nb && mins->size(2) == NR,
@@ -372,7 +379,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
   float* yp = y.data_ptr<float>();
   // Threads take whole panels (which thread computes a panel changes no y[m, n]); a share is at least ~64 KB of
   // weights so that small matrices do not pay for waking the other threads.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, nb * block_bytes(kind)));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, nb * form.bytes));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) { run(xq, M, K, q, d, mn, N, bp, yp, p0, p1); });
   return y;
 }
