@@ -1,7 +1,7 @@
 """Find, convert and load checkpoints: the default model, named models, Hugging Face directories and GGUF files.
 
 A GGUF file runs on its own quantized weights by default (``dtype="gguf"``: read from the file as they are, see
-runtime/quantized.py), except a Gemma 3 file, which runs de-quantized to float32. Its config and tokenizer, and its
+runtime/quantized.py; laid out once, then kept beside the conversion). Its config and tokenizer, and its
 de-quantized weights for ``float32``/``bfloat16``, come from a plain Hugging Face directory (config.json,
 model.safetensors, tokenizer files) that transformers converts once under the cache directory; later starts load
 that directory directly.
@@ -132,8 +132,9 @@ def model_source(model: str | Path | None) -> Path:
     return Path(model).expanduser()
 
 
-def resolve_checkpoint(model: str | Path | None, cache_dir: str | Path | None = None) -> Path:
-    """Return a Hugging Face checkpoint directory for ``model`` (None = the default), converting GGUF if needed."""
+def resolve_source(model: str | Path | None) -> Path:
+    """The checkpoint directory or .gguf file ``model`` names (None = the default; see :func:`model_source`); a
+    directory holding no config.json and exactly one .gguf file names that file."""
     if not isinstance(model, str | Path | None):
         raise InvalidParameter(f"model must be a path (a checkpoint directory or a .gguf file), got {clip(model)}")
     path = model_source(model)
@@ -148,7 +149,13 @@ def resolve_checkpoint(model: str | Path | None, cache_dir: str | Path | None = 
         path = ggufs[0]
     if path.suffix != ".gguf":
         raise ModelFileError(f"not a model: {path} (expected a checkpoint directory or a .gguf file)")
-    return convert_gguf(path, cache_root(cache_dir))
+    return path
+
+
+def resolve_checkpoint(model: str | Path | None, cache_dir: str | Path | None = None) -> Path:
+    """Return a Hugging Face checkpoint directory for ``model`` (None = the default), converting GGUF if needed."""
+    source = resolve_source(model)
+    return source if source.is_dir() else convert_gguf(source, cache_root(cache_dir))
 
 
 def gguf_architecture(path: Path) -> str:
@@ -271,15 +278,6 @@ def resolve_dtype(dtype: str | torch.dtype, source: Path) -> torch.dtype | str:
     return GGUF if dtype == GGUF else DTYPES[dtype]
 
 
-def gguf_source(model: str | Path | None) -> Path:
-    """What the user named, with a directory holding one .gguf file and no config.json resolved to that file."""
-    source = model_source(model)
-    if source.is_dir() and not (source / "config.json").is_file():
-        ggufs = sorted(source.glob("*.gguf"))
-        return ggufs[0] if len(ggufs) == 1 else source
-    return source
-
-
 def load_model(
     model: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
@@ -287,14 +285,14 @@ def load_model(
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Load a checkpoint (None = the default SmolLM2-135M-Instruct; or a name in NAMED_MODELS) into the runtime.
-    ``dtype``: ``auto`` (a GGUF file's own quantized weights, float32 for a checkpoint directory or a Gemma 3 GGUF
-    file), ``gguf``, ``float32``, ``bfloat16`` or ``float16``. The GGUF weights run on the CPU kernels; where those
-    are off, and for Gemma 3, they are de-quantized to float32 (with a warning when ``gguf`` was asked for)."""
+    ``dtype``: ``auto`` (a GGUF file's own quantized weights, float32 for a checkpoint directory), ``gguf``,
+    ``float32``, ``bfloat16`` or ``float16``. The GGUF weights run on the CPU kernels; where those are off, they are
+    de-quantized to float32 (with a warning)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     torch_device = resolve_device(device)
-    directory = resolve_checkpoint(model, cache_dir)
-    source = gguf_source(model)
+    source = resolve_source(model)
+    directory = resolve_checkpoint(source, cache_dir)
     torch_dtype = resolve_dtype(dtype, source)
     if torch_dtype == GGUF and torch_device.type != "cpu":
         raise InvalidParameter("a GGUF file's own weights run on the CPU; on cuda use --dtype float32 or bfloat16")
