@@ -79,32 +79,26 @@ def test_rope_rotates_the_first_heads_in_place(dtype: torch.dtype) -> None:
     assert torch.equal(alone[0, 0], rotated[1, 3])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inner", (1536, 13))  # 13: a partial last vector of 8
-def test_silu_mul_matches_torch_and_rows_are_independent(dtype: torch.dtype, inner: int) -> None:
-    g = torch.Generator().manual_seed(inner)
-    gate_up = (4 * torch.randn(9, 2 * inner, generator=g)).to(dtype)
-    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero gates
-    gate, up = gate_up.chunk(2, dim=-1)
-    fused = cpu.silu_mul(gate_up)
-    assert fused.dtype == dtype and fused.shape == (9, inner)
-    torch.testing.assert_close(fused.float(), (F.silu(gate) * up).float(), **TOLERANCE[dtype])
-    assert torch.equal(rows_alone(cpu.silu_mul, gate_up), fused)
-    assert torch.equal(cpu.silu_mul(gate_up.view(3, 3, 2 * inner)).view(9, inner), fused)
+GATED = {  # a gated activation's kernel and its torch reference on (gate, up), at its model's inner size
+    "silu_mul": (cpu.silu_mul, lambda gate, up: F.silu(gate) * up, 1536),
+    "gelu_tanh_mul": (cpu.gelu_tanh_mul, lambda gate, up: F.gelu(gate, approximate="tanh") * up, 2048),
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inner", (2048, 13))
-def test_gelu_tanh_mul_matches_torch_and_rows_are_independent(dtype: torch.dtype, inner: int) -> None:
+@pytest.mark.parametrize("name", list(GATED))
+@pytest.mark.parametrize("small", (False, True))  # 13: a partial last vector of 8
+def test_gated_activation_matches_torch_and_rows_are_independent(dtype: torch.dtype, name: str, small: bool) -> None:
+    op, reference, inner = GATED[name]
+    inner = 13 if small else inner
     g = torch.Generator().manual_seed(inner)
     gate_up = (4 * torch.randn(9, 2 * inner, generator=g)).to(dtype)
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero gates
-    gate, up = gate_up.chunk(2, dim=-1)
-    fused = cpu.gelu_tanh_mul(gate_up)
+    fused = op(gate_up)
     assert fused.dtype == dtype and fused.shape == (9, inner)
-    torch.testing.assert_close(fused.float(), (F.gelu(gate, approximate="tanh") * up).float(), **TOLERANCE[dtype])
-    assert torch.equal(rows_alone(cpu.gelu_tanh_mul, gate_up), fused)
-    assert torch.equal(cpu.gelu_tanh_mul(gate_up.view(3, 3, 2 * inner)).view(9, inner), fused)
+    torch.testing.assert_close(fused.float(), reference(*gate_up.chunk(2, dim=-1)).float(), **TOLERANCE[dtype])
+    assert torch.equal(rows_alone(op, gate_up), fused)
+    assert torch.equal(op(gate_up.view(3, 3, 2 * inner)).view(9, inner), fused)
 
 
 def test_bad_shapes_raise() -> None:

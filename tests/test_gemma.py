@@ -1,7 +1,7 @@
-"""Gemma 3 (text) in the runtime: logits as transformers' on tiny random checkpoints (sliding-window and global
-layers, each with its rope), a token scored in a tree bitwise as alone on the kernel path, drafters' greedy output
-as plain decoding's, refusals of what is not implemented, the named model ``gemma3-270m``, and (slow) the real
-270M model against transformers' greedy generation."""
+"""Gemma 3 (text) in the runtime (its logits against transformers': tests/test_parity.py): a token scored in a tree
+bitwise as alone on the kernel path, drafters' greedy output as plain decoding's, refusals of what is not
+implemented, the named model ``gemma3-270m``, and (slow) the real 270M model against transformers' greedy
+generation."""
 
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.model import GemmaBlock
 
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}  # as test_parity's
-
 
 @pytest.fixture(scope="module", params=[16, 64, 256])
 def gemma_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -34,63 +32,17 @@ def gemma_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="module")
-def pair(gemma_dir: Path) -> tuple[LoadedModel, torch.nn.Module]:
-    hf = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
-    return load_model(gemma_dir), hf
+def gemma(gemma_dir: Path) -> LoadedModel:
+    return load_model(gemma_dir)
 
 
-def hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
-
-
-def test_the_model_is_built_of_gemma_blocks(pair):
-    ours, _ = pair
+def test_the_model_is_built_of_gemma_blocks(gemma):
+    """Transformers' logits match: tests/test_parity.py."""
+    ours = gemma
     cfg = ours.cfg
     assert cfg.gemma and cfg.layer_windows == (8, 8, None) and cfg.attention_scale == 24**-0.5
     assert all(isinstance(block, GemmaBlock) for block in ours.transformer.blocks)
     assert ours.transformer.blocks[0].cpu_attention == (cpu.available() and cfg.head_dim in cpu.ATTENTION_HEAD_DIMS)
-
-
-def test_prefix_logits_match_transformers(pair):
-    """20 tokens: past the sliding window (8), so the local layers see only the last 8 keys."""
-    ours, hf = pair
-    ids = torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-    logits = ours.transformer(torch.tensor([ids]), ours.transformer.new_cache(64))[0]
-    torch.testing.assert_close(logits, hf_logits(hf, ids), **TOLERANCE)
-
-
-def test_tree_logits_match_each_nodes_own_path(pair):
-    """Node i of a tree after a 12-token prefix scores like prefix + path(root..i): its positions, 12 to 15, see
-    a window of 8 that cuts into the prefix."""
-    ours, hf = pair
-    g = torch.Generator().manual_seed(3)
-    prefix = torch.randint(0, 320, (12,), generator=g).tolist()
-    tree = Tree.from_parents([-1, 0, 0, 1, 1, 2, 3, 6])
-    tokens = torch.randint(0, 320, (tree.size,), generator=g)
-    cache = ours.transformer.new_cache(64)
-    ours.transformer(torch.tensor([prefix]), cache)
-    cache.commit(0, len(prefix))
-    logits = ours.transformer(tokens[None], cache, tree)[0]
-    for node in range(tree.size):
-        path = tokens[tree.ancestors[node]].tolist()
-        torch.testing.assert_close(logits[node], hf_logits(hf, prefix + path)[-1], **TOLERANCE)
-
-
-def test_kept_path_continues_like_a_fresh_sequence(pair):
-    ours, hf = pair
-    g = torch.Generator().manual_seed(4)
-    prefix = torch.randint(0, 320, (9,), generator=g).tolist()
-    tree = Tree.from_parents([-1, 0, 0, 2, 2, 4])
-    tokens = torch.randint(0, 320, (tree.size,), generator=g)
-    cache = ours.transformer.new_cache(64)
-    ours.transformer(torch.tensor([prefix]), cache)
-    cache.commit(0, len(prefix))
-    ours.transformer(tokens[None], cache, tree)
-    path = torch.tensor([0, 2, 4, 5])
-    cache.commit(0, path)
-    logits = ours.transformer(torch.tensor([[7]]), cache)[0, -1]
-    torch.testing.assert_close(logits, hf_logits(hf, [*prefix, *tokens[path].tolist(), 7])[-1], **TOLERANCE)
 
 
 @pytest.mark.skipif(not cpu.available(), reason="bitwise tree-safety holds on the CPU kernels")

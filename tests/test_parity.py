@@ -1,10 +1,12 @@
-"""Our runtime's logits equal transformers' own forward on tiny random checkpoints of each supported family."""
+"""Our runtime's logits equal transformers' own forward on tiny random checkpoints of each supported family (Gemma 3
+at three head sizes: 16 takes torch's attention, 64 and 256 the kernel's; its sliding window of 8 is crossed by the
+prefixes and trees below)."""
 
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tokenizer
+from helpers import write_tiny_gemma, write_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -63,13 +65,19 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+GEMMA_HEAD_DIMS = {f"gemma3-head{d}": d for d in (16, 64, 256)}
+
+
+@pytest.fixture(scope="module", params=[*FAMILIES, *GEMMA_HEAD_DIMS])
 def pair(request, tmp_path_factory):
-    config_cls, model_cls, extra = FAMILIES[request.param]
     directory: Path = tmp_path_factory.mktemp(request.param)
-    write_tokenizer(directory)
-    torch.manual_seed(1)
-    model_cls(config_cls(**COMMON, **extra)).save_pretrained(directory)
+    if request.param in GEMMA_HEAD_DIMS:
+        write_tiny_gemma(directory, head_dim=GEMMA_HEAD_DIMS[request.param])
+    else:
+        config_cls, model_cls, extra = FAMILIES[request.param]
+        write_tokenizer(directory)
+        torch.manual_seed(1)
+        model_cls(config_cls(**COMMON, **extra)).save_pretrained(directory)
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return load_model(directory), hf
 
