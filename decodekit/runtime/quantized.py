@@ -87,14 +87,13 @@ def _read_packed(file: Path) -> dict[str, Matrix]:
 
     weights: dict[str, Matrix] = {}
     with safe_open(file, framework="pt") as f:
-        layout = json.loads(f.metadata()["layout"])
+        layout, keys = json.loads(f.metadata()["layout"]), set(f.keys())
         for name, entry in layout.items():
             if "same" in entry:
                 weights[name] = weights[entry["same"]]
             elif "float" in entry:
                 weights[name] = f.get_tensor(name)
             else:
-                keys = set(f.keys())
                 parts = [
                     cpu.QuantWeight(
                         part["kind"],
