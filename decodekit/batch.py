@@ -38,7 +38,7 @@ import torch
 
 from decodekit.decoding import Chunk, Decoding
 from decodekit.protocol import MAX_DRAFT_NODES, Draft, Tree
-from decodekit.runtime.kv_cache import KVCache
+from decodekit.runtime.kv_cache import GROWTH, KVCache, rounded_capacity
 from decodekit.runtime.loader import LoadedModel
 from decodekit.runtime.model import Transformer
 from decodekit.verify import continuation_matches
@@ -52,7 +52,6 @@ WIDTH_TOLERANCE = 0.03
 SHADOW_EVERY = 8  # in steps without drafts, a row proposes anyway every so many steps (or B), to keep scoring
 DRAFT_COST_RATE = 0.2  # weight of a step in a request's running drafting seconds
 MAX_METHODS = 64  # method specs whose rates are kept (the oldest is forgotten first)
-GROWTH = 1024  # a cache without a fixed capacity grows by whole multiples of this many slots per row
 COST_RATE = 0.1  # weight of a step in the running ratio of measured to table seconds at its batch size and width
 
 
@@ -196,7 +195,7 @@ class Batch:
         assert capacity is not None or not adaptive, "load-aware speculation times a cache of fixed capacity"
         self.model, self.adaptive, self.prefill_chunk = model, adaptive, prefill_chunk
         self.growing = capacity is None
-        self.cache = model.transformer.new_cache(capacity or GROWTH, max_rows)
+        self.cache = model.transformer.new_cache(capacity or GROWTH, max_rows)  # grown as requests join
         self.rows: list[Row] = []
         self.joining: list[Row] = []  # first come first, prefilled a few chunks a step
         self.method_rates: dict[str, torch.Tensor] = {}  # node rates a method's next request starts from
@@ -220,7 +219,7 @@ class Batch:
         assert not self.full
         if self.growing and decoding.capacity > self.cache.capacity:
             window = self.model.cfg.context_window + MAX_DRAFT_NODES
-            self.cache.grow(min(window, -(-decoding.capacity // GROWTH) * GROWTH))
+            self.cache.grow(min(window, rounded_capacity(decoding.capacity)))
         view = self.cache.rows(self.size, self.size + 1)
         view.reset()
         view.check_room(decoding.capacity)

@@ -15,6 +15,13 @@ import torch
 
 from decodekit.errors import PromptTooLong
 
+GROWTH = 256  # a cache sized on demand grows to whole multiples of this many slots per row
+
+
+def rounded_capacity(slots: int) -> int:
+    """``slots`` rounded up to a whole multiple of GROWTH."""
+    return -(-slots // GROWTH) * GROWTH
+
 
 class KVCache:
     def __init__(

@@ -18,10 +18,10 @@ import torch
 
 from decodekit.errors import InvalidParameter, clip
 from decodekit.protocol import MAX_DRAFT_NODES, DraftModel, ModelAccess, greedy_choice
+from decodekit.runtime.kv_cache import rounded_capacity
 from decodekit.runtime.loader import LoadedModel, load_model
 from decodekit.runtime.model import Transformer
 
-GROWTH = 512  # a runner's cache grows by whole multiples of this many slots
 CHUNK = 256  # tokens per forward when a runner catches up with a long sequence (a prompt)
 
 
@@ -54,7 +54,7 @@ class ModelRunner(DraftModel):
         keep = min(keep, t - 1)
         self.cache.lengths = [keep]
         if t + MAX_DRAFT_NODES > self.cache.capacity:
-            capacity = -(-(t + MAX_DRAFT_NODES) // GROWTH) * GROWTH
+            capacity = rounded_capacity(t + MAX_DRAFT_NODES)
             self.cache.grow(capacity)
             self.tokens = torch.cat([self.tokens[:keep], torch.empty(capacity - keep, dtype=torch.int64)])
         model = self.transformer
