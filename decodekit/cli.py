@@ -395,7 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from decodekit import load_model
     from decodekit.engine import check_method, client_policy
-    from decodekit.server import create_app
+    from decodekit.server.app import create_app
     from decodekit.server.guard import is_loopback
     from decodekit.server.shutdown import DrainingServer
 

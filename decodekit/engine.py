@@ -287,7 +287,7 @@ def encode_prompt(model: LoadedModel, prompt: Prompt, chat: bool = True) -> list
     check_text(prompt, "the prompt", "prompt")
     if chat:
         return encode_chat(model.tokenizer, [{"role": "user", "content": prompt}])
-    return model.tokenizer(prompt)["input_ids"]
+    return model.tokenizer.encode(prompt)
 
 
 ROLES = ("system", "user", "assistant")

@@ -16,8 +16,8 @@ def encode_chat(tokenizer: object, messages: list[dict[str, str]]) -> list[int]:
     """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode("\n\n".join(m["content"] for m in messages))
 
 
 def check_text(text: str, what: str, param: str | None = None) -> str:

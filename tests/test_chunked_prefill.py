@@ -22,7 +22,7 @@ from decodekit.drafters.ar import Autoregressive
 from decodekit.runtime import cpu
 from decodekit.runtime.loader import load_model
 from decodekit.sampling import GREEDY
-from decodekit.server import create_app
+from decodekit.server.app import create_app
 
 SHORT = ["the quick brown fox", "a b c a b c a b c a b c", "tell me about the weather tomorrow in the hills"]
 LONG = "It is sunny today, and tomorrow it will rain over the hills and the river. " * 6  # ~170 tokens

@@ -22,7 +22,7 @@ import decodekit.engine
 from decodekit.cli import main
 from decodekit.engine import Chunk, Decoding, Engine
 from decodekit.sampling import SamplingParams
-from decodekit.server import create_app
+from decodekit.server.app import create_app
 
 PROMPT = "the quick brown fox"
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the weather"}]

@@ -33,7 +33,7 @@ import decodekit.engine
 from decodekit.cli import main
 from decodekit.engine import Chunk, Engine
 from decodekit.errors import InvalidParameter
-from decodekit.server import create_app
+from decodekit.server.app import create_app
 from decodekit.server.guard import is_loopback
 
 KEY = "sk-test-secret"

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from decodekit.errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GEMMA3 = "gemma3_text"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", GEMMA3)
@@ -40,6 +45,27 @@ class ModelConfig:
     attention_scale: float | None = None  # the softmax scale; None: head_dim ** -0.5
     # (inv_freq, scale) of the sliding-window layers where given apart (Gemma 3's local base); None: rope_inv_freq
     sliding_rope: tuple[torch.Tensor, float] | None = None
+
+    def to_json(self) -> str:
+        """The config as JSON (tensors as lists of their float32 values, exactly); :meth:`from_json` reads it."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["rope_inv_freq"] = self.rope_inv_freq.tolist()
+        if self.sliding_rope is not None:
+            values["sliding_rope"] = [self.sliding_rope[0].tolist(), self.sliding_rope[1]]
+        return json.dumps({"format": FORMAT, **values})
+
+    @staticmethod
+    def from_json(text: str) -> ModelConfig:
+        """The config :meth:`to_json` wrote; ValueError where another version of this module wrote it."""
+        values = json.loads(text)
+        if values.pop("format", None) != FORMAT:
+            raise ValueError("a runtime config of another format")
+        values["rope_inv_freq"] = torch.tensor(values["rope_inv_freq"], dtype=torch.float32)
+        values["layer_windows"] = tuple(values["layer_windows"])
+        if values["sliding_rope"] is not None:
+            inv_freq, scale = values["sliding_rope"]
+            values["sliding_rope"] = (torch.tensor(inv_freq, dtype=torch.float32), scale)
+        return ModelConfig(**values)
 
     @staticmethod
     def from_hf(hf: PretrainedConfig) -> ModelConfig:
@@ -87,6 +113,10 @@ class ModelConfig:
         )
 
 
+# what a cached to_json is valid for: this file (the fields and their translation from transformers' configs)
+FORMAT = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
 def _rope(hf: PretrainedConfig, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """float32 inverse frequencies ``[head_dim // 2]`` and the cos/sin scale of the rope parameters (those of
     ``layer_type`` where they are given per layer type)."""
@@ -99,6 +129,8 @@ def _rope(hf: PretrainedConfig, head_dim: int, layer_type: str | None = None) ->
     if rope_type == "default":
         inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         return inv_freq, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     kwargs = {} if layer_type is None else {"layer_type": layer_type}
     inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"), **kwargs)
     return inv_freq.float(), float(scale)

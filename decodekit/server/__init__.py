@@ -1,5 +1,2 @@
-"""``decodekit serve``: an OpenAI-compatible HTTP server (FastAPI app, one generation worker, Prometheus metrics)."""
-
-from decodekit.server.app import create_app
-
-__all__ = ["create_app"]
+"""``decodekit serve``: an OpenAI-compatible HTTP server (FastAPI app in app.py, one generation worker, Prometheus
+metrics). The package imports nothing itself, so the CLI's other commands never load FastAPI."""
