@@ -46,7 +46,7 @@ def test_first_build_is_announced_and_timed_then_loads_silently(builds, monkeypa
     assert first.startswith("compiling the CPU decode kernels, once")
     assert done.startswith("compiled the CPU decode kernels in ") and done.endswith(" s")
     assert new_process(monkeypatch, caplog) and caplog.messages == []
-    assert builds.count == 2  # the second load still runs torch's (up-to-date) build
+    assert builds.count == 2  # the fake build leaves no library to load directly: torch's load runs again
 
 
 def test_a_failed_build_is_remembered_explained_once_and_retried_when_the_key_or_marker_changes(
@@ -70,8 +70,10 @@ def test_a_failed_build_is_remembered_explained_once_and_retried_when_the_key_or
     assert not new_process(monkeypatch, caplog)
     assert caplog.messages == [said] and builds.count == 1
 
-    monkeypatch.setattr(cpu, "CFLAGS", [*cpu.CFLAGS, "-g"])  # other flags (sources, torch): another key
-    assert new_process(monkeypatch, caplog) and builds.count == 2 and not marker.exists()
+    monkeypatch.setattr(cpu, "CFLAGS", [*cpu.CFLAGS, "-g"])  # other flags (sources, torch): another key, its own
+    assert new_process(monkeypatch, caplog) and builds.count == 2  # directory, with no failure recorded
+    assert cpu.build_directory() != marker.parent and marker.exists()
+    marker = cpu.build_directory() / cpu.FAILED
 
     builds.error = RuntimeError("one line")
     assert not new_process(monkeypatch, caplog) and builds.count == 3

@@ -264,7 +264,7 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(monkeypatch: pytes
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.setattr(cpu, "_state", None)
     monkeypatch.setattr(cpu, "cpu_supported", lambda: True)
-    stale = Path(cpp_extension._get_build_directory(cpu.NAME, verbose=False)) / "lock"
+    stale = cpu.build_directory() / "lock"
     stale.touch()
     seen = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(stale.exists()))

@@ -37,11 +37,12 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   ``rms_norm_heads_`` (the per-head q and k norms, in place) and ``gelu_tanh_mul`` (GeGLU).
 
 The extension is compiled on first use (``available()``; one warning when it starts and one with the time it
-took), into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
-processes load the cached build silently. ``available()`` is False, and callers keep their PyTorch path, where
+took), into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), in a
+directory of its own per key (sources, flags, torch and Python versions); later processes load the finished
+library directly and silently. ``available()`` is False, and callers keep their PyTorch path, where
 ``$DECODEKIT_KERNELS`` is ``0``, on a CPU without AVX2/FMA, or where the build fails: a failure is recorded in
-the cache (``decodekit.failed``, keyed by sources, flags and torch version), so later processes skip the build
-and say once why (delete that file to retry). Inference only: the ops have no autograd formula.
+that directory (``decodekit.failed``), so later processes skip the build and say once why (delete that file to
+retry). Inference only: the ops have no autograd formula.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -140,15 +142,26 @@ def _load() -> bool:
     if not cpu_supported():
         log.warning("this CPU lacks AVX2/FMA: the CPU decode kernels are off; decoding takes the PyTorch path")
         return False
-    from torch.utils.cpp_extension import _get_build_directory
-
     try:
-        build = Path(_get_build_directory(NAME, verbose=False))
+        build = build_directory()
         with _build_lock(build):
             return _build_once(build)
     except OSError as e:  # an unwritable cache: nowhere to build, nor to record the failure
         log.warning("the CPU decode kernels are unavailable (%s); decoding takes the PyTorch path", _why(e))
         return False
+
+
+def build_directory() -> Path:
+    """Where this build lives: torch's extension cache ($TORCH_EXTENSIONS_DIR, else torch's default), in a
+    directory named after the build's key (sources, flags, torch and Python versions), so checkouts or versions
+    with other kernels keep builds of their own side by side. (torch's own lookup of that cache imports
+    cpp_extension: ~0.2 s of every start.)"""
+    from torch._appdirs import user_cache_dir
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or user_cache_dir(appname="torch_extensions"))
+    build = root / f"{NAME}-{_key()}"
+    build.mkdir(parents=True, exist_ok=True)
+    return build
 
 
 @contextmanager
@@ -170,14 +183,20 @@ def _build_lock(build: Path) -> Iterator[None]:
 
 
 def _build_once(build: Path) -> bool:
-    """Build or load the kernels in ``build``, unless a failure with this key is recorded there; record a new one.
-    A build is announced (and timed) unless the last good build in ``build`` had this key."""
-    key, built, failed = _key(), build / BUILT, build / FAILED
-    failed_key, _, record = _read(failed).partition("\n")
-    if failed_key == key:
-        reason = record.partition("\n")[0]
+    """Load the finished build in ``build``, or build it there, unless a failure is recorded there; record a new
+    one. A first build is announced and timed."""
+    built, failed, library = build / BUILT, build / FAILED, build / f"{NAME}.so"
+    if built.exists() and library.exists() and not failed.exists():
+        try:
+            torch.ops.load_library(library)  # what torch's load does once it has checked the build (~0.2 s)
+            if _registered():
+                return True
+        except OSError:  # a damaged build: build it again
+            pass
+    if failed.exists():
+        reason = _read(failed).partition("\n")[0]
     else:
-        fresh = _read(built) != key
+        fresh = not built.exists()
         if fresh:
             log.warning("compiling the CPU decode kernels, once (about a minute); later runs load the cached build")
             start = time.monotonic()
@@ -185,11 +204,10 @@ def _build_once(build: Path) -> bool:
             _build(build)
         except Exception as e:  # no compiler, no ninja, a compile error, ...: fall back
             reason = _why(e)
-            failed.write_text(f"{key}\n{reason}\n{e}\n")
+            failed.write_text(f"{reason}\n{e}\n")
         else:
-            failed.unlink(missing_ok=True)
             if fresh:
-                built.write_text(key)
+                built.write_text(_key())
                 log.warning("compiled the CPU decode kernels in %.0f s", time.monotonic() - start)
             return True
     log.warning(
@@ -212,13 +230,18 @@ def _build(build: Path) -> None:
         build_directory=str(build),
         is_python_module=False,
     )
-    for op in OPS:
-        getattr(getattr(torch.ops, NAME), op)  # raises if the library did not register it
+    if not _registered():
+        raise RuntimeError(f"the build of {NAME} lacks ops: {', '.join(OPS)} expected")
+
+
+def _registered() -> bool:
+    """True if every op of OPS is registered (the library is loaded)."""
+    return all(hasattr(getattr(torch.ops, NAME), op) for op in OPS)
 
 
 def _key() -> str:
-    """What a build depends on: the kernel sources and headers, the flags and torch's version."""
-    digest = hashlib.sha256(repr((CFLAGS, torch.__version__)).encode())
+    """What a build depends on: the kernel sources and headers, the flags, torch's and Python's versions."""
+    digest = hashlib.sha256(repr((CFLAGS, torch.__version__, sys.version_info[:2])).encode())
     for path in sorted(SOURCES[0].parent.iterdir()):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + path.read_bytes())
