@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from decodekit import NAMED_MODELS, WEIGHT_CHOICES, DecodekitError, InvalidParameter, SamplingParams
 from decodekit.engine import POOL_BYTES, PREFILL_CHUNK
@@ -90,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(bench)
 
     commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
+    train = commands.add_parser("train", help="train the parts a method needs for a model (medusa: its heads)")
+    train.add_argument("kind", choices=["medusa"], help="what to train")
+    train.add_argument("--model", help=MODEL_HELP)
+    train.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
+    train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    train.add_argument(
+        "--out", metavar="DIR", help="where the heads, data and checkpoints go (default: the cache, where the method "
+        "finds them)"
+    )  # fmt: skip
+    train.add_argument("--heads", type=int, default=4, metavar="K", help="heads, one per token ahead (default: 4)")
+    train.add_argument("--prompts", type=int, default=400, metavar="N", help="training prompts (default: 400)")
+    train.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length (default: 128)")
+    train.add_argument("--epochs", type=int, default=4, metavar="N")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--resume", action="store_true", help="reuse --out's data and continue from its checkpoint")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
     serve.add_argument("--model", help=MODEL_HELP)
     serve.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
@@ -390,6 +406,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from decodekit import load_model
+    from decodekit.train.medusa import KIND, train_medusa
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    out = Path(args.out) if args.out else model.trained_file(KIND).parent
+    train_medusa(model, out, args.heads, args.prompts, args.max_new_tokens, args.epochs, args.lr, resume=args.resume)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -447,7 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="decodekit: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "methods": cmd_methods, "serve": cmd_serve}
+        commands = {
+            "generate": cmd_generate,
+            "bench": cmd_bench,
+            "methods": cmd_methods,
+            "train": cmd_train,
+            "serve": cmd_serve,
+        }
         return commands[args.command](args)
     except DecodekitError as err:
         print(f"decodekit: error: {err}", file=sys.stderr)

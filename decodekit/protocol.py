@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -130,6 +131,16 @@ class ModelAccess:
     layers: int
     hidden_size: int
     vocab_size: int
+    identity: str  # names the target's weights: trained parts (heads) record it and are refused by other targets
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float ``[..., vocab]``: the target's final norm and LM head on residual-stream vectors ``hidden``
+        ``[..., hidden_size]`` (what ``StepOutcome.hidden[layers]`` holds), as the target turns its own into logits."""
+        raise NotImplementedError
+
+    def trained_file(self, kind: str) -> Path:
+        """Where ``decodekit train KIND`` keeps what it trains for this target by default (it may not exist)."""
+        raise NotImplementedError
 
     def slice(self, layers: Sequence[int]) -> DraftModel:
         """The target run through ``layers`` only (increasing block indices), its final norm and LM head on top.

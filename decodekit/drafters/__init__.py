@@ -10,6 +10,7 @@ from decodekit.drafters.draft import DraftModelDrafter
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
+from decodekit.drafters.medusa import Medusa
 from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, current_name, options_of
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.drafters.sjd import SpeculativeJacobi
@@ -31,6 +32,7 @@ METHODS: dict[str, type] = {
     "sjd": SpeculativeJacobi,
     "draft": DraftModelDrafter,
     "swift": LayerSkip,
+    "medusa": Medusa,
 }
 
 __all__ = [

@@ -9,6 +9,7 @@ that directory directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -59,6 +60,23 @@ class LoadedModel:
     @property
     def cfg(self) -> ModelConfig:
         return self.transformer.cfg
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """A name for these weights, the same for a GGUF file and its de-quantized checkpoint in float32 or
+        bfloat16: the shape, the norm weights (float in every format) and the first rows of the embedding table,
+        rounded to bfloat16, hashed. Trained drafter parts record it."""
+        digest = hashlib.sha1(repr((self.cfg.architecture, self.cfg.vocab_size, self.cfg.layers)).encode())
+        with torch.inference_mode():
+            rows = self.transformer.embed(torch.arange(8, device=self.device))
+        named = dict(self.transformer.named_parameters())
+        for weight in [rows, *(w for name, w in named.items() if name.endswith("norm.weight"))]:
+            digest.update(weight.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def trained_file(self, kind: str) -> Path:
+        """Where ``decodekit train KIND`` writes its parts for these weights by default (in the user cache)."""
+        return cache_root() / "trained" / f"{kind}-{self.name}-{self.identity}" / f"{kind}.safetensors"
 
     @property
     def dtype(self) -> torch.dtype:

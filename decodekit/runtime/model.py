@@ -144,6 +144,10 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def scale(self) -> torch.Tensor:
+        """float32 ``[dim]``: what the norm multiplies the unit-RMS input by."""
+        return self.weight.detach().float()
+
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMS norm: ``(x / sqrt(mean(x**2) + eps)) * (1 + weight)`` in float32, rounded to the dtype once."""
@@ -154,6 +158,9 @@ class GemmaRMSNorm(RMSNorm):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+    def scale(self) -> torch.Tensor:
+        return 1.0 + self.weight.detach().float()
 
     def heads_(self, x: torch.Tensor, first: int, heads: int) -> None:
         """Norm each of the heads ``[first, first + heads)`` of a contiguous ``x [B, n, all heads, d]`` in place."""
@@ -433,3 +440,11 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float logits ``[..., vocab]`` of the residual stream ``hidden`` ``[..., hidden]`` leaving the last block."""
         return self.lm_head(self.norm(hidden)).float()
+
+    @torch.inference_mode()
+    def output_map(self) -> torch.Tensor:
+        """float32 ``[hidden, vocab]``: the final norm's scale and the LM head as one matrix ``G``: the logits of
+        ``x`` leaving the last block are ``x / sqrt(mean(x**2) + norm_eps) @ G`` (for training drafters, which
+        need them differentiable). Computed through the LM head itself: exact for float weights, within the
+        activations' int8 rounding for GGUF ones."""
+        return self.lm_head(torch.diag(self.norm.scale()).to(self.dtype)).float()

@@ -92,6 +92,16 @@ class TargetModel(ModelAccess):
         self.vocab_size = model.cfg.vocab_size
         self._checkpoints: dict[str, LoadedModel] = {}
 
+    @property
+    def identity(self) -> str:
+        return self.model.identity
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.transformer.logits(hidden.to(self.model.dtype))
+
+    def trained_file(self, kind: str) -> Path:
+        return self.model.trained_file(kind)
+
     def slice(self, layers: Sequence[int]) -> ModelRunner:
         layers = list(layers)
         if not layers:

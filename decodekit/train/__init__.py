@@ -1,0 +1,1 @@
+"""Training the parts that trained drafters need (``decodekit train``), on a frozen target."""

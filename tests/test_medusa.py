@@ -1,0 +1,125 @@
+"""Medusa heads: the tree rule, the heads' starting point, `decodekit train medusa` on a tiny model (the loss falls,
+the file loads back, --resume continues, other weights are refused) and lossless decoding with the trained heads
+(the every-method tests in test_engine, test_batch, test_sampling and test_lossless_default_model run it too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import write_tiny_llama
+
+from decodekit import Engine, InvalidParameter, load_model
+from decodekit.cli import main
+from decodekit.drafters.medusa import Heads, best_paths, load_heads, unit_rms
+from decodekit.runtime.runner import TargetModel
+from decodekit.train import medusa as trainer
+from decodekit.train.prompts import all_prompts
+
+PROMPTS = ["the quick brown fox", "tell me about the weather tomorrow in the hills", "a b c a b c a b c"]
+
+
+def test_the_tree_takes_the_likeliest_rank_paths_parents_first():
+    accept = torch.tensor([[0.6, 0.2], [0.5, 0.1]])
+    # chances: (0,) .6, (0, 0) .3, (1,) .2, (1, 0) .1, (0, 1) .06, (1, 1) .02
+    assert best_paths(accept, 4) == [(0,), (0, 0), (1,), (1, 0)]
+    assert best_paths(accept, 100) == [(0,), (0, 0), (1,), (1, 0), (0, 1), (1, 1)]
+
+
+def test_untrained_heads_repeat_the_targets_own_guess(tiny_model):
+    access = TargetModel(tiny_model)
+    hidden = torch.randn(5, tiny_model.cfg.hidden_size) * 3
+    heads = Heads(3, tiny_model.cfg.hidden_size)
+    guesses = access.head(heads(unit_rms(hidden)))  # [5, 3, V]
+    own = access.head(hidden)  # [5, V]
+    assert torch.allclose(guesses, own[:, None].expand_as(guesses), atol=1e-4)
+
+
+def test_the_output_map_gives_the_models_logits(tiny_model):
+    transformer = tiny_model.transformer
+    hidden = torch.randn(4, tiny_model.cfg.hidden_size)
+    rms = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + tiny_model.cfg.norm_eps)
+    assert torch.allclose((hidden * rms) @ transformer.output_map(), transformer.logits(hidden), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("medusa")
+    model = load_model(tiny_dir)
+    said: list[str] = []
+    path = trainer.train_medusa(model, out, heads=3, prompts=24, max_new_tokens=24, epochs=3, say=said.append)
+    return model, out, path, said
+
+
+def test_training_lowers_the_loss_and_writes_heads_that_load(trained):
+    model, out, path, said = trained
+    losses = torch.load(out / "checkpoint.pt", weights_only=True)["losses"]
+    batches = len(losses) // 3
+    assert sum(losses[-batches:]) < sum(losses[:batches])  # the last epoch against the first
+    assert (out / "loss.png").stat().st_size > 1000
+    heads, vocab, accept = load_heads(path, TargetModel(model))
+    assert heads.weight.shape == (3, model.cfg.hidden_size, model.cfg.hidden_size) and heads.weight.abs().sum() > 0
+    assert accept.shape == (3, trainer.RANKS) and 0 < float(accept[0, 0]) <= 1
+    assert vocab.numel() > 10 and int(vocab.max()) < model.cfg.vocab_size
+    assert any("4/4 identical to ar" in line for line in said), said
+
+
+def test_trained_heads_decode_exactly_what_plain_decoding_does(trained):
+    model, _, path, _ = trained
+    plain, medusa = Engine(model, "ar"), Engine(model, f"medusa:heads={path},max_nodes=12")
+    drafted = 0
+    for prompt in PROMPTS:
+        reference = plain.generate(prompt, max_new_tokens=32)
+        result = medusa.generate(prompt, max_new_tokens=32)
+        assert result.token_ids == reference.token_ids
+        drafted += sum(result.stats.draft_sizes)
+    assert drafted > 0
+
+
+def test_inside_a_hybrid_with_copy_drafters(trained):
+    model, _, path, _ = trained
+    plain, mixed = Engine(model, "ar"), Engine(model, f"hybrid:parts=medusa:heads={path}+copyspec")
+    for prompt in PROMPTS[:2]:
+        assert (
+            mixed.generate(prompt, max_new_tokens=32).token_ids == plain.generate(prompt, max_new_tokens=32).token_ids
+        )
+
+
+def test_resume_continues_from_the_checkpoint_without_new_answers(trained, monkeypatch):
+    model, out, _, _ = trained
+    monkeypatch.setattr(trainer, "answers", lambda *args, **kwargs: pytest.fail("resume made new answers"))
+    before = len(torch.load(out / "checkpoint.pt", weights_only=True)["losses"])
+    trainer.train_medusa(model, out, heads=3, epochs=4, resume=True, say=lambda text: None)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 4 and len(saved["losses"]) == before * 4 // 3
+
+
+def test_heads_of_other_weights_are_refused(trained, tmp_path):
+    _, _, path, _ = trained
+    other = load_model(write_tiny_llama(tmp_path, initializer_range=0.3))
+    with pytest.raises(InvalidParameter, match="trained for other weights"):
+        Engine(other, f"medusa:heads={path}").generate("Hello", max_new_tokens=4)
+
+
+def test_missing_heads_name_the_command(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path))
+    with pytest.raises(InvalidParameter, match="decodekit train medusa --model MODEL"):
+        Engine(tiny_model, "medusa").generate("Hello", max_new_tokens=4)
+
+
+def test_train_command_refuses_bad_counts(capsys):
+    assert main(["train", "medusa", "--heads", "0"]) == 1
+    assert "heads must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_training_prompts_are_none_of_the_benchmark_questions():
+    from decodekit.prompts import builtin_questions
+
+    ours = set(all_prompts())
+    assert len(ours) > 2000
+    assert not ours & {turn for q in builtin_questions() for turn in q.turns}
+    spec_bench = trainer.Path(__file__).parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+    if spec_bench.is_file():
+        import json
+
+        turns = {turn for line in spec_bench.read_text().splitlines() for turn in json.loads(line)["turns"]}
+        assert not ours & turns
