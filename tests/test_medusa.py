@@ -123,3 +123,18 @@ def test_training_prompts_are_none_of_the_benchmark_questions():
 
         turns = {turn for line in spec_bench.read_text().splitlines() for turn in json.loads(line)["turns"]}
         assert not ours & turns
+
+
+def test_the_default_models_weights_share_one_identity_and_its_shipped_heads(
+    default_model, default_model_gguf, default_model_bf16
+):
+    """GGUF, float32 and bfloat16 weights of one model are one target for trained parts; the package ships heads for
+    the default model, which load for each of them."""
+    from decodekit.drafters.medusa import shipped_file
+
+    assert default_model.identity == default_model_gguf.identity == default_model_bf16.identity
+    path = shipped_file(default_model.identity)
+    assert path is not None and path.stat().st_size < 4 * 2**20
+    for model in (default_model, default_model_gguf):
+        heads, _, accept = load_heads(path, TargetModel(model))
+        assert heads.weight.shape[1] == model.cfg.hidden_size and accept[0, 0] > 0.3
