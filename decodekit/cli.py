@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(bench)
 
     commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
-    train = commands.add_parser("train", help="train the parts a method needs for a model (medusa: its heads)")
-    train.add_argument("kind", choices=["medusa"], help="what to train")
+    train = commands.add_parser("train", help="train the parts a method needs for a model (medusa, hydra: heads)")
+    train.add_argument("kind", choices=["medusa", "hydra"], help="the method whose heads to train")
     train.add_argument("--model", help=MODEL_HELP)
     train.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="where the heads, data and checkpoints go (default: the cache, where the method "
         "finds them)"
     )  # fmt: skip
-    train.add_argument("--heads", type=int, default=4, metavar="K", help="heads, one per token ahead (default: 4)")
+    train.add_argument("--heads", type=int, default=4, metavar="K", help="tokens ahead the heads learn (default: 4)")
     train.add_argument("--prompts", type=int, default=400, metavar="N", help="training prompts (default: 400)")
     train.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length (default: 128)")
     train.add_argument("--epochs", type=int, default=4, metavar="N")
@@ -408,11 +408,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from decodekit import load_model
-    from decodekit.train.medusa import KIND, train_medusa
+    from decodekit.train.heads import train_heads
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    out = Path(args.out) if args.out else model.trained_file(KIND).parent
-    train_medusa(model, out, args.heads, args.prompts, args.max_new_tokens, args.epochs, args.lr, resume=args.resume)
+    out = Path(args.out) if args.out else model.trained_file(args.kind).parent
+    settings = (args.heads, args.prompts, args.max_new_tokens, args.epochs, args.lr)
+    train_heads(args.kind, model, out, *settings, resume=args.resume)
     return 0
 
 

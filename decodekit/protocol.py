@@ -138,6 +138,11 @@ class ModelAccess:
         ``[..., hidden_size]`` (what ``StepOutcome.hidden[layers]`` holds), as the target turns its own into logits."""
         raise NotImplementedError
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden_size]``: the target's input embeddings of ``tokens`` int64 ``[...]`` (as its first block
+        sees them)."""
+        raise NotImplementedError
+
     def trained_file(self, kind: str) -> Path:
         """Where ``decodekit train KIND`` keeps what it trains for this target by default (it may not exist)."""
         raise NotImplementedError

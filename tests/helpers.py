@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from decodekit.drafters.medusa import shipped_file
+from decodekit.drafters.heads import shipped_file
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A tiny model writes tiny stories about foxes, dogs and "
@@ -109,27 +109,27 @@ def write_tiny_gemma(directory: Path, **overrides: object) -> Path:
 
 def runnable(method: str, model: object) -> str:
     """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` also needs a draft
-    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``medusa`` needs heads, and
-    gets the package's for the model, else heads trained here in seconds (:func:`quick_heads`)."""
+    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``medusa`` and ``hydra``
+    need heads, and get the package's for the model, else heads trained here in seconds (:func:`quick_heads`)."""
     if method == "draft":
         return f"draft:model={model.path}"
-    if method == "medusa" and shipped_file(model.identity) is None:
-        return f"medusa:heads={quick_heads(model)}"
+    if method in ("medusa", "hydra") and shipped_file(method, model.identity) is None:
+        return f"{method}:heads={quick_heads(method, model)}"
     return method
 
 
-_QUICK_HEADS: dict[str, Path] = {}
+_QUICK_HEADS: dict[tuple[str, str], Path] = {}
 
 
-def quick_heads(model: object) -> Path:
-    """Medusa heads for ``model`` from a few seconds of training (12 prompts, 12 tokens, one epoch), trained
+def quick_heads(kind: str, model: object) -> Path:
+    """``kind`` heads for ``model`` from a few seconds of training (12 prompts, 12 tokens, one epoch), trained
     once per model and process: enough to draft, so that the engine has drafts to verify."""
-    if model.identity not in _QUICK_HEADS:
-        from decodekit.train.medusa import train_medusa
+    if (kind, model.identity) not in _QUICK_HEADS:
+        from decodekit.train.heads import train_heads
 
-        out = Path(tempfile.mkdtemp(prefix="medusa-"))
-        _QUICK_HEADS[model.identity] = train_medusa(model, out, 2, 12, 12, 1, say=lambda text: None)
-    return _QUICK_HEADS[model.identity]
+        out = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
+        _QUICK_HEADS[kind, model.identity] = train_heads(kind, model, out, 2, 12, 12, 1, say=lambda text: None)
+    return _QUICK_HEADS[kind, model.identity]
 
 
 SMALL_VOCAB = ["a", "b", "c", "d", "e", "f", "g", "h"]

@@ -8,6 +8,7 @@ from decodekit.drafters.ar import Autoregressive
 from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.draft import DraftModelDrafter
 from decodekit.drafters.hybrid import Hybrid
+from decodekit.drafters.hydra import Hydra
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.medusa import Medusa
@@ -33,6 +34,7 @@ METHODS: dict[str, type] = {
     "draft": DraftModelDrafter,
     "swift": LayerSkip,
     "medusa": Medusa,
+    "hydra": Hydra,
 }
 
 __all__ = [

@@ -425,9 +425,7 @@ class Transformer(nn.Module):
                 masks[window] = attention_mask(lengths, tree, window).to(self.device)
             cos_table, sin_table = self.rope_table(width, sliding=window is not None)
             rotary[window] = cos_table[pos][:, :, None], sin_table[pos][:, :, None]
-        x = self.embed(tokens)
-        if self.cfg.gemma:  # scaled by sqrt(hidden_size) rounded to the dtype, as transformers does
-            x = x * torch.tensor(self.cfg.hidden_size**0.5).to(x.dtype)
+        x = self.embedded(tokens)
         with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext():
             for slot, (layer, window) in enumerate(zip(layers, windows, strict=True)):
                 if capture is not None and layer in capture:
@@ -435,6 +433,13 @@ class Transformer(nn.Module):
                 x = self.blocks[layer](x, *rotary[window], cache, slot, width, masks[window])
         if capture is not None and self.cfg.layers in capture:
             capture[self.cfg.layers] = x
+        return x
+
+    def embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` int64 ``[...]`` -> ``[..., hidden]``: the residual stream entering the first block."""
+        x = self.embed(tokens)
+        if self.cfg.gemma:  # scaled by sqrt(hidden_size) rounded to the dtype, as transformers does
+            x = x * torch.tensor(self.cfg.hidden_size**0.5).to(x.dtype)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,10 @@ class TargetModel(ModelAccess):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.transformer.logits(hidden.to(self.model.dtype))
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.transformer.embedded(tokens.to(self.model.device))
+
     def trained_file(self, kind: str) -> Path:
         return self.model.trained_file(kind)
 

@@ -1,6 +1,7 @@
-"""Medusa heads: the tree rule, the heads' starting point, `decodekit train medusa` on a tiny model (the loss falls,
-the file loads back, --resume continues, other weights are refused) and lossless decoding with the trained heads
-(the every-method tests in test_engine, test_batch, test_sampling and test_lossless_default_model run it too)."""
+"""Trained draft heads (medusa, hydra): the tree rule, the heads' starting point, `decodekit train` on a tiny model
+(the loss falls, the file loads back, --resume continues, other weights are refused) and lossless decoding with
+the trained heads (the every-method tests in test_engine, test_batch, test_sampling and
+test_lossless_default_model run both too)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 from helpers import write_tiny_llama
 
-from decodekit import Engine, InvalidParameter, load_model
+from decodekit import Engine, InvalidParameter, ModelFileError, load_model
 from decodekit.cli import main
-from decodekit.drafters.medusa import Heads, best_paths, load_heads, unit_rms
+from decodekit.drafters.heads import best_paths, load_heads, shipped_file, unit_rms
+from decodekit.drafters.hydra import HydraHead
+from decodekit.drafters.medusa import MedusaHeads
 from decodekit.runtime.runner import TargetModel
-from decodekit.train import medusa as trainer
+from decodekit.train import heads as trainer
 from decodekit.train.prompts import all_prompts
 
 PROMPTS = ["the quick brown fox", "tell me about the weather tomorrow in the hills", "a b c a b c a b c"]
@@ -25,13 +28,26 @@ def test_the_tree_takes_the_likeliest_rank_paths_parents_first():
     assert best_paths(accept, 100) == [(0,), (0, 0), (1,), (1, 0), (0, 1), (1, 1)]
 
 
-def test_untrained_heads_repeat_the_targets_own_guess(tiny_model):
+@pytest.mark.parametrize("cls", [MedusaHeads, HydraHead])
+def test_untrained_heads_repeat_the_targets_own_guess(tiny_model, cls):
     access = TargetModel(tiny_model)
     hidden = torch.randn(5, tiny_model.cfg.hidden_size) * 3
-    heads = Heads(3, tiny_model.cfg.hidden_size)
-    guesses = access.head(heads(unit_rms(hidden)))  # [5, 3, V]
+    heads = cls(3, tiny_model.cfg.hidden_size)
+    embedded = access.embed(torch.randint(0, tiny_model.cfg.vocab_size, (5, 3))).float()
+    guesses = access.head(heads.states(unit_rms(hidden), embedded))  # [5, 3, V]
     own = access.head(hidden)  # [5, V]
     assert torch.allclose(guesses, own[:, None].expand_as(guesses), atol=1e-4)
+
+
+def test_a_hydra_head_reads_the_tokens_before():
+    head = HydraHead(2, 8)
+    torch.nn.init.normal_(head.out.weight)
+    z, embedded = unit_rms(torch.randn(1, 8)), torch.randn(1, 2, 8)
+    other = embedded.clone()
+    other[0, 0] += 1.0  # another first token: the second state changes too
+    first, second = head.states(z, embedded)[0], head.states(z, other)[0]
+    assert not torch.allclose(first[1], second[1])
+    assert torch.equal(head.states(z, embedded)[0, 1], head.step(head.step(z, embedded[:, 0]), embedded[:, 1])[0])
 
 
 def test_the_output_map_gives_the_models_logits(tiny_model):
@@ -41,43 +57,44 @@ def test_the_output_map_gives_the_models_logits(tiny_model):
     assert torch.allclose((hidden * rms) @ transformer.output_map(), transformer.logits(hidden), atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("medusa")
+@pytest.fixture(scope="module", params=["medusa", "hydra"])
+def trained(request, tiny_dir, tmp_path_factory):
+    kind = request.param
+    out = tmp_path_factory.mktemp(kind)
     model = load_model(tiny_dir)
     said: list[str] = []
-    path = trainer.train_medusa(model, out, heads=3, prompts=24, max_new_tokens=24, epochs=3, say=said.append)
-    return model, out, path, said
+    path = trainer.train_heads(kind, model, out, heads=3, prompts=24, max_new_tokens=24, epochs=3, say=said.append)
+    return kind, model, out, path, said
 
 
 def test_training_lowers_the_loss_and_writes_heads_that_load(trained):
-    model, out, path, said = trained
+    kind, model, out, path, said = trained
     losses = torch.load(out / "checkpoint.pt", weights_only=True)["losses"]
     batches = len(losses) // 3
     assert sum(losses[-batches:]) < sum(losses[:batches])  # the last epoch against the first
     assert (out / "loss.png").stat().st_size > 1000
-    heads, vocab, accept = load_heads(path, TargetModel(model))
-    assert heads.weight.shape == (3, model.cfg.hidden_size, model.cfg.hidden_size) and heads.weight.abs().sum() > 0
+    heads, vocab, accept = load_heads(path, trainer.KINDS[kind], TargetModel(model))
+    assert heads.depth == 3 and sum(float(p.abs().sum()) for p in heads.parameters()) > 0
     assert accept.shape == (3, trainer.RANKS) and 0 < float(accept[0, 0]) <= 1
     assert vocab.numel() > 10 and int(vocab.max()) < model.cfg.vocab_size
     assert any("4/4 identical to ar" in line for line in said), said
 
 
 def test_trained_heads_decode_exactly_what_plain_decoding_does(trained):
-    model, _, path, _ = trained
-    plain, medusa = Engine(model, "ar"), Engine(model, f"medusa:heads={path},max_nodes=12")
+    kind, model, _, path, _ = trained
+    plain, drafting = Engine(model, "ar"), Engine(model, f"{kind}:heads={path},max_nodes=12")
     drafted = 0
     for prompt in PROMPTS:
         reference = plain.generate(prompt, max_new_tokens=32)
-        result = medusa.generate(prompt, max_new_tokens=32)
+        result = drafting.generate(prompt, max_new_tokens=32)
         assert result.token_ids == reference.token_ids
         drafted += sum(result.stats.draft_sizes)
     assert drafted > 0
 
 
 def test_inside_a_hybrid_with_copy_drafters(trained):
-    model, _, path, _ = trained
-    plain, mixed = Engine(model, "ar"), Engine(model, f"hybrid:parts=medusa:heads={path}+copyspec")
+    kind, model, _, path, _ = trained
+    plain, mixed = Engine(model, "ar"), Engine(model, f"hybrid:parts={kind}:heads={path}+copyspec")
     for prompt in PROMPTS[:2]:
         assert (
             mixed.generate(prompt, max_new_tokens=32).token_ids == plain.generate(prompt, max_new_tokens=32).token_ids
@@ -85,29 +102,33 @@ def test_inside_a_hybrid_with_copy_drafters(trained):
 
 
 def test_resume_continues_from_the_checkpoint_without_new_answers(trained, monkeypatch):
-    model, out, _, _ = trained
+    kind, model, out, _, _ = trained
     monkeypatch.setattr(trainer, "answers", lambda *args, **kwargs: pytest.fail("resume made new answers"))
     before = len(torch.load(out / "checkpoint.pt", weights_only=True)["losses"])
-    trainer.train_medusa(model, out, heads=3, epochs=4, resume=True, say=lambda text: None)
+    trainer.train_heads(kind, model, out, heads=3, epochs=4, resume=True, say=lambda text: None)
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 4 and len(saved["losses"]) == before * 4 // 3
 
 
-def test_heads_of_other_weights_are_refused(trained, tmp_path):
-    _, _, path, _ = trained
+def test_heads_of_other_weights_or_kinds_are_refused(trained, tmp_path):
+    kind, _, _, path, _ = trained
     other = load_model(write_tiny_llama(tmp_path, initializer_range=0.3))
     with pytest.raises(InvalidParameter, match="trained for other weights"):
-        Engine(other, f"medusa:heads={path}").generate("Hello", max_new_tokens=4)
+        Engine(other, f"{kind}:heads={path}").generate("Hello", max_new_tokens=4)
+    wrong = "hydra" if kind == "medusa" else "medusa"
+    with pytest.raises(ModelFileError, match=f"is not a {wrong} heads file"):
+        Engine(trained[1], f"{wrong}:heads={path}").generate("Hello", max_new_tokens=4)
 
 
-def test_missing_heads_name_the_command(tiny_model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_missing_heads_name_the_command(tiny_model, tmp_path, monkeypatch, kind):
     monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path))
-    with pytest.raises(InvalidParameter, match="decodekit train medusa --model MODEL"):
-        Engine(tiny_model, "medusa").generate("Hello", max_new_tokens=4)
+    with pytest.raises(InvalidParameter, match=f"decodekit train {kind} --model MODEL"):
+        Engine(tiny_model, kind).generate("Hello", max_new_tokens=4)
 
 
 def test_train_command_refuses_bad_counts(capsys):
-    assert main(["train", "medusa", "--heads", "0"]) == 1
+    assert main(["train", "hydra", "--heads", "0"]) == 1
     assert "heads must be an integer >= 1" in capsys.readouterr().err
 
 
@@ -130,11 +151,10 @@ def test_the_default_models_weights_share_one_identity_and_its_shipped_heads(
 ):
     """GGUF, float32 and bfloat16 weights of one model are one target for trained parts; the package ships heads for
     the default model, which load for each of them."""
-    from decodekit.drafters.medusa import shipped_file
-
     assert default_model.identity == default_model_gguf.identity == default_model_bf16.identity
-    path = shipped_file(default_model.identity)
-    assert path is not None and path.stat().st_size < 4 * 2**20
-    for model in (default_model, default_model_gguf):
-        heads, _, accept = load_heads(path, TargetModel(model))
-        assert heads.weight.shape[1] == model.cfg.hidden_size and accept[0, 0] > 0.3
+    for kind, cls in trainer.KINDS.items():
+        path = shipped_file(kind, default_model.identity)
+        assert path is not None and path.stat().st_size < 4 * 2**20, kind
+        for model in (default_model, default_model_gguf):
+            heads, _, accept = load_heads(path, cls, TargetModel(model))
+            assert heads.hidden == model.cfg.hidden_size and accept[0, 0] > 0.3

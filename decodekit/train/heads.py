@@ -1,17 +1,19 @@
-"""``decodekit train medusa``: Medusa-1 heads for a frozen target, by self-distillation.
+"""``decodekit train medusa|hydra``: draft heads for a frozen target (decodekit/drafters/heads.py), by
+self-distillation.
 
 1. Answers: the target's own greedy answers to the built-in training prompts (decodekit/train/prompts.py), made
    by the engine with batching and the default lossless method (the fastest way to plain greedy output).
 2. Hidden states: one teacher-forced forward per prompt + answer gives the residual stream leaving the last
-   block at every answer position (and the last prompt position); row t's label for head k is the token
-   ``k + 1`` places after t. Kept in ``OUT/corpus.safetensors``, so ``--resume`` skips steps 1-2.
-3. Training: the heads only (decodekit/drafters/medusa.py); the target's final norm and LM head are frozen and
+   block at every answer position (and the last prompt position), with the K + 1 tokens after it: the heads learn
+   the tokens 2 .. K + 1 places ahead (a Hydra head reading the ones before, teacher-forced). Kept in
+   ``OUT/corpus.safetensors``, so ``--resume`` skips steps 1-2.
+3. Training: the heads only; the target's final norm and LM head are frozen and
    taken as one matrix (``Transformer.output_map``) restricted to the tokens the answers hold (a vocabulary of a
    few thousand instead of the whole one: the loss costs that much less, and the drafter proposes from the same
    tokens). Cross-entropy per head, AdamW; a checkpoint per epoch (``OUT/checkpoint.pt``) and the loss curve
    (``OUT/loss.png``).
 4. Accept rates: on held-out answers (the last ``HELD_OUT`` share of the sequences), how often head k's rank-r
-   candidate is the right token: the tree of the drafter is built from them. Then ``OUT/medusa.safetensors``.
+   candidate is the right token: the tree of the drafter is built from them. Then ``OUT/KIND.safetensors``.
 5. A check: the engine decodes a few held-out prompts with ``ar`` and with the new heads; prints both outputs'
    agreement (they must be identical) and the mean accepted tokens per step.
 """
@@ -29,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decodekit.drafters.medusa import KIND, Heads, save_heads, unit_rms
+from decodekit.drafters.heads import TrainedHeads, save_heads, unit_rms
+from decodekit.drafters.hydra import HydraHead
+from decodekit.drafters.medusa import MedusaHeads
 from decodekit.engine import Engine
 from decodekit.errors import InvalidParameter, ModelFileError
 from decodekit.runtime.loader import LoadedModel
@@ -38,24 +42,25 @@ from decodekit.train.prompts import training_prompts
 HELD_OUT = 0.1  # share of the sequences kept out of training, for the accept rates
 RANKS = 10  # candidates per head whose accept rate is measured
 CHECK_PROMPTS = 4
+KINDS: dict[str, type[TrainedHeads]] = {cls.kind: cls for cls in (MedusaHeads, HydraHead)}
 log = logging.getLogger("decodekit")
 
 
 @dataclass
 class Corpus:
     """Rows of training data: ``hidden`` float32 ``[N, H]`` (the residual stream leaving the last block at a
-    position t), ``labels`` int64 ``[N, K]`` (the token k + 1 places after t for head k = 1..K; -1 past the end),
-    ``held_out`` bool ``[N]`` (rows of held-out sequences), ``prompts`` the prompts' texts."""
+    position t), ``ahead`` int64 ``[N, K + 1]`` (the tokens at t + 1 .. t + K + 1; -1 past the end), ``held_out``
+    bool ``[N]`` (rows of held-out sequences), ``prompts`` the prompts' texts."""
 
     hidden: torch.Tensor
-    labels: torch.Tensor
+    ahead: torch.Tensor
     held_out: torch.Tensor
     prompts: list[str]
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {"hidden": self.hidden, "labels": self.labels, "held_out": self.held_out}
+        tensors = {"hidden": self.hidden, "ahead": self.ahead, "held_out": self.held_out}
         save_file(tensors, path, metadata={"prompts": json.dumps(self.prompts)})
 
     @staticmethod
@@ -64,7 +69,7 @@ class Corpus:
 
         with safe_open(path, framework="pt") as f:
             prompts = json.loads(f.metadata()["prompts"])
-            return Corpus(f.get_tensor("hidden"), f.get_tensor("labels"), f.get_tensor("held_out"), prompts)
+            return Corpus(f.get_tensor("hidden"), f.get_tensor("ahead"), f.get_tensor("held_out"), prompts)
 
 
 def answers(
@@ -92,8 +97,8 @@ def answers(
 
 
 def build_corpus(model: LoadedModel, prompts: list[str], sequences: list[tuple[list[int], int]], heads: int) -> Corpus:
-    """Teacher-forced hidden states and head labels of every answer (see :class:`Corpus`); ``sequences`` as
-    :func:`answers` returns them."""
+    """Teacher-forced hidden states and the tokens ahead of every answer position (see :class:`Corpus`);
+    ``sequences`` as :func:`answers` returns them."""
     transformer = model.transformer
     hidden, labels, held_out = [], [], []
     first_held_out = len(sequences) - max(1, round(HELD_OUT * len(sequences)))
@@ -102,30 +107,37 @@ def build_corpus(model: LoadedModel, prompts: list[str], sequences: list[tuple[l
         cache = transformer.new_cache(len(ids))
         states = transformer.hidden_states(ids[None].to(model.device), cache)[0].float().cpu()  # [n, H]
         rows = torch.arange(prompt_length - 1, len(ids) - 1)
-        ahead = rows[:, None] + torch.arange(2, heads + 2)  # position of head k's token: t + 1 + k
-        label = torch.where(ahead < len(ids), ids[ahead.clamp(max=len(ids) - 1)], -1)
+        at = rows[:, None] + torch.arange(1, heads + 2)  # positions t + 1 .. t + K + 1
         hidden.append(states[rows])
-        labels.append(label)
+        labels.append(torch.where(at < len(ids), ids[at.clamp(max=len(ids) - 1)], -1))
         held_out.append(torch.full((len(rows),), index >= first_held_out))
     return Corpus(torch.cat(hidden), torch.cat(labels), torch.cat(held_out), prompts)
 
 
-def logits_of(heads: Heads, hidden: torch.Tensor, output: torch.Tensor, eps: float) -> torch.Tensor:
+def logits_of(
+    heads: TrainedHeads, model: LoadedModel, hidden: torch.Tensor, ahead: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
     """The heads' logits ``[B, K, S]`` over the vocabulary whose columns ``output`` ``[H, S]`` holds
-    (``Transformer.output_map`` restricted), from residual-stream rows ``hidden`` ``[B, H]``."""
-    r = heads(unit_rms(hidden))
-    return (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)) @ output
+    (``Transformer.output_map`` restricted), from residual-stream rows ``hidden`` ``[B, H]`` and the tokens after
+    them ``ahead`` ``[B, K + 1]`` (teacher-forced)."""
+    with torch.inference_mode():
+        embedded = model.transformer.embedded(ahead[:, :-1].clamp(min=0).to(model.device)).float()
+    r = heads.states(unit_rms(hidden), embedded.clone())
+    return (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)) @ output
 
 
-def accept_rates(heads: Heads, corpus: Corpus, output: torch.Tensor, index: torch.Tensor, eps: float) -> torch.Tensor:
-    """float ``[K, RANKS]``: on held-out rows, how often head k's rank-r candidate is its label."""
+def accept_rates(
+    heads: TrainedHeads, model: LoadedModel, corpus: Corpus, output: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """float ``[K, RANKS]``: on held-out rows, how often the rank-r candidate at depth k is the target's token."""
     rows = corpus.held_out.nonzero().flatten()
-    counts = torch.zeros(heads.weight.shape[0], RANKS)
-    totals = torch.zeros(heads.weight.shape[0])
+    counts = torch.zeros(heads.depth, RANKS)
+    totals = torch.zeros(heads.depth)
     with torch.no_grad():
         for batch in rows.split(512):
-            logits = logits_of(heads, corpus.hidden[batch], output, eps)
-            labels = corpus.labels[batch]
+            hidden = corpus.hidden[batch].to(output.device)
+            logits = logits_of(heads, model, hidden, corpus.ahead[batch], output).cpu()
+            labels = corpus.ahead[batch, 1:]
             valid = (labels >= 0) & (index[labels.clamp(min=0)] >= 0)
             target = logits.gather(-1, index[labels.clamp(min=0)].clamp(min=0)[..., None])
             rank = (logits > target).sum(-1)  # [B, K]
@@ -136,7 +148,8 @@ def accept_rates(heads: Heads, corpus: Corpus, output: torch.Tensor, index: torc
     return counts / totals.clamp(min=1)[:, None]
 
 
-def train_medusa(
+def train_heads(
+    kind: str,
     model: LoadedModel,
     out: Path,
     heads: int = 4,
@@ -148,8 +161,11 @@ def train_medusa(
     resume: bool = False,
     say: Callable[[str], None] = print,
 ) -> Path:
-    """Train Medusa heads for ``model`` into ``out`` (a directory; see the module docstring); returns the heads
-    file. ``resume``: reuse ``out``'s corpus and continue from its checkpoint."""
+    """Train ``kind`` heads (medusa, hydra) for ``model`` into ``out`` (a directory; see the module docstring) for
+    ``heads`` tokens ahead; returns the heads file. ``resume``: reuse ``out``'s corpus and continue from its
+    checkpoint."""
+    if kind not in KINDS:
+        raise InvalidParameter(f"unknown kind {kind!r}: decodekit trains {', '.join(KINDS)}")
     for name, value, low in (("heads", heads, 1), ("prompts", prompts, 2), ("max_new_tokens", max_new_tokens, 2),
                              ("epochs", epochs, 1), ("batch_size", batch_size, 1)):  # fmt: skip
         if not isinstance(value, int) or value < low:
@@ -158,8 +174,8 @@ def train_medusa(
     corpus_file, checkpoint_file = out / "corpus.safetensors", out / "checkpoint.pt"
     if resume and corpus_file.is_file():
         corpus = Corpus.load(corpus_file)
-        if corpus.labels.shape[1] != heads:
-            raise InvalidParameter(f"{corpus_file} holds labels for {corpus.labels.shape[1]} heads, not {heads}")
+        if corpus.ahead.shape[1] != heads + 1:
+            raise InvalidParameter(f"{corpus_file} holds tokens for {corpus.ahead.shape[1] - 1} heads, not {heads}")
         say(f"resuming: {len(corpus.prompts)} prompts, {len(corpus.hidden)} rows from {corpus_file}")
     else:
         chosen = training_prompts(prompts)
@@ -171,20 +187,19 @@ def train_medusa(
     if corpus.hidden.shape[1] != model.cfg.hidden_size:
         raise ModelFileError(f"{corpus_file} was made for another model (hidden size {corpus.hidden.shape[1]})")
     train_rows = (~corpus.held_out).nonzero().flatten()
-    vocab = corpus.labels[train_rows][corpus.labels[train_rows] >= 0].unique()
+    vocab = corpus.ahead[train_rows, 1:][corpus.ahead[train_rows, 1:] >= 0].unique()
     index = torch.full((model.cfg.vocab_size,), -1, dtype=torch.int64)  # token -> its column in the vocabulary
     index[vocab] = torch.arange(len(vocab))
     output = model.transformer.output_map()[:, vocab].contiguous()  # [H, S]
-    eps = model.cfg.norm_eps
 
     device = model.device
     output = output.to(device)
-    medusa = Heads(heads, model.cfg.hidden_size).to(device)
-    optimizer = torch.optim.AdamW(medusa.parameters(), lr=lr, weight_decay=0.0)
+    trained = KINDS[kind](heads, model.cfg.hidden_size).to(device)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0)
     state = {"epoch": 0, "losses": []}
     if resume and checkpoint_file.is_file():
         saved = torch.load(checkpoint_file, weights_only=True, map_location=device)
-        medusa.load_state_dict(saved["heads"])
+        trained.load_state_dict(saved["heads"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {"epoch": saved["epoch"], "losses": saved["losses"]}
         say(f"resuming after epoch {state['epoch']}")
@@ -193,40 +208,39 @@ def train_medusa(
     for epoch in range(state["epoch"], epochs):
         order = train_rows[torch.randperm(len(train_rows), generator=generator)]
         for batch in tqdm(order.split(batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch"):
-            labels = corpus.labels[batch]
+            labels = corpus.ahead[batch, 1:]
             columns = torch.where(labels >= 0, index[labels.clamp(min=0)], -100).to(device)
-            logits = logits_of(medusa, corpus.hidden[batch].to(device), output, eps)
+            logits = logits_of(trained, model, corpus.hidden[batch].to(device), corpus.ahead[batch], output)
             loss = F.cross_entropy(logits.flatten(0, 1), columns.flatten(), ignore_index=-100)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             state["losses"].append(loss.item())
         state["epoch"] = epoch + 1
-        torch.save({"heads": medusa.state_dict(), "optimizer": optimizer.state_dict(), **state}, checkpoint_file)
+        torch.save({"heads": trained.state_dict(), "optimizer": optimizer.state_dict(), **state}, checkpoint_file)
     say(f"trained {epochs} epochs over {len(train_rows)} rows in {time.perf_counter() - start:.0f} s")
     plot_losses(state["losses"], out / "loss.png")
 
-    medusa, output = medusa.cpu(), output.cpu()
-    accept = accept_rates(medusa, corpus, output, index, eps)
-    heads_file = out / f"{KIND}.safetensors"
+    accept = accept_rates(trained, model, corpus, output, index)
+    heads_file = out / f"{kind}.safetensors"
     meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
             "prompts": len(corpus.prompts), "rows": len(train_rows), "epochs": epochs}  # fmt: skip
-    save_heads(heads_file, medusa, vocab, accept, meta)
-    rates = ", ".join(f"head {k + 1}: {float(accept[k, 0]):.2f}" for k in range(heads))
+    save_heads(heads_file, trained.cpu(), vocab, accept, meta)
+    rates = ", ".join(f"depth {k + 1}: {float(accept[k, 0]):.2f}" for k in range(heads))
     size = heads_file.stat().st_size / 2**20
     say(f"wrote {heads_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
-    check(model, heads_file, [p for p in corpus.prompts[-CHECK_PROMPTS:]], max_new_tokens, say)
+    check(model, f"{kind}:heads={heads_file}", corpus.prompts[-CHECK_PROMPTS:], max_new_tokens, say)
     return heads_file
 
 
-def check(model: LoadedModel, heads_file: Path, prompts: list[str], max_new_tokens: int, say) -> None:
-    """Decode held-out ``prompts`` with ``ar`` and the new heads; say whether every output is identical and the
-    heads' mean accepted tokens per step."""
-    plain, medusa = Engine(model, method="ar"), Engine(model, method=f"medusa:heads={heads_file}")
+def check(model: LoadedModel, method: str, prompts: list[str], max_new_tokens: int, say) -> None:
+    """Decode held-out ``prompts`` with ``ar`` and ``method`` (the new heads); say whether every output is
+    identical and the heads' mean accepted tokens per step."""
+    plain, drafting = Engine(model, method="ar"), Engine(model, method=method)
     same, lengths = 0, []
     for prompt in prompts:
         reference = plain.generate(prompt, max_new_tokens=max_new_tokens)
-        result = medusa.generate(prompt, max_new_tokens=max_new_tokens)
+        result = drafting.generate(prompt, max_new_tokens=max_new_tokens)
         same += result.token_ids == reference.token_ids
         lengths += result.stats.accepted_lengths
     mat = sum(lengths) / max(1, len(lengths))
@@ -248,7 +262,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
     ax.plot(range(window - 1, window - 1 + len(smooth)), smooth, label=f"mean of {window}")
     ax.set_xlabel("batch")
     ax.set_ylabel("cross-entropy (mean over heads)")
-    ax.set_title("medusa heads: training loss")
+    ax.set_title("draft heads: training loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,204 @@
+"""What the trained-head drafters (``medusa``, ``hydra``) share: their file, the target check, the static tree
+chosen from measured accept rates, and the drafter's outline.
+
+A heads file (safetensors) holds the heads' weights (bfloat16), ``vocab`` (int64 ``[S]``: the tokens the heads
+were trained to choose among, the tokens of the target's training answers) and ``accept`` (float ``[K, R]``: how
+often the rank-r candidate at depth k was the target's token, measured on held-out answers), with the kind, the
+format and the target's identity (``ModelAccess.identity``) in its metadata. ``decodekit train KIND`` writes it
+(decodekit/train/heads.py); a drafter finds it by its ``heads`` option, else where ``train`` writes by default for
+the target, else among the package's shipped files (``decodekit/data/KIND-NAME-IDENTITY.safetensors``).
+
+Every head reads the residual stream leaving the target's last block at the last accepted node of the step just
+verified (``StepOutcome.hidden``; there the target's own head chose the token that is now the root) and turns
+vectors of that stream into logits with the target's final norm and LM head (:meth:`ModelAccess.head`). The tree is
+Medusa's: the ``max_nodes`` rank paths with the highest product of accept rates. Drafts are deterministic, so
+verification accepts a node with the target's probability of its token: greedy output equals ``ar`` and sampled
+output follows the target. The first step of a request drafts nothing (no hidden state yet), nor, inside a hybrid,
+a step after one whose accepted path ran past this drafter's nodes (its last hidden state is then another part's).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from importlib.resources import files
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from decodekit.errors import InvalidParameter, ModelFileError, clip
+from decodekit.protocol import Draft, Drafter, ModelAccess, StepOutcome, TargetInfo, Tree
+
+FORMAT = 1
+MAX_HEADS_BYTES = 1 << 30
+
+
+def unit_rms(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden [..., H]`` scaled to a root mean square of 1 (float32)."""
+    x = hidden.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class TrainedHeads(torch.nn.Module):
+    """Heads for ``depth`` tokens ahead over ``hidden``-wide states. Zero-initialized output weights make every
+    head repeat the target's own guess for the root: training starts there."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, depth: int, hidden: int) -> None:
+        super().__init__()
+        self.depth, self.hidden = depth, hidden
+
+    def states(self, z: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: ``z [B, H]`` (the unit-RMS hidden state at t) and ``embedded [B, K, H]`` (the target's
+        embeddings of the tokens at t + 1 .. t + K) -> ``[B, K, H]``, the vectors whose logits guess the tokens at
+        t + 2 .. t + K + 1."""
+        raise NotImplementedError
+
+
+def save_heads(path: Path, heads: TrainedHeads, vocab: torch.Tensor, accept: torch.Tensor, meta: dict) -> None:
+    """Write a heads file (see the module docstring); ``meta`` holds at least ``identity``."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"heads.{name}": value.detach().to(torch.bfloat16).contiguous() for name, value in heads.state_dict().items()
+    }
+    tensors |= {"vocab": vocab.to(torch.int64).contiguous(), "accept": accept.float().contiguous()}
+    header = {"kind": heads.kind, "format": str(FORMAT), "depth": str(heads.depth), "meta": json.dumps(meta)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, partial, metadata=header)
+    partial.replace(path)
+
+
+def load_heads(
+    path: Path, cls: type[TrainedHeads], target: ModelAccess
+) -> tuple[TrainedHeads, torch.Tensor, torch.Tensor]:
+    """The heads (float32), vocabulary and accept rates of a ``cls.kind`` heads file trained for ``target``;
+    ModelFileError where the file cannot be read or is of another kind, InvalidParameter where it was trained for
+    other weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception as err:  # safetensors raises assorted errors on damaged files
+        raise ModelFileError(f"cannot read {cls.kind} heads {path}: {err}") from None
+    if header.get("kind") != cls.kind or header.get("format") != str(FORMAT):
+        raise ModelFileError(f"{path} is not a {cls.kind} heads file of format {FORMAT}")
+    meta = json.loads(header.get("meta", "{}"))
+    if meta.get("identity") != target.identity:
+        raise InvalidParameter(
+            f"the {cls.kind} heads {path} were trained for other weights ({meta.get('model', '?')}); train heads "
+            f"for this model: decodekit train {cls.kind} --model ..."
+        )
+    heads = cls(int(header["depth"]), target.hidden_size)
+    state = {name.removeprefix("heads."): value.float() for name, value in tensors.items() if name.startswith("heads.")}
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError:
+        raise InvalidParameter(f"the {cls.kind} heads {clip(str(path))} do not fit this model's shape") from None
+    vocab = tensors["vocab"]
+    if int(vocab.max()) >= target.vocab_size:
+        raise InvalidParameter(f"the {cls.kind} heads {clip(str(path))} do not fit this model's vocabulary")
+    return heads.eval().requires_grad_(False), vocab, tensors["accept"]
+
+
+def shipped_file(kind: str, identity: str) -> Path | None:
+    """The ``kind`` heads file shipped in the package for the weights ``identity`` names, if any."""
+    for entry in files("decodekit").joinpath("data").iterdir():
+        if entry.name.startswith(f"{kind}-") and entry.name.endswith(f"-{identity}.safetensors"):
+            return Path(str(entry))
+    return None
+
+
+def best_paths(accept: torch.Tensor, max_nodes: int) -> list[tuple[int, ...]]:
+    """Medusa's tree: the ``max_nodes`` rank paths ``(r_1, ..., r_d)`` (the rank-r_d candidate at depth d) with
+    the highest chance ``prod accept[k - 1, r_k]``, best first; a path's prefixes are among them and come before
+    it. ``accept`` float ``[K, R]``."""
+    rates = accept.tolist()
+    frontier = [(-rates[0][r], (r,)) for r in range(len(rates[0]))]
+    heapq.heapify(frontier)
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < max_nodes:
+        negative, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < len(rates):
+            for r in range(len(rates[len(path)])):
+                heapq.heappush(frontier, (negative * rates[len(path)][r], (*path, r)))
+    return chosen
+
+
+class HeadsDrafter(Drafter):
+    """A drafter of trained heads (see the module docstring). A subclass names its ``heads_class`` and implements
+    :meth:`candidates`."""
+
+    heads_class: ClassVar[type[TrainedHeads]]
+    wants_step_logits = False
+
+    def __init__(self, target: TargetInfo, heads: str, max_nodes: int) -> None:
+        kind = self.heads_class.kind
+        if target.model is None:
+            raise InvalidParameter(f"method {kind} reads the target's hidden states: build it through an Engine")
+        self.model = target.model
+        path = Path(heads) if heads else self._default_file(kind)
+        self.heads, vocab, accept = load_heads(path, self.heads_class, self.model)
+        self.outside = torch.ones(self.model.vocab_size, dtype=torch.bool)  # tokens the heads never propose
+        self.outside[vocab] = False
+        self.paths = best_paths(accept[:, : len(vocab)], max_nodes)  # no rank past the tokens they choose from
+        self.ranks = 1 + max(max(path) for path in self.paths)
+        index = {path: i + 1 for i, path in enumerate(self.paths)}
+        self.parents = [-1] + [index.get(path[:-1], 0) for path in self.paths]
+        self.tree = Tree.from_parents(self.parents)
+        rates = accept.tolist()
+        chances = [1.0]
+        for path in self.paths:
+            chances.append(chances[self.parents[len(chances)]] * rates[len(path) - 1][path[-1]])
+        self.estimates = torch.tensor(chances)
+        self.wants_hidden = (self.model.layers,)
+        self.hidden: torch.Tensor | None = None  # [H] at the last accepted node of the last step
+
+    def _default_file(self, kind: str) -> Path:
+        trained = self.model.trained_file(kind)
+        if trained.is_file():
+            return trained
+        shipped = shipped_file(kind, self.model.identity)
+        if shipped is None:
+            raise InvalidParameter(
+                f"no {kind} heads for this model: train them with `decodekit train {kind} --model MODEL` "
+                f"(or name a heads file: {kind}:heads=PATH)"
+            )
+        return shipped
+
+    def candidates(self, z: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]``: the draft's tokens (``tokens[0]`` the root) laid out as ``self.paths``, from ``z``
+        ``[H]`` (the unit-RMS hidden state) and the root token ``[1]``."""
+        raise NotImplementedError
+
+    def top(self, states: torch.Tensor) -> torch.Tensor:
+        """int64 ``[..., ranks]``: the best tokens of the heads' vocabulary after ``states`` ``[..., H]``."""
+        logits = self.model.head(states)
+        logits[..., self.outside] = float("-inf")
+        return logits.topk(self.ranks, dim=-1).indices
+
+    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
+        self.hidden = None
+
+    def propose(self, sequence: torch.Tensor) -> Draft:
+        root = sequence[-1:]
+        if self.hidden is None:
+            return Draft(root, Tree.chain(1))
+        with torch.inference_mode():
+            tokens = self.candidates(unit_rms(self.hidden), root)
+        return Draft(tokens, self.tree, estimates=self.estimates)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        if len(outcome.accepted) != len(outcome.committed):  # inside a hybrid, the path ran on past our nodes:
+            self.hidden = None  # the last node's hidden state is not ours to see; draft again after the next step
+            return
+        self.hidden = outcome.hidden[self.model.layers][int(outcome.accepted[-1])].clone()
+
+    def memory_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.heads.parameters())
