@@ -138,6 +138,12 @@ class ModelAccess:
         ``[..., hidden_size]`` (what ``StepOutcome.hidden[layers]`` holds), as the target turns its own into logits."""
         raise NotImplementedError
 
+    def head_over(self, vocab: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`head` restricted to the tokens ``vocab`` int64 ``[S]``: a function from ``[..., hidden_size]`` to
+        float ``[..., S]``, the output layer read once into one float matrix (for drafters that choose among few
+        tokens: a fraction of the full head's cost; for quantized weights within their activations' rounding)."""
+        raise NotImplementedError
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[..., hidden_size]``: the target's input embeddings of ``tokens`` int64 ``[...]`` (as its first block
         sees them)."""

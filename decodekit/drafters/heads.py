@@ -10,11 +10,13 @@ the target, else among the package's shipped files (``decodekit/data/KIND-NAME-I
 
 Every head reads the residual stream leaving the target's last block at the last accepted node of the step just
 verified (``StepOutcome.hidden``; there the target's own head chose the token that is now the root) and turns
-vectors of that stream into logits with the target's final norm and LM head (:meth:`ModelAccess.head`). The tree is
-Medusa's: the ``max_nodes`` rank paths with the highest product of accept rates. Drafts are deterministic, so
-verification accepts a node with the target's probability of its token: greedy output equals ``ar`` and sampled
-output follows the target. The first step of a request drafts nothing (no hidden state yet), nor, inside a hybrid,
-a step after one whose accepted path ran past this drafter's nodes (its last hidden state is then another part's).
+vectors of that stream into logits over its vocabulary with the target's final norm and LM head
+(:meth:`ModelAccess.head_over`: read once into a float matrix of the few thousand tokens the heads choose among).
+The tree is Medusa's: the ``max_nodes`` rank paths with the highest product of accept rates. Drafts are
+deterministic, so verification accepts a node with the target's probability of its token: greedy output equals
+``ar`` and sampled output follows the target. The first step of a request drafts nothing (no hidden state yet), nor,
+inside a hybrid, a step after one whose accepted path ran past this drafter's nodes (its last hidden state is then
+another part's).
 """
 
 from __future__ import annotations
@@ -144,10 +146,9 @@ class HeadsDrafter(Drafter):
             raise InvalidParameter(f"method {kind} reads the target's hidden states: build it through an Engine")
         self.model = target.model
         path = Path(heads) if heads else self._default_file(kind)
-        self.heads, vocab, accept = load_heads(path, self.heads_class, self.model)
-        self.outside = torch.ones(self.model.vocab_size, dtype=torch.bool)  # tokens the heads never propose
-        self.outside[vocab] = False
-        self.paths = best_paths(accept[:, : len(vocab)], max_nodes)  # no rank past the tokens they choose from
+        self.heads, self.vocab, accept = load_heads(path, self.heads_class, self.model)
+        self.logits = self.model.head_over(self.vocab)  # the target's output layer over the heads' tokens
+        self.paths = best_paths(accept[:, : len(self.vocab)], max_nodes)  # no rank past the tokens they choose from
         self.ranks = 1 + max(max(path) for path in self.paths)
         index = {path: i + 1 for i, path in enumerate(self.paths)}
         self.parents = [-1] + [index.get(path[:-1], 0) for path in self.paths]
@@ -179,9 +180,7 @@ class HeadsDrafter(Drafter):
 
     def top(self, states: torch.Tensor) -> torch.Tensor:
         """int64 ``[..., ranks]``: the best tokens of the heads' vocabulary after ``states`` ``[..., H]``."""
-        logits = self.model.head(states)
-        logits[..., self.outside] = float("-inf")
-        return logits.topk(self.ranks, dim=-1).indices
+        return self.vocab[self.logits(states).topk(self.ranks, dim=-1).indices]
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         self.hidden = None

@@ -11,7 +11,7 @@ checkpoints loaded once per engine, and the shapes a drafter may size itself by.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -91,6 +91,7 @@ class TargetModel(ModelAccess):
         self.hidden_size = model.cfg.hidden_size
         self.vocab_size = model.cfg.vocab_size
         self._checkpoints: dict[str, LoadedModel] = {}
+        self._outputs: dict[bytes, torch.Tensor] = {}  # head_over's matrices by vocabulary
 
     @property
     def identity(self) -> str:
@@ -98,6 +99,19 @@ class TargetModel(ModelAccess):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.transformer.logits(hidden.to(self.model.dtype))
+
+    def head_over(self, vocab: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        transformer, eps = self.model.transformer, self.model.cfg.norm_eps
+        key = vocab.cpu().numpy().tobytes()
+        if key not in self._outputs:  # one matrix per vocabulary and engine, however many drafters use it
+            self._outputs[key] = transformer.output_map()[:, vocab.to(transformer.device)].contiguous()  # [H, S]
+        output = self._outputs[key]
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            x = hidden.float()
+            return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) @ output
+
+        return logits
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
