@@ -25,10 +25,11 @@ import heapq
 import json
 from importlib.resources import files
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
+from decodekit.drafters.options import FilePath, Range, checked_options
 from decodekit.errors import InvalidParameter, ModelFileError, clip
 from decodekit.protocol import Draft, Drafter, ModelAccess, StepOutcome, TargetInfo, Tree
 
@@ -133,14 +134,21 @@ def best_paths(accept: torch.Tensor, max_nodes: int) -> list[tuple[int, ...]]:
     return chosen
 
 
+@checked_options
 class HeadsDrafter(Drafter):
-    """A drafter of trained heads (see the module docstring). A subclass names its ``heads_class`` and implements
-    :meth:`candidates`."""
+    """A drafter of trained heads (see the module docstring), with their options: ``heads`` (a heads file; default:
+    the one trained or shipped for the target) and ``max_nodes`` (the tree's nodes, root excluded). A subclass names
+    its ``heads_class`` and implements :meth:`candidates`."""
 
     heads_class: ClassVar[type[TrainedHeads]]
     wants_step_logits = False
 
-    def __init__(self, target: TargetInfo, heads: str, max_nodes: int) -> None:
+    def __init__(
+        self,
+        target: TargetInfo,
+        heads: Annotated[str, FilePath(MAX_HEADS_BYTES)] = "",
+        max_nodes: Annotated[int, Range(1, 128)] = 24,
+    ) -> None:
         kind = self.heads_class.kind
         if target.model is None:
             raise InvalidParameter(f"method {kind} reads the target's hidden states: build it through an Engine")
@@ -160,6 +168,10 @@ class HeadsDrafter(Drafter):
         self.estimates = torch.tensor(chances)
         self.wants_hidden = (self.model.layers,)
         self.hidden: torch.Tensor | None = None  # [H] at the last accepted node of the last step
+        self.lay_out()
+
+    def lay_out(self) -> None:
+        """What a subclass derives once from the tree (``self.paths``, ``self.parents``) to fill it quickly."""
 
     def _default_file(self, kind: str) -> Path:
         trained = self.model.trained_file(kind)

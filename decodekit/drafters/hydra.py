@@ -14,14 +14,10 @@ children. Trained by ``decodekit train hydra``. Memory: ``3 * hidden**2`` floats
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
 
-from decodekit.drafters.heads import MAX_HEADS_BYTES, HeadsDrafter, TrainedHeads, unit_rms
-from decodekit.drafters.options import FilePath, Range, checked_options
-from decodekit.protocol import TargetInfo
+from decodekit.drafters.heads import HeadsDrafter, TrainedHeads, unit_rms
 
 
 class HydraHead(TrainedHeads):
@@ -48,20 +44,13 @@ class HydraHead(TrainedHeads):
         return torch.stack(out, dim=1)
 
 
-@checked_options
 class Hydra(HeadsDrafter):
     """Method ``hydra``: the trained head in ``heads`` (default: the one trained or shipped for the target) drafts
     a tree of ``max_nodes`` nodes (root excluded), each node's children guessed from its own path."""
 
     heads_class = HydraHead
 
-    def __init__(
-        self,
-        target: TargetInfo,
-        heads: Annotated[str, FilePath(MAX_HEADS_BYTES)] = "",
-        max_nodes: Annotated[int, Range(1, 128)] = 24,
-    ) -> None:
-        super().__init__(target, heads, max_nodes)
+    def lay_out(self) -> None:
         n = len(self.parents)
         depth = [0] + [len(path) for path in self.paths]
         expanding = sorted({p for p in self.parents[1:]})  # nodes with children, parents before children

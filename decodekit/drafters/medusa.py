@@ -8,14 +8,10 @@ target's own final norm and LM head. Trained by ``decodekit train medusa``. Memo
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
 
-from decodekit.drafters.heads import MAX_HEADS_BYTES, HeadsDrafter, TrainedHeads
-from decodekit.drafters.options import FilePath, Range, checked_options
-from decodekit.protocol import TargetInfo
+from decodekit.drafters.heads import HeadsDrafter, TrainedHeads
 
 
 class MedusaHeads(TrainedHeads):
@@ -36,23 +32,16 @@ class MedusaHeads(TrainedHeads):
         return self(z)
 
 
-@checked_options
 class Medusa(HeadsDrafter):
     """Method ``medusa``: the trained heads in ``heads`` (default: those trained or shipped for the target) draft
     a tree of ``max_nodes`` nodes (root excluded) from their top candidates."""
 
     heads_class = MedusaHeads
 
-    def __init__(
-        self,
-        target: TargetInfo,
-        heads: Annotated[str, FilePath(MAX_HEADS_BYTES)] = "",
-        max_nodes: Annotated[int, Range(1, 128)] = 24,
-    ) -> None:
-        super().__init__(target, heads, max_nodes)
-        depth = torch.tensor([len(path) for path in self.paths])
-        self.at = (depth - 1, torch.tensor([path[-1] for path in self.paths]))  # each node's head and rank
+    def lay_out(self) -> None:
+        self.depth = max(len(path) for path in self.paths)
+        self.at = ([len(path) - 1 for path in self.paths], [path[-1] for path in self.paths])  # head, rank by node
 
     def candidates(self, z: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-        top = self.top(self.heads(z)[: int(self.at[0].max()) + 1])  # [depth, ranks]
+        top = self.top(self.heads(z)[: self.depth])  # [depth, ranks]
         return torch.cat([root, top[self.at]])
