@@ -333,14 +333,14 @@ def checked_options(cls: type[T]) -> type[T]:
 
     @functools.wraps(init)
     def checked_init(self: object, *args: object, **kwargs: object) -> None:
-        owner = type(self)  # a subclass that inherits the constructor is named in messages
-        kwargs = {current_name(owner, key, owner.__name__): value for key, value in kwargs.items()}
+        owner = type(self).__name__  # a subclass that inherits the constructor is named in messages
+        kwargs = {current_name(cls, key, owner): value for key, value in kwargs.items()}
         bound = inspect.signature(init).bind(self, *args, **kwargs)
         for name, value in list(bound.arguments.items())[2:]:
             try:
-                options_of(owner)[name].check(value)
+                options_of(cls)[name].check(value)
             except ValueError as err:
-                raise InvalidParameter(f"{owner.__name__} option {name}: {clip(value)} {err}") from None
+                raise InvalidParameter(f"{owner} option {name}: {clip(value)} {err}") from None
         init(self, *args, **kwargs)
 
     cls.__init__ = checked_init  # type: ignore[method-assign]
