@@ -124,6 +124,25 @@ class DraftModel:
         raise NotImplementedError
 
 
+class EarlyExit:
+    """What a drafter puts on a slice of the target in place of the layers above it (Kangaroo's adapter): a
+    function of the residual stream leaving the slice at every position, with a cache of its own over the positions
+    before (which the runner that holds it keeps in step with its own), and logits on top."""
+
+    def new_cache(self, capacity: int) -> torch.Tensor:
+        """An empty cache for ``capacity`` positions: a tensor whose first dimension is the position."""
+        raise NotImplementedError
+
+    def states(self, hidden: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+        """``hidden [n, H]`` (the slice's output at positions ``start .. start + n - 1``) -> ``[n, H]``; writes
+        those positions into ``cache``, whose positions before ``start`` hold the sequence's earlier ones."""
+        raise NotImplementedError
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """float ``[..., V]``: the logits of ``states [..., H]``."""
+        raise NotImplementedError
+
+
 class ModelAccess:
     """The target model as drafters may use it (``TargetInfo.model``): its shape, slices of it, draft checkpoints.
     A drafter never reaches the target's own cache: every :class:`DraftModel` brings its own."""
@@ -153,9 +172,9 @@ class ModelAccess:
         """Where ``decodekit train KIND`` keeps what it trains for this target by default (it may not exist)."""
         raise NotImplementedError
 
-    def slice(self, layers: Sequence[int]) -> DraftModel:
-        """The target run through ``layers`` only (increasing block indices), its final norm and LM head on top.
-        Raises InvalidParameter on a bad layer list."""
+    def slice(self, layers: Sequence[int], exit: EarlyExit | None = None) -> DraftModel:
+        """The target run through ``layers`` only (increasing block indices), with ``exit`` on top (None: the
+        target's final norm and LM head). Raises InvalidParameter on a bad layer list."""
         raise NotImplementedError
 
     def checkpoint(self, path: str) -> DraftModel:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from decodekit.errors import InvalidParameter, clip
-from decodekit.protocol import MAX_DRAFT_NODES, DraftModel, ModelAccess, greedy_choice
+from decodekit.protocol import MAX_DRAFT_NODES, DraftModel, EarlyExit, ModelAccess, greedy_choice
 from decodekit.runtime.kv_cache import rounded_capacity
 from decodekit.runtime.loader import LoadedModel, load_model
 from decodekit.runtime.model import Transformer
@@ -26,13 +26,17 @@ CHUNK = 256  # tokens per forward when a runner catches up with a long sequence 
 
 
 class ModelRunner(DraftModel):
-    """``transformer`` restricted to ``layers`` (block indices in order; None: every block), its final norm and
-    LM head on top, over a one-row cache of its own."""
+    """``transformer`` restricted to ``layers`` (block indices in order; None: every block), over a one-row cache of
+    its own, with ``exit`` on top (None: the model's final norm and LM head)."""
 
-    def __init__(self, transformer: Transformer, layers: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, transformer: Transformer, layers: Sequence[int] | None = None, exit: EarlyExit | None = None
+    ) -> None:
         self.transformer = transformer
         self.layers = tuple(range(transformer.cfg.layers)) if layers is None else tuple(layers)
+        self.exit = exit
         self.cache = transformer.new_cache(0, layers=len(self.layers))
+        self.exit_cache = exit.new_cache(0) if exit is not None else None  # positions as in self.cache
         self.tokens = torch.empty(0, dtype=torch.int64)  # what the cache holds: tokens[: cache.lengths[0]]
         self.last_logits: torch.Tensor | None = None  # the logits after all the cache holds
 
@@ -57,15 +61,23 @@ class ModelRunner(DraftModel):
             capacity = rounded_capacity(t + MAX_DRAFT_NODES)
             self.cache.grow(capacity)
             self.tokens = torch.cat([self.tokens[:keep], torch.empty(capacity - keep, dtype=torch.int64)])
+            if self.exit is not None:
+                grown = self.exit.new_cache(capacity)
+                grown[:keep] = self.exit_cache[:keep]
+                self.exit_cache = grown
         model = self.transformer
         while keep < t:
             n = min(CHUNK, t - keep)
             tokens = sequence[None, keep : keep + n].to(model.device)
-            hidden = model.hidden_states(tokens, self.cache, layers=self.layers)
+            hidden = model.hidden_states(tokens, self.cache, layers=self.layers)[0]
+            if self.exit is not None:
+                with torch.inference_mode():
+                    hidden = self.exit.states(hidden, keep, self.exit_cache)
             self.cache.commit(0, n)
             keep += n
         self.tokens[:t] = sequence
-        self.last_logits = model.logits(hidden[0, -1])
+        with torch.inference_mode():
+            self.last_logits = model.logits(hidden[-1]) if self.exit is None else self.exit.logits(hidden[-1])
         return self.last_logits
 
     def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -73,11 +85,16 @@ class ModelRunner(DraftModel):
         made for the purpose (the runner's own is left as it is)."""
         model = self.transformer
         cache = model.new_cache(tokens.numel(), layers=len(self.layers))
-        hidden = model.hidden_states(tokens[None].to(model.device), cache, layers=self.layers)
-        return greedy_choice(model.logits(hidden[0])).cpu()
+        hidden = model.hidden_states(tokens[None].to(model.device), cache, layers=self.layers)[0]
+        if self.exit is None:
+            return greedy_choice(model.logits(hidden)).cpu()
+        with torch.inference_mode():
+            states = self.exit.states(hidden, 0, self.exit.new_cache(tokens.numel()))
+            return greedy_choice(self.exit.logits(states)).cpu()
 
     def memory_bytes(self) -> int:
-        return self.cache.kv.numel() * self.cache.kv.element_size() + self.tokens.numel() * 8
+        exit_bytes = 0 if self.exit_cache is None else self.exit_cache.numel() * self.exit_cache.element_size()
+        return self.cache.kv.numel() * self.cache.kv.element_size() + self.tokens.numel() * 8 + exit_bytes
 
 
 class TargetModel(ModelAccess):
@@ -120,13 +137,13 @@ class TargetModel(ModelAccess):
     def trained_file(self, kind: str) -> Path:
         return self.model.trained_file(kind)
 
-    def slice(self, layers: Sequence[int]) -> ModelRunner:
+    def slice(self, layers: Sequence[int], exit: EarlyExit | None = None) -> ModelRunner:
         layers = list(layers)
         if not layers:
             raise InvalidParameter("a slice of the target needs at least one layer")
         if any(not 0 <= layer < self.layers for layer in layers) or layers != sorted(set(layers)):
             raise InvalidParameter(f"slice layers must be increasing indices in [0, {self.layers}), got {clip(layers)}")
-        return ModelRunner(self.model.transformer, layers)
+        return ModelRunner(self.model.transformer, layers, exit)
 
     def checkpoint(self, path: str) -> ModelRunner:
         if path not in self._checkpoints:
