@@ -143,7 +143,7 @@ def bad_models(tmp_path_factory):
         (["hi", "--model", "{tiny}", "--max-new-tokens", "-5"], "max_new_tokens must be a positive integer"),
         (["hi", "--model", "{tiny}", "--max-new-tokens", "100000000"], "exceeds the context window"),
         (["hi", "--model", "{tiny}", "--method", "eagle9"], "unknown method 'eagle9'"),
-        (["hi", "--model", "{tiny}", "--method", "medusa"], "no medusa heads for this model: train them with"),
+        (["hi", "--model", "{tiny}", "--method", "medusa"], "no medusa file for this model: train it with"),
         (["hi", "--model", "{tiny}", "--method", "recycling:k=banana"], "expects an integer"),
         (["hi", "--model", "{tiny}", "--method", "recycling:k=1000000000000"], "must be in [1, 64]"),
         (["hi", "--no-chat", "--model", "{tiny}", "--method", "hybrid:max_nodes=100000"], "max_nodes"),

@@ -11,7 +11,7 @@ from helpers import write_tiny_llama
 
 from decodekit import Engine, InvalidParameter, ModelFileError, load_model
 from decodekit.cli import main
-from decodekit.drafters.heads import best_paths, load_heads, shipped_file, unit_rms
+from decodekit.drafters.heads import best_paths, load_trained, shipped_file, unit_rms
 from decodekit.drafters.hydra import HydraHead
 from decodekit.drafters.medusa import MedusaHeads
 from decodekit.runtime.runner import TargetModel
@@ -73,7 +73,7 @@ def test_training_lowers_the_loss_and_writes_heads_that_load(trained):
     batches = len(losses) // 3
     assert sum(losses[-batches:]) < sum(losses[:batches])  # the last epoch against the first
     assert (out / "loss.png").stat().st_size > 1000
-    heads, vocab, accept = load_heads(path, trainer.KINDS[kind], TargetModel(model))
+    heads, vocab, accept = load_trained(path, trainer.KINDS[kind], TargetModel(model))
     assert heads.depth == 3 and sum(float(p.abs().sum()) for p in heads.parameters()) > 0
     assert accept.shape == (3, trainer.RANKS) and 0 < float(accept[0, 0]) <= 1
     assert vocab.numel() > 10 and int(vocab.max()) < model.cfg.vocab_size
@@ -116,7 +116,7 @@ def test_heads_of_other_weights_or_kinds_are_refused(trained, tmp_path):
     with pytest.raises(InvalidParameter, match="trained for other weights"):
         Engine(other, f"{kind}:heads={path}").generate("Hello", max_new_tokens=4)
     wrong = "hydra" if kind == "medusa" else "medusa"
-    with pytest.raises(ModelFileError, match=f"is not a {wrong} heads file"):
+    with pytest.raises(ModelFileError, match=f"is not a {wrong} file"):
         Engine(trained[1], f"{wrong}:heads={path}").generate("Hello", max_new_tokens=4)
 
 
@@ -156,5 +156,5 @@ def test_the_default_models_weights_share_one_identity_and_its_shipped_heads(
         path = shipped_file(kind, default_model.identity)
         assert path is not None and path.stat().st_size < 4 * 2**20, kind
         for model in (default_model, default_model_gguf):
-            heads, _, accept = load_heads(path, cls, TargetModel(model))
+            heads, _, accept = load_trained(path, cls, TargetModel(model))
             assert heads.hidden == model.cfg.hidden_size and accept[0, 0] > 0.3

@@ -1,8 +1,9 @@
 """What the trained-head drafters (``medusa``, ``hydra``) share: their file, the target check, the static tree
-chosen from measured accept rates, and the drafter's outline.
+chosen from measured accept rates, and the drafter's outline. The file and the target check serve every trained
+drafter (``kangaroo`` too).
 
-A heads file (safetensors) holds the heads' weights (bfloat16), ``vocab`` (int64 ``[S]``: the tokens the heads
-were trained to choose among, the tokens of the target's training answers) and ``accept`` (float ``[K, R]``: how
+A trained file (safetensors) holds the part's weights (bfloat16), ``vocab`` (int64 ``[S]``: the tokens it was
+trained to choose among, the tokens of the target's training answers) and ``accept`` (float ``[K, R]``: how
 often the rank-r candidate at depth k was the target's token, measured on held-out answers), with the kind, the
 format and the target's identity (``ModelAccess.identity``) in its metadata. ``decodekit train KIND`` writes it
 (decodekit/train/heads.py); a drafter finds it by its ``heads`` option, else where ``train`` writes by default for
@@ -25,7 +26,7 @@ import heapq
 import json
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import torch
 
@@ -34,7 +35,8 @@ from decodekit.errors import InvalidParameter, ModelFileError, clip
 from decodekit.protocol import Draft, Drafter, ModelAccess, StepOutcome, TargetInfo, Tree
 
 FORMAT = 1
-MAX_HEADS_BYTES = 1 << 30
+MAX_TRAINED_BYTES = 1 << 30
+T = TypeVar("T", bound="TrainedPart")
 
 
 def unit_rms(hidden: torch.Tensor) -> torch.Tensor:
@@ -43,15 +45,21 @@ def unit_rms(hidden: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-class TrainedHeads(torch.nn.Module):
-    """Heads for ``depth`` tokens ahead over ``hidden``-wide states. Zero-initialized output weights make every
-    head repeat the target's own guess for the root: training starts there."""
+class TrainedPart(torch.nn.Module):
+    """A part trained for a target by ``decodekit train KIND``, built as ``cls(depth, hidden)``: ``depth`` is the
+    one number that shapes it besides the target's ``hidden`` size (heads: the tokens ahead; Kangaroo's adapter:
+    the target layers under it)."""
 
     kind: ClassVar[str]
 
     def __init__(self, depth: int, hidden: int) -> None:
         super().__init__()
         self.depth, self.hidden = depth, hidden
+
+
+class TrainedHeads(TrainedPart):
+    """Heads for ``depth`` tokens ahead over ``hidden``-wide states. Zero-initialized output weights make every
+    head repeat the target's own guess for the root: training starts there."""
 
     def states(self, z: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """Teacher-forced: ``z [B, H]`` (the unit-RMS hidden state at t) and ``embedded [B, K, H]`` (the target's
@@ -60,8 +68,8 @@ class TrainedHeads(torch.nn.Module):
         raise NotImplementedError
 
 
-def save_heads(path: Path, heads: TrainedHeads, vocab: torch.Tensor, accept: torch.Tensor, meta: dict) -> None:
-    """Write a heads file (see the module docstring); ``meta`` holds at least ``identity``."""
+def save_trained(path: Path, heads: TrainedPart, vocab: torch.Tensor, accept: torch.Tensor, meta: dict) -> None:
+    """Write a trained file (see the module docstring); ``meta`` holds at least ``identity``."""
     from safetensors.torch import save_file
 
     tensors = {
@@ -75,10 +83,8 @@ def save_heads(path: Path, heads: TrainedHeads, vocab: torch.Tensor, accept: tor
     partial.replace(path)
 
 
-def load_heads(
-    path: Path, cls: type[TrainedHeads], target: ModelAccess
-) -> tuple[TrainedHeads, torch.Tensor, torch.Tensor]:
-    """The heads (float32), vocabulary and accept rates of a ``cls.kind`` heads file trained for ``target``;
+def load_trained(path: Path, cls: type[T], target: ModelAccess) -> tuple[T, torch.Tensor, torch.Tensor]:
+    """The part (float32), vocabulary and accept rates of a ``cls.kind`` trained file made for ``target``;
     ModelFileError where the file cannot be read or is of another kind, InvalidParameter where it was trained for
     other weights."""
     from safetensors import safe_open
@@ -88,13 +94,13 @@ def load_heads(
             header = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as err:  # safetensors raises assorted errors on damaged files
-        raise ModelFileError(f"cannot read {cls.kind} heads {path}: {err}") from None
+        raise ModelFileError(f"cannot read {cls.kind} file {path}: {err}") from None
     if header.get("kind") != cls.kind or header.get("format") != str(FORMAT):
-        raise ModelFileError(f"{path} is not a {cls.kind} heads file of format {FORMAT}")
+        raise ModelFileError(f"{path} is not a {cls.kind} file of format {FORMAT}")
     meta = json.loads(header.get("meta", "{}"))
     if meta.get("identity") != target.identity:
         raise InvalidParameter(
-            f"the {cls.kind} heads {path} were trained for other weights ({meta.get('model', '?')}); train heads "
+            f"the {cls.kind} file {path} was trained for other weights ({meta.get('model', '?')}); train one "
             f"for this model: decodekit train {cls.kind} --model ..."
         )
     heads = cls(int(header["depth"]), target.hidden_size)
@@ -102,19 +108,34 @@ def load_heads(
     try:
         heads.load_state_dict(state)
     except RuntimeError:
-        raise InvalidParameter(f"the {cls.kind} heads {clip(str(path))} do not fit this model's shape") from None
+        raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's shape") from None
     vocab = tensors["vocab"]
     if int(vocab.max()) >= target.vocab_size:
-        raise InvalidParameter(f"the {cls.kind} heads {clip(str(path))} do not fit this model's vocabulary")
+        raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's vocabulary")
     return heads.eval().requires_grad_(False), vocab, tensors["accept"]
 
 
 def shipped_file(kind: str, identity: str) -> Path | None:
-    """The ``kind`` heads file shipped in the package for the weights ``identity`` names, if any."""
+    """The ``kind`` file shipped in the package for the weights ``identity`` names, if any."""
     for entry in files("decodekit").joinpath("data").iterdir():
         if entry.name.startswith(f"{kind}-") and entry.name.endswith(f"-{identity}.safetensors"):
             return Path(str(entry))
     return None
+
+
+def default_file(model: ModelAccess, kind: str, option: str) -> Path:
+    """The ``kind`` file for ``model`` where a method's ``option`` names none: the one ``decodekit train`` wrote
+    into the cache, else the one shipped in the package; InvalidParameter naming the command when neither is."""
+    trained = model.trained_file(kind)
+    if trained.is_file():
+        return trained
+    shipped = shipped_file(kind, model.identity)
+    if shipped is None:
+        raise InvalidParameter(
+            f"no {kind} file for this model: train it with `decodekit train {kind} --model MODEL` "
+            f"(or name one: {kind}:{option}=PATH)"
+        )
+    return shipped
 
 
 def best_paths(accept: torch.Tensor, max_nodes: int) -> list[tuple[int, ...]]:
@@ -146,15 +167,15 @@ class HeadsDrafter(Drafter):
     def __init__(
         self,
         target: TargetInfo,
-        heads: Annotated[str, FilePath(MAX_HEADS_BYTES)] = "",
+        heads: Annotated[str, FilePath(MAX_TRAINED_BYTES)] = "",
         max_nodes: Annotated[int, Range(1, 128)] = 24,
     ) -> None:
         kind = self.heads_class.kind
         if target.model is None:
             raise InvalidParameter(f"method {kind} reads the target's hidden states: build it through an Engine")
         self.model = target.model
-        path = Path(heads) if heads else self._default_file(kind)
-        self.heads, self.vocab, accept = load_heads(path, self.heads_class, self.model)
+        path = Path(heads) if heads else default_file(self.model, kind, "heads")
+        self.heads, self.vocab, accept = load_trained(path, self.heads_class, self.model)
         self.logits = self.model.head_over(self.vocab)  # the target's output layer over the heads' tokens
         self.paths = best_paths(accept[:, : len(self.vocab)], max_nodes)  # no rank past the tokens they choose from
         self.ranks = 1 + max(max(path) for path in self.paths)
@@ -172,18 +193,6 @@ class HeadsDrafter(Drafter):
 
     def lay_out(self) -> None:
         """What a subclass derives once from the tree (``self.paths``, ``self.parents``) to fill it quickly."""
-
-    def _default_file(self, kind: str) -> Path:
-        trained = self.model.trained_file(kind)
-        if trained.is_file():
-            return trained
-        shipped = shipped_file(kind, self.model.identity)
-        if shipped is None:
-            raise InvalidParameter(
-                f"no {kind} heads for this model: train them with `decodekit train {kind} --model MODEL` "
-                f"(or name a heads file: {kind}:heads=PATH)"
-            )
-        return shipped
 
     def candidates(self, z: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]``: the draft's tokens (``tokens[0]`` the root) laid out as ``self.paths``, from ``z``

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decodekit.drafters.heads import TrainedHeads, save_heads, unit_rms
+from decodekit.drafters.heads import TrainedHeads, save_trained, unit_rms
 from decodekit.drafters.hydra import HydraHead
 from decodekit.drafters.medusa import MedusaHeads
 from decodekit.engine import Engine
@@ -225,7 +225,7 @@ def train_heads(
     heads_file = out / f"{kind}.safetensors"
     meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
             "prompts": len(corpus.prompts), "rows": len(train_rows), "epochs": epochs}  # fmt: skip
-    save_heads(heads_file, trained.cpu(), vocab, accept, meta)
+    save_trained(heads_file, trained.cpu(), vocab, accept, meta)
     rates = ", ".join(f"depth {k + 1}: {float(accept[k, 0]):.2f}" for k in range(heads))
     size = heads_file.stat().st_size / 2**20
     say(f"wrote {heads_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
@@ -247,7 +247,12 @@ def check(model: LoadedModel, method: str, prompts: list[str], max_new_tokens: i
     say(f"check on {len(prompts)} held-out prompts: {same}/{len(prompts)} identical to ar, MAT {mat:.2f} (ar 1.00)")
 
 
-def plot_losses(losses: list[float], path: Path) -> None:
+def plot_losses(
+    losses: list[float],
+    path: Path,
+    title: str = "draft heads: training loss",
+    ylabel: str = "cross-entropy (mean over heads)",
+) -> None:
     """The training loss per batch (and its running mean) as a PNG."""
     import matplotlib
 
@@ -261,8 +266,8 @@ def plot_losses(losses: list[float], path: Path) -> None:
     ax.plot(values, alpha=0.3, label="batch")
     ax.plot(range(window - 1, window - 1 + len(smooth)), smooth, label=f"mean of {window}")
     ax.set_xlabel("batch")
-    ax.set_ylabel("cross-entropy (mean over heads)")
-    ax.set_title("draft heads: training loss")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
