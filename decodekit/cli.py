@@ -91,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(bench)
 
     commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
-    train = commands.add_parser("train", help="train the parts a method needs for a model (medusa, hydra: heads)")
-    train.add_argument("kind", choices=["medusa", "hydra"], help="the method whose heads to train")
+    train = commands.add_parser(
+        "train", help="train the parts a method needs for a model (medusa, hydra: heads; kangaroo: an adapter)"
+    )
+    train.add_argument("kind", choices=["medusa", "hydra", "kangaroo"], help="the method whose part to train")
     train.add_argument("--model", help=MODEL_HELP)
     train.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -101,9 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finds them)"
     )  # fmt: skip
     train.add_argument("--heads", type=int, default=4, metavar="K", help="tokens ahead the heads learn (default: 4)")
+    train.add_argument(
+        "--exit-layer", type=int, metavar="L", help="kangaroo: the target layers under the adapter (default: a tenth)"
+    )
     train.add_argument("--prompts", type=int, default=400, metavar="N", help="training prompts (default: 400)")
     train.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length (default: 128)")
-    train.add_argument("--epochs", type=int, default=4, metavar="N")
+    train.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default: 4; kangaroo: 20)")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--resume", action="store_true", help="reuse --out's data and continue from its checkpoint")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
@@ -408,12 +413,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from decodekit import load_model
-    from decodekit.train.heads import train_heads
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out) if args.out else model.trained_file(args.kind).parent
-    settings = (args.heads, args.prompts, args.max_new_tokens, args.epochs, args.lr)
-    train_heads(args.kind, model, out, *settings, resume=args.resume)
+    settings = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "lr": args.lr, "resume": args.resume}
+    if args.epochs is not None:
+        settings["epochs"] = args.epochs
+    if args.kind == "kangaroo":
+        from decodekit.train.kangaroo import train_kangaroo
+
+        train_kangaroo(model, out, args.exit_layer, **settings)
+    else:
+        from decodekit.train.heads import train_heads
+
+        train_heads(args.kind, model, out, args.heads, **settings)
     return 0
 
 

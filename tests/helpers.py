@@ -109,27 +109,35 @@ def write_tiny_gemma(directory: Path, **overrides: object) -> Path:
 
 def runnable(method: str, model: object) -> str:
     """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` also needs a draft
-    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``medusa`` and ``hydra``
-    need heads, and get the package's for the model, else heads trained here in seconds (:func:`quick_heads`)."""
+    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``medusa``, ``hydra`` and
+    ``kangaroo`` need trained parts, and get the package's for the model, else ones trained here in seconds
+    (:func:`quick_part`)."""
     if method == "draft":
         return f"draft:model={model.path}"
-    if method in ("medusa", "hydra") and shipped_file(method, model.identity) is None:
-        return f"{method}:heads={quick_heads(method, model)}"
+    if method in ("medusa", "hydra", "kangaroo") and shipped_file(method, model.identity) is None:
+        option = "adapter" if method == "kangaroo" else "heads"
+        return f"{method}:{option}={quick_part(method, model)}"
     return method
 
 
-_QUICK_HEADS: dict[tuple[str, str], Path] = {}
+_QUICK_PARTS: dict[tuple[str, str], Path] = {}
 
 
-def quick_heads(kind: str, model: object) -> Path:
-    """``kind`` heads for ``model`` from a few seconds of training (12 prompts, 12 tokens, one epoch), trained
-    once per model and process: enough to draft, so that the engine has drafts to verify."""
-    if (kind, model.identity) not in _QUICK_HEADS:
-        from decodekit.train.heads import train_heads
-
+def quick_part(kind: str, model: object) -> Path:
+    """``kind``'s trained file for ``model`` from a few seconds of training (12 prompts, 12 tokens, one epoch),
+    trained once per model and process: enough to draft, so that the engine has drafts to verify."""
+    if (kind, model.identity) not in _QUICK_PARTS:
         out = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
-        _QUICK_HEADS[kind, model.identity] = train_heads(kind, model, out, 2, 12, 12, 1, say=lambda text: None)
-    return _QUICK_HEADS[kind, model.identity]
+        if kind == "kangaroo":
+            from decodekit.train.kangaroo import train_kangaroo
+
+            path = train_kangaroo(model, out, None, 12, 12, 1, say=lambda text: None)
+        else:
+            from decodekit.train.heads import train_heads
+
+            path = train_heads(kind, model, out, 2, 12, 12, 1, say=lambda text: None)
+        _QUICK_PARTS[kind, model.identity] = path
+    return _QUICK_PARTS[kind, model.identity]
 
 
 SMALL_VOCAB = ["a", "b", "c", "d", "e", "f", "g", "h"]

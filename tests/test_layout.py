@@ -11,7 +11,14 @@ import decodekit
 
 PACKAGE = Path(decodekit.__file__).parent
 FACES = ("decodekit.cli", "decodekit.bench", "decodekit.server")  # what users run (one may start another)
-ENGINE_SURFACE = {"decodekit", "decodekit.engine", "decodekit.errors", "decodekit.prompts", "decodekit.train.heads"}
+ENGINE_SURFACE = {
+    "decodekit",
+    "decodekit.engine",
+    "decodekit.errors",
+    "decodekit.prompts",
+    "decodekit.train.heads",
+    "decodekit.train.kangaroo",
+}
 
 
 def imports(path: Path) -> set[str]:

@@ -9,6 +9,7 @@ from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.draft import DraftModelDrafter
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.hydra import Hydra
+from decodekit.drafters.kangaroo import Kangaroo
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.medusa import Medusa
@@ -35,6 +36,7 @@ METHODS: dict[str, type] = {
     "swift": LayerSkip,
     "medusa": Medusa,
     "hydra": Hydra,
+    "kangaroo": Kangaroo,
 }
 
 __all__ = [
