@@ -25,6 +25,10 @@ DTYPE_HELP = (
     "checkpoint directory in float32; float32/bfloat16 de-quantize a GGUF file"
 )
 MODEL_HELP = f"checkpoint directory, .gguf file or {', '.join(NAMED_MODELS)} (default: SmolLM2-135M-Instruct)"
+SPECULATIVE_CONFIG_HELP = (
+    "vLLM's speculative config as JSON (method ngram, suffix, draft_model or medusa; num_speculative_tokens, "
+    "prompt_lookup_min/max, suffix_decoding_max_tree_depth/min_token_prob, model), instead of a method"
+)
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
     "Then list three tips for using a refrigerator efficiently."
@@ -37,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin; default: a built-in prompt)")
-    gen.add_argument("--method", default="hybrid", help="a method, as name:key=value,... (default: hybrid)")
+    gen.add_argument("--method", help="a method, as name:key=value,... (default: hybrid)")
+    gen.add_argument("--speculative-config", metavar="JSON", help=SPECULATIVE_CONFIG_HELP)
     gen.add_argument("--model", help=MODEL_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     gen.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
@@ -56,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     bench = commands.add_parser("bench", help="measure methods and peers side by side on a question set")
     bench.add_argument("--methods", nargs="+", default=["ar", "recycling"], metavar="SPEC", help="decodekit methods")
+    bench.add_argument("--speculative-config", metavar="JSON", help=SPECULATIVE_CONFIG_HELP + " (added to --methods)")
     bench.add_argument(
         "--peers",
         nargs="*",
@@ -117,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--method", default="hybrid", help="method of requests that name none (default: hybrid)")
+    serve.add_argument("--method", help="method of requests that name none (default: hybrid)")
+    serve.add_argument(
+        "--speculative-config", metavar="JSON", help=SPECULATIVE_CONFIG_HELP + ", for requests that name none"
+    )
     serve.add_argument("--max-prompt-tokens", type=int, metavar="N", help="refuse longer prompts (default: context)")
     serve.add_argument("--max-tokens-cap", type=int, metavar="N", help="refuse a larger max_tokens (default: context)")
     serve.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait (default: 16)")
@@ -230,6 +239,28 @@ def _stats_table(rows: list[tuple[str, dict]]) -> str:
             f"{name:<24}{s['new_tokens']:>8}{s['wall_s']:>10.2f}{s['tokens_per_s']:>10.2f}{s['mean_accepted']:>7.2f}"
         )
     return "\n".join(lines)
+
+
+def _read_speculative_config(args: argparse.Namespace) -> None:
+    """Turn ``--speculative-config`` into the method it means: ``args.method`` (refused beside ``--method``), or one
+    more of bench's ``args.methods``; ``args.method`` defaults to hybrid."""
+    config = getattr(args, "speculative_config", None)
+    if hasattr(args, "methods"):
+        if config is not None:
+            from decodekit.engine import method_from_speculative_config
+
+            args.methods = [*args.methods, method_from_speculative_config(config)]
+        return
+    if not hasattr(args, "method"):
+        return
+    if config is not None:
+        if args.method is not None:
+            raise InvalidParameter("give --method or --speculative-config, not both")
+        from decodekit.engine import method_from_speculative_config
+
+        args.method = method_from_speculative_config(config)
+    elif args.method is None:
+        args.method = "hybrid"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -494,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": cmd_train,
             "serve": cmd_serve,
         }
+        _read_speculative_config(args)
         return commands[args.command](args)
     except DecodekitError as err:
         print(f"decodekit: error: {err}", file=sys.stderr)

@@ -30,6 +30,7 @@ from decodekit.drafters import (
     parse_method,
     resolved_options,
 )
+from decodekit.drafters.speculative_config import method_from_speculative_config
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong, clip
 from decodekit.pool import POOL_BYTES, DrafterPool
 from decodekit.protocol import MAX_DRAFT_NODES, Drafter
@@ -52,6 +53,7 @@ __all__ = [
     "check_method",
     "client_policy",
     "describe_methods",
+    "method_from_speculative_config",
     "resolved_options",
 ]
 
