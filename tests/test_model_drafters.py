@@ -12,6 +12,7 @@ from decodekit import Engine
 from decodekit.decoding import target_info
 from decodekit.drafters import CLIENT, METHODS, make_drafter, parse_method
 from decodekit.drafters.ar import Autoregressive
+from decodekit.drafters.s2d import EXPLORE_EVERY, SortedDrafts
 from decodekit.drafters.swift import LayerSkip, spread
 from decodekit.errors import InvalidParameter
 from decodekit.protocol import Draft, StepOutcome, Tree
@@ -83,7 +84,7 @@ def test_greedy_choices_of_a_slice_are_teacher_forced(four_layers):
     "spec",
     ["draft:model={own}", "draft:model={own},branch=3,min_prob=0", "draft:model={other},branch=2", "swift",
      "swift:skipped=1/2,branch=2,min_prob=0.05", "swift:skip=0.25,trials=50,window=8",
-     "hybrid:parts=swift+copyspec"],
+     "hybrid:parts=swift+copyspec", "s2d", "s2d:exits=1/3,branch=2,min_prob=0", "hybrid:parts=s2d:exits=2+copyspec"],
 )  # fmt: skip
 def test_model_drafters_equal_plain_greedy(four_layers, other_draft, spec):
     spec = spec.format(own=four_layers.path, other=other_draft)
@@ -110,7 +111,8 @@ def test_draft_models_load_once_per_engine(four_layers):
 
 def test_model_drafters_in_a_batch_with_stops_and_the_context_end(four_layers, other_draft):
     """Rows join and leave while others draft; a stop string or EOS inside a draft; the context window's end."""
-    specs = ["ar", f"draft:model={other_draft}", "swift:min_prob=0", f"draft:model={four_layers.path},min_prob=0"]
+    specs = ["ar", f"draft:model={other_draft}", "swift:min_prob=0", f"draft:model={four_layers.path},min_prob=0",
+             "s2d:exits=1-3,min_prob=0"]  # fmt: skip
     plain = Engine(four_layers, "ar")
     cases = [(spec, PROMPTS[i % 3], n) for i, spec in enumerate(specs) for n in (9, 31)]
     long_prompt = (list(range(1, 60)) * 5)[: four_layers.cfg.context_window - 20]  # decodes into the window's end
@@ -188,6 +190,20 @@ def test_swift_searches_skip_sets_of_a_fixed_size(four_layers):
     assert drafter.runner.layers == tuple(layer for layer in range(4) if layer not in drafter.skipped)
 
 
+def test_s2d_drafts_with_the_exit_that_pays_and_gives_the_others_turns(four_layers):
+    drafter = SortedDrafts(target_info(four_layers), exits="1/3", min_prob=0)
+    assert drafter.depths == [1, 3] and [runner.layers for runner in drafter.runners] == [(0,), (0, 1, 2)]
+    Engine(four_layers, drafter).generate(PROMPTS[1], 80)
+    assert all(step > 0 for step in drafter.last_used)  # both exits drafted at some step
+    assert drafter.chosen == max(range(2), key=drafter.worth) or drafter.steps % EXPLORE_EVERY == 0
+    drafter.committed, drafter.drafted = [3.0, 1.0], [2.0, 2.0]  # the shallow exit commits more for less
+    assert drafter.worth(0) > drafter.worth(1)
+    drafter.committed = [1.5, 4.0]  # the deep one commits far more: worth its cost
+    assert drafter.worth(1) > drafter.worth(0)
+    drafter.steps = 0  # the next step is no exploring turn
+    assert drafter.propose(torch.tensor([1, 2, 3])) is not None and drafter.chosen == 1
+
+
 def test_spread_keeps_the_outer_layers_first():
     assert spread(1, 30) == [15]
     assert spread(15, 30)[0] >= 1 and spread(15, 30)[-1] <= 28 and len(spread(15, 30)) == 15
@@ -206,6 +222,8 @@ def test_bad_model_drafter_input_is_refused_clearly(four_layers, tmp_path):
         "swift:skipped=2/9": "has layers 0 to 3",
         "swift:skipped=3-1": "ranges",
         "swift:skipped=a": "layer indices",
+        "s2d:exits=4": "exits are layer counts in \\[1, 3\\]",
+        "s2d:exits=0/2": "exits are layer counts",
     }
     for spec, message in cases.items():
         with pytest.raises(InvalidParameter, match=message):
@@ -214,4 +232,4 @@ def test_bad_model_drafter_input_is_refused_clearly(four_layers, tmp_path):
         make_drafter("swift", target_info(four_layers).__class__(four_layers.cfg.vocab_size))
     with pytest.raises(InvalidParameter, match="operator only"):
         parse_method(f"draft:model={four_layers.path}", CLIENT.__class__(options=True, operator=False))
-    assert "draft" in METHODS and "swift" in METHODS
+    assert "draft" in METHODS and "swift" in METHODS and "s2d" in METHODS

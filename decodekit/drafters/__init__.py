@@ -15,6 +15,7 @@ from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.medusa import Medusa
 from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, current_name, options_of
 from decodekit.drafters.recycling import TokenRecycling
+from decodekit.drafters.s2d import SortedDrafts
 from decodekit.drafters.sjd import SpeculativeJacobi
 from decodekit.drafters.suffix import SuffixDrafter
 from decodekit.drafters.swift import LayerSkip
@@ -34,6 +35,7 @@ METHODS: dict[str, type] = {
     "sjd": SpeculativeJacobi,
     "draft": DraftModelDrafter,
     "swift": LayerSkip,
+    "s2d": SortedDrafts,
     "medusa": Medusa,
     "hydra": Hydra,
     "kangaroo": Kangaroo,
