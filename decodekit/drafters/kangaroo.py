@@ -65,8 +65,8 @@ class KangarooAdapter(TrainedPart):
         n = x.shape[0]
         q, k, v = self.qkv(self.norm(x)).view(n, 3, self.heads, self.head_dim).unbind(1)
         positions = torch.arange(start, start + n, device=x.device)
-        angles = torch.outer(positions.float(), self.inv_freq)
-        cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+        angles = torch.outer(positions.float(), self.inv_freq).repeat(1, 2)[:, None]  # [n, 1, head_dim]
+        cos, sin = angles.cos(), angles.sin()
         q, k = q * cos + rotated(q) * sin, k * cos + rotated(k) * sin
         if cache is not None:
             cache[start : start + n, 0], cache[start : start + n, 1] = k, v
