@@ -20,21 +20,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
-
 from decodekit.drafters.options import ModelPath, Range, checked_options
-from decodekit.drafters.walk import Walker
+from decodekit.drafters.walk import Walker, WalkingDrafter
 from decodekit.errors import InvalidParameter
-from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo
+from decodekit.protocol import TargetInfo
 
 
 @checked_options
-class DraftModelDrafter(Drafter):
+class DraftModelDrafter(WalkingDrafter):
     """Method ``draft``: ``model`` (a checkpoint directory or a .gguf file with the target's tokenizer) drafts up
     to ``max_nodes`` nodes, ``branch`` children per depth, while its chance of the path is at least
     ``min_prob``."""
-
-    wants_step_logits = False
 
     def __init__(
         self,
@@ -50,15 +46,3 @@ class DraftModelDrafter(Drafter):
             raise InvalidParameter("method draft runs a model: build it through an Engine")
         self.runner = target.model.checkpoint(model)
         self.walker = Walker(max_nodes, min_prob, branch)
-
-    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
-        self.runner.logits(prompt)  # the prompt's prefill, counted as drafting time
-
-    def propose(self, sequence: torch.Tensor) -> Draft:
-        return self.walker.propose(self.runner, sequence)
-
-    def observe(self, outcome: StepOutcome) -> None:
-        self.walker.observe(outcome)
-
-    def memory_bytes(self) -> int:
-        return self.runner.memory_bytes()

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from decodekit.drafters.heads import MAX_TRAINED_BYTES, TrainedPart, default_file, load_trained
 from decodekit.drafters.options import FilePath, Range, checked_options
-from decodekit.drafters.walk import Walker
+from decodekit.drafters.walk import Walker, WalkingDrafter
 from decodekit.errors import InvalidParameter
-from decodekit.protocol import Draft, Drafter, EarlyExit, ModelAccess, StepOutcome, TargetInfo
+from decodekit.protocol import EarlyExit, ModelAccess, TargetInfo
 
 HEAD_DIM = 64  # the adapter's attention head width (fewer heads where the hidden size is smaller)
 ROPE_BASE = 10000.0
@@ -103,12 +103,10 @@ class AdapterExit(EarlyExit):
 
 
 @checked_options
-class Kangaroo(Drafter):
+class Kangaroo(WalkingDrafter):
     """Method ``kangaroo``: the target's shallow layers and the trained ``adapter`` (default: the one trained or
     shipped for the target) draft up to ``max_nodes`` nodes, ``branch`` children per depth, while their chance of
     the path is at least ``min_prob``."""
-
-    wants_step_logits = False
 
     def __init__(
         self,
@@ -128,14 +126,5 @@ class Kangaroo(Drafter):
         self.runner = model.slice(range(self.adapter.depth), AdapterExit(self.adapter, model, vocab))
         self.walker = Walker(max_nodes, min_prob, branch)
 
-    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
-        self.runner.logits(prompt)  # the prompt's prefill, counted as drafting time
-
-    def propose(self, sequence: torch.Tensor) -> Draft:
-        return self.walker.propose(self.runner, sequence)
-
-    def observe(self, outcome: StepOutcome) -> None:
-        self.walker.observe(outcome)
-
     def memory_bytes(self) -> int:
-        return self.runner.memory_bytes() + sum(p.numel() * p.element_size() for p in self.adapter.parameters())
+        return super().memory_bytes() + sum(p.numel() * p.element_size() for p in self.adapter.parameters())

@@ -23,20 +23,18 @@ from typing import Annotated
 import torch
 
 from decodekit.drafters.options import LayerSet, Range, checked_options
-from decodekit.drafters.walk import Walker
+from decodekit.drafters.walk import Walker, WalkingDrafter
 from decodekit.errors import InvalidParameter, clip
-from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo
+from decodekit.protocol import StepOutcome, TargetInfo
 
 TRIAL_EVERY = 16  # steps between two trials of the skip-set search (a trial costs two forwards of the slice)
 
 
 @checked_options
-class LayerSkip(Drafter):
+class LayerSkip(WalkingDrafter):
     """Method ``swift``: skip ``skip`` of the target's layers (a share; or the layers ``skipped`` names, such as
     ``4-9/12``) to draft up to ``max_nodes`` nodes, ``branch`` children per depth, while the slice's chance of the
     path is at least ``min_prob``; ``trials`` swaps of the skip set are tried on the last ``window`` tokens."""
-
-    wants_step_logits = False
 
     def __init__(
         self,
@@ -76,13 +74,10 @@ class LayerSkip(Drafter):
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         self.recent = prompt[-self.window - 1 :].tolist()
-        self.runner.logits(prompt)  # the prompt's prefill, counted as drafting time
-
-    def propose(self, sequence: torch.Tensor) -> Draft:
-        return self.walker.propose(self.runner, sequence)
+        super().begin(prompt, prompt_logits)
 
     def observe(self, outcome: StepOutcome) -> None:
-        self.walker.observe(outcome)
+        super().observe(outcome)
         self.recent = (self.recent + outcome.committed)[-self.window - 1 :]
         self.steps += 1
         if self.trials_left and outcome.drafted and self.steps % TRIAL_EVERY == 0 and len(self.recent) > 8:
@@ -103,9 +98,6 @@ class LayerSkip(Drafter):
         """How many tokens of ``tokens[1:]`` the slice without ``skipped`` picks greedily after the ones before."""
         choices = self.target.slice(self.kept(sorted(skipped))).greedy(tokens[:-1])
         return int((choices == tokens[1:]).sum())
-
-    def memory_bytes(self) -> int:
-        return self.runner.memory_bytes()
 
 
 def spread(count: int, layers: int) -> list[int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from decodekit.drafters.trie import DraftTrie, chain_draft
-from decodekit.protocol import Draft, DraftModel, StepOutcome
+from decodekit.protocol import Draft, Drafter, DraftModel, StepOutcome
 
 DECAY = 0.95  # weight of the past per drafted step in the calibration counts
 PRIOR = 2.0  # pseudo-counts of the calibration: it starts at 1 (the model's probabilities taken as they are)
@@ -74,3 +74,25 @@ class Walker:
         scale = min(1.0, self.calibration)
         self.expected = DECAY * self.expected + float(estimates[1:].sum()) / scale
         self.accepted = DECAY * self.accepted + (outcome.accepted.numel() - 1)
+
+
+class WalkingDrafter(Drafter):
+    """A drafter whose drafts are ``self.walker``'s walks of the model ``self.runner`` (both set by the subclass's
+    constructor): the prompt is prefilled at ``begin`` (counted as drafting time), and the memory is the runner's
+    cache."""
+
+    wants_step_logits = False
+    runner: DraftModel
+    walker: Walker
+
+    def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
+        self.runner.logits(prompt)
+
+    def propose(self, sequence: torch.Tensor) -> Draft:
+        return self.walker.propose(self.runner, sequence)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        self.walker.observe(outcome)
+
+    def memory_bytes(self) -> int:
+        return self.runner.memory_bytes()
