@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decodekit.drafters.heads import TrainedHeads, save_trained, unit_rms
+from decodekit.drafters.heads import TrainedHeads, TrainedPart, save_trained, unit_rms
 from decodekit.drafters.hydra import HydraHead
 from decodekit.drafters.medusa import MedusaHeads
 from decodekit.engine import Engine
@@ -171,7 +171,7 @@ def train_heads(
         if not isinstance(value, int) or value < low:
             raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
     out.mkdir(parents=True, exist_ok=True)
-    corpus_file, checkpoint_file = out / "corpus.safetensors", out / "checkpoint.pt"
+    corpus_file = out / "corpus.safetensors"
     if resume and corpus_file.is_file():
         corpus = Corpus.load(corpus_file)
         if corpus.ahead.shape[1] != heads + 1:
@@ -187,40 +187,17 @@ def train_heads(
     if corpus.hidden.shape[1] != model.cfg.hidden_size:
         raise ModelFileError(f"{corpus_file} was made for another model (hidden size {corpus.hidden.shape[1]})")
     train_rows = (~corpus.held_out).nonzero().flatten()
-    vocab = corpus.ahead[train_rows, 1:][corpus.ahead[train_rows, 1:] >= 0].unique()
-    index = torch.full((model.cfg.vocab_size,), -1, dtype=torch.int64)  # token -> its column in the vocabulary
-    index[vocab] = torch.arange(len(vocab))
-    output = model.transformer.output_map()[:, vocab].contiguous()  # [H, S]
-
+    vocab, index, output = answer_vocabulary(model, corpus.ahead[train_rows, 1:])
     device = model.device
-    output = output.to(device)
     trained = KINDS[kind](heads, model.cfg.hidden_size).to(device)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0)
-    state = {"epoch": 0, "losses": []}
-    if resume and checkpoint_file.is_file():
-        saved = torch.load(checkpoint_file, weights_only=True, map_location=device)
-        trained.load_state_dict(saved["heads"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = {"epoch": saved["epoch"], "losses": saved["losses"]}
-        say(f"resuming after epoch {state['epoch']}")
-    generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for epoch in range(state["epoch"], epochs):
-        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
-        for batch in tqdm(order.split(batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch"):
-            labels = corpus.ahead[batch, 1:]
-            columns = torch.where(labels >= 0, index[labels.clamp(min=0)], -100).to(device)
-            logits = logits_of(trained, model, corpus.hidden[batch].to(device), corpus.ahead[batch], output)
-            loss = F.cross_entropy(logits.flatten(0, 1), columns.flatten(), ignore_index=-100)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            state["losses"].append(loss.item())
-        state["epoch"] = epoch + 1
-        torch.save({"heads": trained.state_dict(), "optimizer": optimizer.state_dict(), **state}, checkpoint_file)
-    say(f"trained {epochs} epochs over {len(train_rows)} rows in {time.perf_counter() - start:.0f} s")
-    plot_losses(state["losses"], out / "loss.png")
 
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        labels = corpus.ahead[batch, 1:]
+        columns = torch.where(labels >= 0, index[labels.clamp(min=0)], -100).to(device)
+        logits = logits_of(trained, model, corpus.hidden[batch].to(device), corpus.ahead[batch], output)
+        return F.cross_entropy(logits.flatten(0, 1), columns.flatten(), ignore_index=-100)
+
+    fit(trained, train_rows, batch_size, loss_of, epochs, lr, out, resume, say, "rows")
     accept = accept_rates(trained, model, corpus, output, index)
     heads_file = out / f"{kind}.safetensors"
     meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
@@ -231,6 +208,59 @@ def train_heads(
     say(f"wrote {heads_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
     check(model, f"{kind}:heads={heads_file}", corpus.prompts[-CHECK_PROMPTS:], max_new_tokens, say)
     return heads_file
+
+
+def answer_vocabulary(model: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a trained part chooses among, from the training answers' ``tokens`` (int64, -1 where none): the
+    distinct tokens ``vocab [S]``, ``index [V]`` (a token's column in it, -1 elsewhere) and the target's final norm
+    and LM head restricted to them (``Transformer.output_map``, ``[H, S]`` on the model's device)."""
+    vocab = tokens[tokens >= 0].unique()
+    index = torch.full((model.cfg.vocab_size,), -1, dtype=torch.int64)
+    index[vocab] = torch.arange(len(vocab))
+    return vocab, index, model.transformer.output_map()[:, vocab].contiguous().to(model.device)
+
+
+def fit(
+    part: TrainedPart,
+    units: torch.Tensor,
+    batch_size: int,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    epochs: int,
+    lr: float,
+    out: Path,
+    resume: bool,
+    say: Callable[[str], None],
+    unit: str,
+) -> None:
+    """Train ``part`` with AdamW for ``epochs`` passes over ``units`` (int64 ``[N]``, shuffled by a seeded
+    generator, in batches of ``batch_size``; ``loss_of(batch)`` gives a batch's loss). A checkpoint after each epoch
+    (``out/checkpoint.pt``), which ``resume`` continues where it was made for a part of the same depth; then the
+    loss curve (``out/loss.png``)."""
+    checkpoint_file = out / "checkpoint.pt"
+    optimizer = torch.optim.AdamW(part.parameters(), lr=lr, weight_decay=0.0)
+    state = {"epoch": 0, "losses": []}
+    if resume and checkpoint_file.is_file():
+        saved = torch.load(checkpoint_file, weights_only=True, map_location=next(part.parameters()).device)
+        if saved["depth"] == part.depth:
+            part.load_state_dict(saved["part"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state = {"epoch": saved["epoch"], "losses": saved["losses"]}
+            say(f"resuming after epoch {state['epoch']}")
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for epoch in range(state["epoch"], epochs):
+        order = units[torch.randperm(len(units), generator=generator)]
+        for batch in tqdm(order.split(batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch"):
+            loss = loss_of(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state["losses"].append(loss.item())
+        state["epoch"] = epoch + 1
+        saved = {"part": part.state_dict(), "optimizer": optimizer.state_dict(), "depth": part.depth, **state}
+        torch.save(saved, checkpoint_file)
+    say(f"trained {epochs} epochs over {len(units)} {unit} in {time.perf_counter() - start:.0f} s")
+    plot_losses(state["losses"], out / "loss.png", f"{part.kind}: training loss")
 
 
 def check(model: LoadedModel, method: str, prompts: list[str], max_new_tokens: int, say) -> None:
@@ -247,12 +277,7 @@ def check(model: LoadedModel, method: str, prompts: list[str], max_new_tokens: i
     say(f"check on {len(prompts)} held-out prompts: {same}/{len(prompts)} identical to ar, MAT {mat:.2f} (ar 1.00)")
 
 
-def plot_losses(
-    losses: list[float],
-    path: Path,
-    title: str = "draft heads: training loss",
-    ylabel: str = "cross-entropy (mean over heads)",
-) -> None:
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
     """The training loss per batch (and its running mean) as a PNG."""
     import matplotlib
 
@@ -266,7 +291,7 @@ def plot_losses(
     ax.plot(values, alpha=0.3, label="batch")
     ax.plot(range(window - 1, window - 1 + len(smooth)), smooth, label=f"mean of {window}")
     ax.set_xlabel("batch")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("cross-entropy")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

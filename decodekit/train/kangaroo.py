@@ -31,7 +31,7 @@ from decodekit.drafters.heads import save_trained
 from decodekit.drafters.kangaroo import KangarooAdapter
 from decodekit.errors import InvalidParameter, ModelFileError
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answers, check, plot_losses
+from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answer_vocabulary, answers, check, fit
 from decodekit.train.prompts import training_prompts
 
 SEQUENCES_PER_BATCH = 4
@@ -143,7 +143,7 @@ def train_kangaroo(
     if not isinstance(depth, int) or not 1 <= depth < layers:
         raise InvalidParameter(f"the exit layer must be an integer in [1, {layers}) for this model, got {depth!r}")
     out.mkdir(parents=True, exist_ok=True)
-    answers_file, corpus_file, checkpoint_file = out / "answers.json", out / "corpus.safetensors", out / "checkpoint.pt"
+    answers_file, corpus_file = out / "answers.json", out / "corpus.safetensors"
     start = time.perf_counter()
     corpus = Corpus.load(corpus_file) if resume and corpus_file.is_file() else None
     if corpus is not None and corpus.depth == depth:
@@ -164,42 +164,21 @@ def train_kangaroo(
 
     train = (~corpus.held_out).nonzero().flatten()
     answer_ids = [ids[answer_start:] for _, ids, answer_start in map(corpus.sequence, train.tolist())]
-    vocab = torch.cat(answer_ids).unique()
-    index = torch.full((model.cfg.vocab_size,), -1, dtype=torch.int64)  # token -> its column in the vocabulary
-    index[vocab] = torch.arange(len(vocab))
+    vocab, index, output = answer_vocabulary(model, torch.cat(answer_ids))
     device = model.device
-    output = model.transformer.output_map()[:, vocab].contiguous().to(device)  # [H, S]
     adapter = KangarooAdapter(depth, model.cfg.hidden_size).to(device)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
-    state = {"epoch": 0, "losses": []}
-    if resume and checkpoint_file.is_file():
-        saved = torch.load(checkpoint_file, weights_only=True, map_location=device)
-        if saved["depth"] == depth:
-            adapter.load_state_dict(saved["adapter"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state = {"epoch": saved["epoch"], "losses": saved["losses"]}
-            say(f"resuming after epoch {state['epoch']}")
-    generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for epoch in range(state["epoch"], epochs):
-        order = train[torch.randperm(len(train), generator=generator)]
-        for batch in tqdm(order.split(SEQUENCES_PER_BATCH), desc=f"epoch {epoch + 1}/{epochs}", unit="batch"):
-            loss, count = torch.zeros((), device=device), 0
-            for s in batch.tolist():
-                logits, chosen = sequence_logits(adapter, model, corpus, s, output)
-                columns = torch.where(index[chosen] >= 0, index[chosen], -100).to(device)
-                loss = loss + F.cross_entropy(logits, columns, ignore_index=-100, reduction="sum")
-                count += int((columns >= 0).sum())
-            loss = loss / max(1, count)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            state["losses"].append(loss.item())
-        state["epoch"] = epoch + 1
-        saved = {"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(), "depth": depth, **state}
-        torch.save(saved, checkpoint_file)
-    say(f"trained {epochs} epochs over {len(train)} sequences in {time.perf_counter() - start:.0f} s")
-    plot_losses(state["losses"], out / "loss.png", "Kangaroo adapter: training loss", "cross-entropy")
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy over the answer positions of the batch's sequences."""
+        loss, count = torch.zeros((), device=device), 0
+        for s in batch.tolist():
+            logits, chosen = sequence_logits(adapter, model, corpus, s, output)
+            columns = torch.where(index[chosen] >= 0, index[chosen], -100).to(device)
+            loss = loss + F.cross_entropy(logits, columns, ignore_index=-100, reduction="sum")
+            count += int((columns >= 0).sum())
+        return loss / max(1, count)
+
+    fit(adapter, train, SEQUENCES_PER_BATCH, loss_of, epochs, lr, out, resume, say, "sequences")
 
     accept = accept_rates(adapter, model, corpus, output, index)
     adapter_file = out / "kangaroo.safetensors"
