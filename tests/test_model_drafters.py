@@ -224,6 +224,7 @@ def test_bad_model_drafter_input_is_refused_clearly(four_layers, tmp_path):
         "swift:skipped=a": "layer indices",
         "s2d:exits=4": "exits are layer counts in \\[1, 3\\]",
         "s2d:exits=0/2": "exits are layer counts",
+        "s2d:exits=1-7": "names at most 6 layers",
     }
     for spec, message in cases.items():
         with pytest.raises(InvalidParameter, match=message):

@@ -159,13 +159,15 @@ class ModelPath(OptionalText):
 
 @dataclass(frozen=True)
 class LayerSet(OptionalText):
-    """Layer indices joined by ``/``, ranges allowed: ``4-9/12`` ("" = none given)."""
+    """Layer indices joined by ``/``, ranges allowed: ``4-9/12`` ("" = none given), naming at most ``most``."""
 
     MAX_LAYER: ClassVar[int] = 1023
     expects: ClassVar[str] = "layer indices such as 4-9/12"
+    most: int = MAX_LAYER + 1
 
     def check_text(self, value: str) -> None:
-        LayerSet.layers(value)
+        if len(LayerSet.layers(value)) > self.most:
+            raise ValueError(f"names at most {self.most} layers")
 
     @staticmethod
     def layers(value: str) -> list[int]:
@@ -182,7 +184,8 @@ class LayerSet(OptionalText):
         return sorted(found)
 
     def describe(self) -> str:
-        return "layer indices joined by '/', ranges allowed (4-9/12)"
+        most = f", at most {self.most}" if self.most <= LayerSet.MAX_LAYER else ""
+        return f"layer indices joined by '/', ranges allowed (4-9/12){most}"
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class SortedDrafts(Drafter):
     def __init__(
         self,
         target: TargetInfo,
-        exits: Annotated[str, LayerSet()] = "",
+        exits: Annotated[str, LayerSet(most=MAX_EXITS)] = "",
         max_nodes: Annotated[int, Range(1, 64)] = 8,
         min_prob: Annotated[float, Range(0.0, 1.0)] = 0.3,
         branch: Annotated[int, Range(1, 8)] = 1,
@@ -58,8 +58,6 @@ class SortedDrafts(Drafter):
         depths = LayerSet.layers(exits) if exits else default
         if not 1 <= min(depths) <= max(depths) < layers:
             raise InvalidParameter(f"s2d exits={clip(exits)}: exits are layer counts in [1, {layers - 1}]")
-        if len(depths) > MAX_EXITS:
-            raise InvalidParameter(f"s2d exits={clip(exits)}: at most {MAX_EXITS} exits")
         self.layers, self.depths = layers, depths
         self.runners = [model.slice(range(depth)) for depth in depths]
         self.walkers = [Walker(max_nodes, min_prob, branch) for _ in depths]
