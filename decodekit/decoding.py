@@ -39,6 +39,7 @@ class Request:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = GREEDY
     method: str | None = None
+    strategy: str | None = None  # a decoding strategy's spec: it decides the output (decodekit.strategies)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class GenerationStats:
     forward_s: float = 0.0  # in the model's forward over the drafts and their verification
     wall_s: float = 0.0  # prefill included
     finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length" (token budget or context window)
+    strategy: str | None = None  # set where a strategy decided the output: then it differs from plain decoding
 
     @property
     def steps(self) -> int:
@@ -81,16 +83,30 @@ class GenerationStats:
             "mean_accepted": self.mean_accepted,
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_s": self.tokens_per_s,
+            "lossless": self.strategy is None,
         }
         return asdict(self) | derived
 
 
 @dataclass
+class Completion:
+    """One of several outputs of a strategy that returns more than one (diverse beams, superposed drafts)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
 class Generation:
+    """The output; ``completions``: every output, best first, where a strategy returned several (the first is
+    ``text``/``token_ids``), else empty."""
+
     text: str
     token_ids: list[int]
     prompt_ids: list[int]
     stats: GenerationStats
+    completions: list[Completion] = field(default_factory=list)
 
 
 @dataclass

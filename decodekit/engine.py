@@ -16,10 +16,20 @@ gets a fresh drafter and always drafts its whole tree, so its output depends on 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from decodekit.batch import Batch
-from decodekit.decoding import PREFILL_CHUNK, Chunk, Decoding, Generation, GenerationStats, Request, target_info
+from decodekit.decoding import (
+    PREFILL_CHUNK,
+    Chunk,
+    Completion,
+    Decoding,
+    Generation,
+    GenerationStats,
+    Request,
+    target_info,
+)
 from decodekit.drafters import (
     METHODS,
     OPERATOR,
@@ -36,12 +46,14 @@ from decodekit.pool import POOL_BYTES, DrafterPool
 from decodekit.protocol import MAX_DRAFT_NODES, Drafter
 from decodekit.runtime.loader import LoadedModel
 from decodekit.sampling import GREEDY, SamplingParams
-from decodekit.text import check_text, encode_chat, stop_strings
+from decodekit.strategies import STRATEGIES, Strategy, make_strategy, parse_strategy, strategy_options
+from decodekit.text import TextStream, check_text, encode_chat, stop_strings
 
 __all__ = [
     "POOL_BYTES",
     "PREFILL_CHUNK",
     "Chunk",
+    "Completion",
     "Decoding",
     "Engine",
     "EngineFull",
@@ -51,8 +63,10 @@ __all__ = [
     "MethodPolicy",
     "Request",
     "check_method",
+    "check_strategy",
     "client_policy",
     "describe_methods",
+    "describe_strategies",
     "method_from_speculative_config",
     "resolved_options",
 ]
@@ -125,6 +139,7 @@ class Engine:
         self.batch = Batch(model, max_batch, capacity, adaptive, prefill_chunk)
         self.pool = DrafterPool(pool_bytes)
         self._target = target_info(model)
+        self._strategies: dict[str, Strategy] = {}  # built on first use, kept (a second checkpoint loads once)
 
     @property
     def full(self) -> bool:
@@ -149,6 +164,7 @@ class Engine:
         chat: bool = True,
         sampling: SamplingParams = GREEDY,
         method: str | None = None,
+        strategy: str | None = None,
     ) -> Request:
         """Check a request and tokenize its prompt; raises InvalidParameter (``param`` names the argument) or
         PromptTooLong. Safe from any thread: it reads the engine, never changes it.
@@ -156,7 +172,10 @@ class Engine:
         ``prompt``: a user message, token ids, or a conversation (OpenAI-style ``[{"role", "content"}]`` ending
         with a user turn), wrapped in the checkpoint's chat template when ``chat``. ``max_new_tokens`` None: as
         many as fit. ``stop``: a stop string or several. ``method``: a spec allowed by the engine's policy (None:
-        the engine's)."""
+        the engine's). ``strategy``: a decoding strategy's spec (decodekit.strategies): it decides the output by
+        its own rule, so the output differs from plain decoding; greedy only, and no method beside it."""
+        if strategy is not None:
+            check_strategy(strategy, method, sampling, self.policy)
         if method is not None and method != self.method:
             try:
                 parse_method(method, self.policy)
@@ -177,7 +196,7 @@ class Engine:
         if max_new_tokens > (cap or window):
             bound = f"this engine's cap of {cap}" if cap else f"the context window of {window} tokens"
             raise InvalidParameter(f"max_new_tokens {max_new_tokens} exceeds {bound}", "max_new_tokens")
-        return Request(ids, max_new_tokens, stops, sampling, method)
+        return Request(ids, max_new_tokens, stops, sampling, method, strategy)
 
     def submit(self, request: Request) -> Decoding:
         """Start decoding a checked request: it joins the batch, and the coming steps score its prompt and decode
@@ -213,7 +232,13 @@ class Engine:
             self.pool.give(decoding.method, decoding.drafter)
 
     def run(self, request: Request, on_chunk: Callable[[Chunk], None] | None = None) -> Generation:
-        """Decode a checked request to its end (stepping any other requests in the batch along with it)."""
+        """Decode a checked request to its end (stepping any other requests in the batch along with it; a
+        strategy's request runs alone, its completions handed to ``on_chunk`` whole)."""
+        if request.strategy is not None:
+            generation = self._run_strategy(request)
+            if on_chunk is not None:
+                on_chunk(Chunk(generation.token_ids, generation.text))
+            return generation
         stream = GenerationStream(self._decode(request))
         for chunk in stream:
             if on_chunk is not None:
@@ -230,9 +255,11 @@ class Engine:
         on_chunk: Callable[[Chunk], None] | None = None,
         sampling: SamplingParams = GREEDY,
         method: str | None = None,
+        strategy: str | None = None,
     ) -> Generation:
-        """Generate greedily, or by ``sampling``; the method never changes the output's distribution."""
-        return self.run(self.request(prompt, max_new_tokens, stop, chat, sampling, method), on_chunk)
+        """Generate greedily, or by ``sampling``; the method never changes the output's distribution (a
+        ``strategy`` does, by design)."""
+        return self.run(self.request(prompt, max_new_tokens, stop, chat, sampling, method, strategy), on_chunk)
 
     def stream(
         self,
@@ -260,6 +287,29 @@ class Engine:
             self.cancel(decoding)  # a stream left early, or a failure: free the row
         return decoding.result()
 
+    def _run_strategy(self, request: Request) -> Generation:
+        assert request.strategy is not None
+        start = time.perf_counter()
+        strategy = self._strategies.get(request.strategy)
+        if strategy is None:
+            strategy = self._strategies[request.strategy] = make_strategy(request.strategy, self.model)
+        budget = min(request.max_new_tokens, self.model.cfg.context_window - len(request.prompt_ids))
+        outputs = [self._completion(ids, request) for ids in strategy.decode(request.prompt_ids, budget)]
+        best = outputs[0]
+        spec = request.strategy
+        stats = GenerationStats(spec, len(request.prompt_ids), len(best.token_ids), strategy=spec)
+        stats.finish_reason, stats.wall_s = best.finish_reason, time.perf_counter() - start
+        return Generation(best.text, best.token_ids, request.prompt_ids, stats, outputs if len(outputs) > 1 else [])
+
+    def _completion(self, ids: list[int], request: Request) -> Completion:
+        """A strategy's output ``ids`` cut at a stop string, as text."""
+        text = TextStream(self.model.tokenizer, request.stop)
+        delta, keep = text.push(ids)
+        ended = bool(ids) and ids[-1] in self.model.eos_token_ids
+        if keep is not None:
+            return Completion(delta, ids[:keep], "stop")
+        return Completion(delta + text.finish(), ids, "stop" if ended else "length")
+
     def _drafter(self, spec: str, fresh: bool) -> Drafter:
         """An idle drafter of ``spec`` (a checked spec), or a new one."""
         idle = None if fresh else self.pool.take(spec)
@@ -269,6 +319,30 @@ class Engine:
 def check_method(spec: str) -> None:
     """Raise InvalidParameter unless ``spec`` names a method with valid options (before a model is loaded)."""
     parse_method(spec)
+
+
+def check_strategy(
+    spec: str, method: str | None = None, sampling: SamplingParams = GREEDY, policy: MethodPolicy = OPERATOR
+) -> None:
+    """Raise InvalidParameter (``param`` "strategy") unless ``spec`` names a strategy with valid options that can
+    run with the request's other choices: a strategy decides every token by its own rule, so it takes no
+    speculative method and no sampling."""
+    try:
+        parse_strategy(spec, policy)
+    except InvalidParameter as err:
+        raise InvalidParameter(str(err), "strategy") from None
+    if method is not None:
+        raise InvalidParameter("a strategy decides the output by its own rule: no method beside it", "strategy")
+    if not sampling.greedy:
+        raise InvalidParameter("a strategy decides every token by its own rule: it takes no sampling", "strategy")
+
+
+def describe_strategies() -> dict[str, tuple[str, list[tuple[str, object, str]]]]:
+    """Every strategy's paper and options: (name, default, allowed values), for ``decodekit methods``."""
+    return {
+        name: (cls.paper, [(o.name, o.default, o.describe()) for o in strategy_options(name).values()])
+        for name, cls in STRATEGIES.items()
+    }
 
 
 def describe_methods() -> dict[str, list[tuple[str, object, str]]]:

@@ -13,7 +13,7 @@ from decodekit.drafters.kangaroo import Kangaroo
 from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.medusa import Medusa
-from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, current_name, options_of
+from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, options_of, parse_spec
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.drafters.s2d import SortedDrafts
 from decodekit.drafters.sjd import SpeculativeJacobi
@@ -61,29 +61,8 @@ __all__ = [
 def parse_method(spec: str, policy: MethodPolicy = OPERATOR) -> tuple[type, dict[str, object]]:
     """``"recycling:k=8,tree=16"`` -> (TokenRecycling, {"k": 8, "tree": "16"}): the method allowed by ``policy``,
     every option it sets known, settable under ``policy``, of its type and within its declared bounds."""
-    if not isinstance(spec, str):
-        raise InvalidParameter(f"a method spec is a string such as 'recycling:k=8', got {type(spec).__name__}")
-    name, _, options = spec.strip().partition(":")
-    allowed = [m for m in METHODS if policy.methods is None or m in policy.methods]
-    if name not in allowed:
-        raise InvalidParameter(f"unknown method {clip(name)}; available: {', '.join(allowed)}")
-    known = options_of(METHODS[name])
-    kwargs: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in options.split(","))):
-        if not policy.options:
-            raise InvalidParameter(f"this server lets requests name a method, not set its options ({clip(item)})")
-        key, eq, raw = (part.strip() for part in item.partition("="))
-        key = current_name(METHODS[name], key, f"method {name}")
-        option = known.get(key)
-        if not eq or option is None:
-            raise InvalidParameter(f"bad option {clip(item)} for method {name} (options: {', '.join(known) or 'none'})")
-        if not (policy.operator or option.client_settable):
-            raise InvalidParameter(f"option {key} of method {name} can be set by the server's operator only")
-        try:
-            kwargs[key] = option.parse(raw)
-        except ValueError as err:
-            raise InvalidParameter(f"option {key} of method {name}: {clip(raw)} {err}") from None
-    return METHODS[name], kwargs
+    allowed = {m: cls for m, cls in METHODS.items() if policy.methods is None or m in policy.methods}
+    return parse_spec(spec, allowed, "method", policy, example="recycling:k=8")
 
 
 def client_policy(methods: list[str] | None = None, options: bool = False) -> MethodPolicy:

@@ -362,3 +362,34 @@ class MethodPolicy:
 
 OPERATOR = MethodPolicy()  # the library, the CLI and the bench: any method, any option within its bounds
 CLIENT = MethodPolicy(options=False, operator=False)  # a server's default for its clients: a method by name only
+
+
+def parse_spec(
+    spec: str, registry: dict[str, type], noun: str, policy: MethodPolicy = OPERATOR, example: str = ""
+) -> tuple[type, dict[str, object]]:
+    """``"name:key=value,..."`` -> (the class ``registry`` holds under name, its checked keyword options): every
+    option known, settable under ``policy``, of its type and within its declared bounds. ``noun`` names what a
+    spec picks in messages ("method", "strategy")."""
+    if not isinstance(spec, str):
+        raise InvalidParameter(f"a {noun} spec is a string such as {example!r}, got {type(spec).__name__}")
+    name, _, options = spec.strip().partition(":")
+    if name not in registry:
+        raise InvalidParameter(f"unknown {noun} {clip(name)}; available: {', '.join(registry)}")
+    cls = registry[name]
+    known = options_of(cls)
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        if not policy.options:
+            raise InvalidParameter(f"this server lets requests name a {noun}, not set its options ({clip(item)})")
+        key, eq, raw = (part.strip() for part in item.partition("="))
+        key = current_name(cls, key, f"{noun} {name}")
+        option = known.get(key)
+        if not eq or option is None:
+            raise InvalidParameter(f"bad option {clip(item)} for {noun} {name} (options: {', '.join(known) or 'none'})")
+        if not (policy.operator or option.client_settable):
+            raise InvalidParameter(f"option {key} of {noun} {name} can be set by the server's operator only")
+        try:
+            kwargs[key] = option.parse(raw)
+        except ValueError as err:
+            raise InvalidParameter(f"option {key} of {noun} {name}: {clip(raw)} {err}") from None
+    return cls, kwargs

@@ -97,6 +97,10 @@ class KVCache:
         """Keys and values of the first ``width`` slots: two ``[B, kv_heads, width, head_dim]`` views."""
         return self.kv[layer, 0, :, :, :width], self.kv[layer, 1, :, :, :width]
 
+    def commit_all(self, n: int) -> None:
+        """Keep the first ``n`` scratch slots of every row."""
+        self._all_lengths[self._first : self._first + self.batch] = [length + n for length in self.lengths]
+
     def commit(self, row: int, kept: torch.Tensor | int) -> None:
         """Append scratch entries to row ``row``'s committed prefix.
 

@@ -402,12 +402,14 @@ class Transformer(nn.Module):
         tree: Trees | None = None,
         layers: Sequence[int] | None = None,
         capture: dict[int, torch.Tensor | None] | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The residual stream ``[B, n, hidden]`` after the last block run, before the final norm: as
         :meth:`forward`, with only the blocks ``layers`` (increasing indices; None: all), whose keys and values
         ``cache`` holds in its layers ``0, 1, ...`` in that order. ``capture``: a dict whose keys are layer indices;
         entry ``l`` is set to the residual stream entering block ``l`` (``l = cfg.layers``: leaving the last
-        block), ``[B, n, hidden]``."""
+        block), ``[B, n, hidden]``. ``embeddings`` ``[B, n, hidden]``: the stream entering the first block, in
+        place of ``tokens``' own (which then give the shape only)."""
         n = tokens.shape[1]
         tree = tree if tree is not None else Tree.chain(n)
         layers = range(self.cfg.layers) if layers is None else layers
@@ -425,7 +427,7 @@ class Transformer(nn.Module):
                 masks[window] = attention_mask(lengths, tree, window).to(self.device)
             cos_table, sin_table = self.rope_table(width, sliding=window is not None)
             rotary[window] = cos_table[pos][:, :, None], sin_table[pos][:, :, None]
-        x = self.embedded(tokens)
+        x = self.embedded(tokens) if embeddings is None else embeddings.to(self.dtype)
         with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext():
             for slot, (layer, window) in enumerate(zip(layers, windows, strict=True)):
                 if capture is not None and layer in capture:
