@@ -13,7 +13,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from decodekit import NAMED_MODELS, WEIGHT_CHOICES, DecodekitError, InvalidParameter, SamplingParams
@@ -29,6 +29,10 @@ SPECULATIVE_CONFIG_HELP = (
     "vLLM's speculative config as JSON (method ngram, suffix, draft_model or medusa; num_speculative_tokens, "
     "prompt_lookup_min/max, suffix_decoding_max_tree_depth/min_token_prob, model), instead of a method"
 )
+STRATEGY_HELP = (
+    "a decoding strategy, as name:key=value,... (see 'decodekit methods'): it CHANGES the output by design "
+    "(diverse, less repetitive or guided text), greedy only, instead of a method"
+)
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
     "Then list three tips for using a refrigerator efficiently."
@@ -43,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin; default: a built-in prompt)")
     gen.add_argument("--method", help="a method, as name:key=value,... (default: hybrid)")
     gen.add_argument("--speculative-config", metavar="JSON", help=SPECULATIVE_CONFIG_HELP)
+    gen.add_argument("--strategy", metavar="SPEC", help=STRATEGY_HELP)
     gen.add_argument("--model", help=MODEL_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     gen.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
@@ -150,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-methods", metavar="NAMES", help="methods a request may name, comma-separated (default: all)"
     )
     serve.add_argument(
+        "--allow-strategies",
+        metavar="NAMES",
+        help="strategies a request may name, comma-separated, or 'all' (default: none); a strategy changes the output "
+        "by design and runs whole while the batch waits",
+    )
+    serve.add_argument(
         "--allow-method-options",
         action="store_true",
         help="let a request set its method's numeric and boolean options, within their bounds (default: name only)",
@@ -253,6 +264,10 @@ def _read_speculative_config(args: argparse.Namespace) -> None:
         return
     if not hasattr(args, "method"):
         return
+    if getattr(args, "strategy", None) is not None:
+        if args.method is not None or config is not None:
+            raise InvalidParameter("a strategy decides the output by its own rule: give no --method beside it")
+        return
     if config is not None:
         if args.method is not None:
             raise InvalidParameter("give --method or --speculative-config, not both")
@@ -265,22 +280,26 @@ def _read_speculative_config(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from decodekit import Engine, load_model
-    from decodekit.engine import check_method
+    from decodekit.engine import check_method, check_strategy
 
-    check_method(args.method)  # reject a bad method before the model loads
     sampling = sampling_from_args(args)
+    if args.strategy is not None:  # reject a bad method or strategy before the model loads
+        check_strategy(args.strategy, sampling=sampling)
+    else:
+        check_method(args.method)
     if args.chat_file and (args.prompt is not None or args.no_chat):
         raise InvalidParameter("--chat-file takes the whole conversation: give no prompt and no --no-chat")
     prompt = _read_conversation(args.chat_file) if args.chat_file else _read_prompt(args.prompt)
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    engine = Engine(model, args.method)
-    request = engine.request(prompt, args.max_new_tokens, args.stop, not args.no_chat, sampling)
+    engine = Engine(model, args.method or "ar")
+    request = engine.request(prompt, args.max_new_tokens, args.stop, not args.no_chat, sampling, strategy=args.strategy)
+    label = args.method or f"strategy {args.strategy}"
 
     baseline = None
     if args.compare:
         plain = Engine(model, "ar")
         plain.run(replace(request, max_new_tokens=4))  # warm the runtime (allocator, oneDNN) for both sides
-        baseline = plain.run(request)
+        baseline = plain.run(replace(request, strategy=None))
 
     def show(chunk) -> None:
         print(chunk.text, end="", flush=True)
@@ -291,26 +310,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         out = {
             "method": args.method,
+            "strategy": args.strategy,
             "model": model.name,
             "text": result.text,
             "token_ids": result.token_ids,
             "stats": result.stats.to_dict(),
         }
+        if result.completions:
+            out["completions"] = [asdict(completion) for completion in result.completions]
         if baseline is not None:
             out["baseline"] = {"method": "ar", "token_ids": baseline.token_ids, "stats": baseline.stats.to_dict()}
             out["speedup"] = result.stats.tokens_per_s / baseline.stats.tokens_per_s
-            if sampling.greedy:  # sampled outputs are equal in distribution, not token for token
+            if sampling.greedy and args.strategy is None:  # sampled outputs: equal in distribution only
                 out["identical"] = result.token_ids == baseline.token_ids
         print(json.dumps(out))
         return 0
 
-    print("" if streaming else result.text)
+    if result.completions:
+        for i, completion in enumerate(result.completions):
+            print(f"--- completion {i + 1} of {len(result.completions)} ({completion.finish_reason}) ---")
+            print(completion.text)
+    else:
+        print("" if streaming else result.text)
+    if args.strategy is not None:
+        print(f"\nstrategy {args.strategy}: the output differs from plain decoding by design", file=sys.stderr)
     rows = [("ar", baseline.stats.to_dict())] if baseline is not None else []
-    rows.append((args.method, result.stats.to_dict()))
+    rows.append((label, result.stats.to_dict()))
     print("\n" + _stats_table(rows), file=sys.stderr)
     if baseline is not None:
         speedup = result.stats.tokens_per_s / baseline.stats.tokens_per_s
-        same = "n/a (sampled)" if not sampling.greedy else "yes" if result.token_ids == baseline.token_ids else "NO"
+        same = "yes" if result.token_ids == baseline.token_ids else "NO"
+        same = "n/a (sampled)" if not sampling.greedy else "no (by design)" if args.strategy else same
         print(f"speedup {speedup:.2f}x over ar; identical token ids: {same}", file=sys.stderr)
     return 0
 
@@ -433,12 +463,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from decodekit.engine import describe_methods
+    from decodekit.engine import describe_methods, describe_strategies
 
-    for name, options in describe_methods().items():
+    def show(name: str, options: list[tuple[str, object, str]]) -> None:
         print(name if options else f"{name} (no options)")
         for option, default, allowed in options:
             print(f"  {option}={default!s:<{24 - len(option)}} {allowed}")
+
+    print("methods (--method: lossless, the output is plain decoding's)")
+    for name, options in describe_methods().items():
+        show(name, options)
+    print("\nstrategies (--strategy: the output differs from plain decoding by design)")
+    for name, (paper, options) in describe_strategies().items():
+        show(f"{name}  [{paper}]", options)
     return 0
 
 
@@ -465,7 +502,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from decodekit import load_model
-    from decodekit.engine import check_method, client_policy
+    from decodekit.engine import check_method, client_policy, strategy_policy
     from decodekit.server.app import create_app
     from decodekit.server.guard import is_loopback
     from decodekit.server.shutdown import DrainingServer
@@ -473,6 +510,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_method(args.method)  # check what can be checked before the model loads
     allow_methods = None if args.allow_methods is None else args.allow_methods.split(",")
     client_policy(allow_methods, args.allow_method_options)
+    allow_strategies = [] if args.allow_strategies is None else args.allow_strategies.split(",")
+    allow_strategies = None if allow_strategies == ["all"] else allow_strategies
+    strategy_policy(allow_strategies)
     _require_positive(
         args, "max_prompt_tokens", "max_tokens_cap", "queue_size", "max_batch", "max_body_bytes", "prefill_chunk"
     )
@@ -502,6 +542,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adaptive=args.speculation == "adaptive",
         allow_methods=allow_methods,
         allow_method_options=args.allow_method_options,
+        allow_strategies=allow_strategies,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key,
         loopback_only=loopback,

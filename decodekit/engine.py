@@ -69,6 +69,7 @@ __all__ = [
     "describe_strategies",
     "method_from_speculative_config",
     "resolved_options",
+    "strategy_policy",
 ]
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or an OpenAI-style conversation
@@ -116,13 +117,14 @@ class Engine:
         prefill_chunk: int | None = None,
         pool_bytes: int = POOL_BYTES,
         policy: MethodPolicy = OPERATOR,
+        strategy_policy: MethodPolicy = OPERATOR,
     ) -> None:
         _check_count("max_batch", max_batch)
         for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens_cap", max_new_tokens_cap)):
             _check_count(name, value, none_ok=True)
         _check_count("prefill_chunk", prefill_chunk, none_ok=True)
         _check_count("pool_bytes", pool_bytes, zero_ok=True)
-        self.model, self.policy = model, policy
+        self.model, self.policy, self.strategy_policy = model, policy, strategy_policy
         self.max_prompt_tokens, self.max_new_tokens_cap = max_prompt_tokens, max_new_tokens_cap
         if isinstance(method, str):
             parse_method(method)
@@ -156,6 +158,16 @@ class Engine:
         """The methods a request may name (besides the engine's own)."""
         return [name for name in METHODS if self.policy.methods is None or name in self.policy.methods]
 
+    @property
+    def strategies(self) -> list[str]:
+        """The strategies a request may name."""
+        allowed = self.strategy_policy.methods
+        return [name for name in STRATEGIES if allowed is None or name in allowed]
+
+    def completions(self, strategy: str) -> int:
+        """How many completions a request of ``strategy`` (a checked spec) returns."""
+        return self._strategy(strategy).count
+
     def request(
         self,
         prompt: Prompt,
@@ -175,7 +187,7 @@ class Engine:
         the engine's). ``strategy``: a decoding strategy's spec (decodekit.strategies): it decides the output by
         its own rule, so the output differs from plain decoding; greedy only, and no method beside it."""
         if strategy is not None:
-            check_strategy(strategy, method, sampling, self.policy)
+            check_strategy(strategy, method, sampling, self.strategy_policy)
         if method is not None and method != self.method:
             try:
                 parse_method(method, self.policy)
@@ -200,7 +212,9 @@ class Engine:
 
     def submit(self, request: Request) -> Decoding:
         """Start decoding a checked request: it joins the batch, and the coming steps score its prompt and decode
-        it. Raises EngineFull when every row is taken."""
+        it. Raises EngineFull when every row is taken; a strategy's request runs whole, through :meth:`run`."""
+        if request.strategy is not None:
+            raise InvalidParameter("a strategy's request decodes whole and alone: Engine.run it", "strategy")
         if self.full:
             rows = self.batch.cache.batch
             raise EngineFull(
@@ -290,9 +304,7 @@ class Engine:
     def _run_strategy(self, request: Request) -> Generation:
         assert request.strategy is not None
         start = time.perf_counter()
-        strategy = self._strategies.get(request.strategy)
-        if strategy is None:
-            strategy = self._strategies[request.strategy] = make_strategy(request.strategy, self.model)
+        strategy = self._strategy(request.strategy)
         budget = min(request.max_new_tokens, self.model.cfg.context_window - len(request.prompt_ids))
         outputs = [self._completion(ids, request) for ids in strategy.decode(request.prompt_ids, budget)]
         best = outputs[0]
@@ -300,6 +312,12 @@ class Engine:
         stats = GenerationStats(spec, len(request.prompt_ids), len(best.token_ids), strategy=spec)
         stats.finish_reason, stats.wall_s = best.finish_reason, time.perf_counter() - start
         return Generation(best.text, best.token_ids, request.prompt_ids, stats, outputs if len(outputs) > 1 else [])
+
+    def _strategy(self, spec: str) -> Strategy:
+        """The strategy of ``spec`` (checked), built on first use."""
+        if spec not in self._strategies:
+            self._strategies[spec] = make_strategy(spec, self.model)
+        return self._strategies[spec]
 
     def _completion(self, ids: list[int], request: Request) -> Completion:
         """A strategy's output ``ids`` cut at a stop string, as text."""
@@ -335,6 +353,15 @@ def check_strategy(
         raise InvalidParameter("a strategy decides the output by its own rule: no method beside it", "strategy")
     if not sampling.greedy:
         raise InvalidParameter("a strategy decides every token by its own rule: it takes no sampling", "strategy")
+
+
+def strategy_policy(names: list[str] | None = None, options: bool = False) -> MethodPolicy:
+    """What a server's clients may choose as a strategy: one of ``names`` (None: any; [] none), with its numeric
+    and boolean options only when ``options`` (never those that name checkpoints)."""
+    unknown = [name for name in names or [] if name not in STRATEGIES]
+    if unknown:
+        raise InvalidParameter(f"the allowed strategies must be some of {', '.join(STRATEGIES)}; got {clip(unknown)}")
+    return MethodPolicy(None if names is None else frozenset(names), options=options, operator=False)
 
 
 def describe_strategies() -> dict[str, tuple[str, list[tuple[str, object, str]]]]:

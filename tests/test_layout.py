@@ -54,3 +54,10 @@ def test_drafters_see_the_protocol_not_the_engine(name):
 def test_faces_reach_the_engine_and_nothing_below_it(name):
     below = {m for m in imports(SOURCES[name]) if not m.startswith(FACES) and m not in ENGINE_SURFACE}
     assert not below, f"{name} imports {sorted(below)}: go through decodekit.engine"
+
+
+@pytest.mark.parametrize("name", [n for n in SOURCES if n.startswith("decodekit.strategies")])
+def test_strategies_run_the_runtime_and_nothing_above_it(name):
+    allowed = ("decodekit.strategies", "decodekit.runtime", "decodekit.protocol", "decodekit.errors")
+    below = {m for m in imports(SOURCES[name]) if not m.startswith(allowed)}
+    assert below <= {"decodekit.drafters.options"}, f"{name} imports {sorted(below)}"

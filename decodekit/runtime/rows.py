@@ -49,6 +49,20 @@ class Rows:
         last = [hidden[:, -1], *(capture[layer][:, -1] for layer in exits)]  # type: ignore[index]
         return model.logits(torch.stack(last))
 
+    def extend_all(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Score and keep ``tokens`` int64 ``[B, n]``: float logits ``[B, n, vocab]`` after each of them (position
+        ``i`` predicts the token after ``tokens[:, i]``)."""
+        model = self.transformer
+        hidden = model.hidden_states(tokens.to(model.device), self.cache)
+        self.cache.commit_all(tokens.shape[1])
+        return model.logits(hidden)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens of every row (at most :attr:`length`); the entries past it become
+        scratch, overwritten by the next tokens given."""
+        assert 0 <= length <= self.length
+        self.cache.lengths = [length] * self.batch
+
     def branch(self, tokens: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Score ``tokens`` int64 ``[n]`` laid out as ``tree`` after the sequence of a one-row batch, keeping none
         of them until :meth:`keep`: the residual stream leaving the last block ``[n, hidden]`` (logits through

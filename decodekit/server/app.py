@@ -1,14 +1,17 @@
-"""The OpenAI-compatible HTTP API: ``/v1/completions`` and ``/v1/chat/completions`` (whole or streamed as
-server-sent events), ``/v1/models``, ``/health`` and ``/metrics``.
+"""The OpenAI-compatible HTTP API: ``/v1/completions`` and ``/v1/chat/completions`` (whole or streamed as server-sent
+events), ``/v1/models``, ``/health`` and ``/metrics``.
 
 Where it differs from OpenAI: the server has one model and answers whatever ``model`` a request names; extra body
-fields ``top_k``, ``min_p``, ``repetition_penalty`` and ``method`` (a decodekit method spec); ``usage`` adds
-``mean_accepted_tokens``. ``temperature`` defaults to 1 as in OpenAI: send 0 for greedy output, which every method
-reproduces exactly. Parameters it cannot honour (``n`` > 1, ``logprobs``, ``tools``, penalties, ...) are refused
-with 400; other unknown fields are ignored; numbers and booleans must come as JSON numbers and booleans.
+fields ``top_k``, ``min_p``, ``repetition_penalty``, ``method`` (a decodekit method spec) and ``strategy`` (a
+decoding strategy's spec, where the operator allows strategies: it changes the output by design, so its replies say
+``"decodekit": {"strategy": ..., "lossless": false}``; it runs whole while the batch waits, and a strategy with
+several completions answers ``n`` of them as choices); ``usage`` adds ``mean_accepted_tokens``. ``temperature``
+defaults to 1 as in OpenAI: send 0 for greedy output, which every method reproduces exactly. Parameters it cannot
+honour (``n`` > 1, ``logprobs``, ``tools``, penalties, ...) are refused with 400; other unknown fields are ignored;
+numbers and booleans must come as JSON numbers and booleans.
 
-A request's ``method`` is checked under the operator's policy (by default: a method by name, no options); the
-handler tokenizes the prompt off the event loop and checks it before it is queued.
+A request's ``method`` is checked under the operator's policy (by default: a method by name, no options); the handler
+tokenizes the prompt off the event loop and checks it before it is queued.
 """
 
 from __future__ import annotations
@@ -30,7 +33,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from decodekit import LoadedModel, SamplingParams, __version__
-from decodekit.engine import POOL_BYTES, PREFILL_CHUNK, Chunk, Engine, GenerationStats, client_policy
+from decodekit.engine import (
+    POOL_BYTES,
+    PREFILL_CHUNK,
+    Chunk,
+    Engine,
+    Generation,
+    GenerationStats,
+    check_strategy,
+    client_policy,
+    strategy_policy,
+)
 from decodekit.errors import InvalidParameter, clip
 from decodekit.server.guard import MAX_BODY_BYTES, Guard, error_body, error_response
 from decodekit.server.metrics import Metrics, MetricsMiddleware
@@ -92,6 +105,7 @@ class GenerationBody(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     method: str | None = None
+    strategy: str | None = None
 
 
 class CompletionBody(GenerationBody):
@@ -123,6 +137,7 @@ def create_app(
     adaptive: bool = True,
     allow_methods: list[str] | None = None,
     allow_method_options: bool = False,
+    allow_strategies: list[str] | None = (),
     max_body_bytes: int = MAX_BODY_BYTES,
     api_key: str | None = None,
     loopback_only: bool = True,
@@ -131,16 +146,17 @@ def create_app(
 ) -> FastAPI:
     """The server's app: requests generate with ``model``, by the method spec a request names or ``method``.
 
-    Up to ``max_batch`` requests decode together, with load-aware speculation when ``adaptive``; ``queue_size``
-    more may wait (more get 429); prompts over ``max_prompt_tokens`` tokens and ``max_tokens`` over
-    ``max_tokens_cap`` get 400. ``method`` is the operator's (any option); a request may name a method of
-    ``allow_methods`` (None: all), with options only if ``allow_method_options``. Bodies over ``max_body_bytes``
-    get 413; with ``api_key`` every endpoint but ``/health`` wants ``Authorization: Bearer <api_key>``; with
-    ``loopback_only`` (set it False when the server listens beyond this machine) a ``Host`` that is not a loopback
-    name gets 400. Each step prefills up to ``prefill_chunk`` prompt tokens of joining requests (whole chunks of
-    ``decodekit.decoding.PREFILL_CHUNK``, at least one), between the live requests' decode steps. Idle drafters kept
-    for reuse hold at most ``drafter_pool_bytes``. ``app.state.scheduler.drain`` shuts down gracefully. Its metrics
-    live in ``app.state.metrics.registry``.
+        Up to ``max_batch`` requests decode together, with load-aware speculation when ``adaptive``; ``queue_size``
+        more may wait (more get 429); prompts over ``max_prompt_tokens`` tokens and ``max_tokens`` over
+        ``max_tokens_cap`` get 400. ``method`` is the operator's (any option); a request may name a method of
+        ``allow_methods`` (None: all), with options only if ``allow_method_options``, or a strategy of
+    ``allow_strategies`` (None: all; default none), its options under the same flag. Bodies over ``max_body_bytes``
+        get 413; with ``api_key`` every endpoint but ``/health`` wants ``Authorization: Bearer <api_key>``; with
+        ``loopback_only`` (set it False when the server listens beyond this machine) a ``Host`` that is not a loopback
+        name gets 400. Each step prefills up to ``prefill_chunk`` prompt tokens of joining requests (whole chunks of
+        ``decodekit.decoding.PREFILL_CHUNK``, at least one), between the live requests' decode steps. Idle drafters kept
+        for reuse hold at most ``drafter_pool_bytes``. ``app.state.scheduler.drain`` shuts down gracefully. Its metrics
+        live in ``app.state.metrics.registry``.
     """
     if api_key == "":
         raise InvalidParameter("the API key is empty")
@@ -155,6 +171,9 @@ def create_app(
         prefill_chunk=prefill_chunk,
         pool_bytes=drafter_pool_bytes,
         policy=client_policy(allow_methods, allow_method_options),
+        strategy_policy=strategy_policy(
+            None if allow_strategies is None else list(allow_strategies), allow_method_options
+        ),
     )
     metrics = Metrics()
     scheduler = Scheduler(engine, metrics, queue_size)
@@ -207,7 +226,17 @@ def create_app(
         """Check the request's parameters, tokenize its prompt (in a thread: ``Engine.request``) and queue it.
         ``default``: the ``max_tokens`` of a request that sets none (None: as many as fit)."""
         arrived = time.perf_counter()
-        for name, value in (body.model_extra or {}).items():
+        extra = dict(body.model_extra or {})
+        if body.strategy is not None:
+            if not engine.strategies:
+                raise APIError(400, "this server takes no strategies (its operator allows none)", "strategy")
+            if body.stream:
+                raise APIError(400, "a strategy's reply comes whole: it cannot stream", "stream")
+            n = extra.pop("n", None)
+            count = await run_in_threadpool(engine.completions, checked_strategy(body.strategy))
+            if n is not None and n != count:
+                raise APIError(400, f"n={clip(n)}: strategy {body.strategy.partition(':')[0]} returns {count}", "n")
+        for name, value in extra.items():
             if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
                 allowed = json.dumps(UNSUPPORTED[name][0])
                 raise APIError(400, f"{name}={clip(value)} is not supported (only {allowed})", name)
@@ -221,7 +250,9 @@ def create_app(
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed,
         )
-        request = await run_in_threadpool(engine.request, prompt, max_tokens, body.stop, chat, sampling, body.method)
+        request = await run_in_threadpool(
+            engine.request, prompt, max_tokens, body.stop, chat, sampling, body.method, body.strategy
+        )
         try:
             return scheduler.submit(request, arrived)
         except QueueFull as err:
@@ -241,7 +272,7 @@ def create_app(
                     event = await next_unless_gone(job, request)
                 if isinstance(event, Failed):
                     raise APIError(event.status, event.message)
-                return JSONResponse(reply.whole(event.generation.text, event.generation.stats))
+                return JSONResponse(reply.whole(event.generation))
         except BaseException:
             job.cancel()
             raise
@@ -291,10 +322,17 @@ def create_app(
         job = await prepare(body, messages, True, max_tokens, None)  # None: the rest of the context
         return await respond(job, body, True, request)
 
+    def checked_strategy(spec: str) -> str:
+        """``spec`` as the engine's strategy policy allows it (InvalidParameter: 400)."""
+        check_strategy(spec, policy=engine.strategy_policy)
+        return spec
+
     methods = {
         "methods": engine.methods,
         "default_method": method,
         "method_options": allow_method_options,
+        "strategies": engine.strategies,
+        "strategies_note": "a strategy changes the output by design (not lossless); it runs whole, the batch waits",
     }
 
     @app.get("/v1/models")
@@ -329,13 +367,25 @@ class Reply:
     def envelope(self, kind: str, **fields: Any) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
 
-    def whole(self, text: str, stats: GenerationStats) -> dict:
-        if self.chat:
-            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": text}}
-        else:
-            kind, choice = "text_completion", {"text": text}
-        choice = {"index": 0, **choice, "logprobs": None, "finish_reason": stats.finish_reason}
-        return self.envelope(kind, choices=[choice], usage=usage(stats))
+    def whole(self, generation: Generation) -> dict:
+        """The reply to a whole generation: one choice, or one per completion of a strategy that returns several."""
+        stats = generation.stats
+        outputs = [(c.text, c.finish_reason) for c in generation.completions] or [
+            (generation.text, stats.finish_reason)
+        ]
+        kind = "chat.completion" if self.chat else "text_completion"
+        choices = [
+            {
+                "index": i,
+                **({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}),
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            for i, (text, finish) in enumerate(outputs)
+        ]
+        extra = {} if stats.strategy is None else {"decodekit": {"strategy": stats.strategy, "lossless": False}}
+        tokens = sum(len(c.token_ids) for c in generation.completions) or None
+        return self.envelope(kind, choices=choices, usage=usage(stats, tokens), **extra)
 
     def chunk(self, content: dict | str, finish: str | None = None) -> dict:
         """A streamed piece: a chat ``delta`` (a dict) or completion ``text`` (a str)."""
@@ -343,12 +393,14 @@ class Reply:
         return self.envelope(self.chunk_object, choices=[choice])
 
 
-def usage(stats: GenerationStats) -> dict:
-    """OpenAI's usage, plus the request's mean accepted tokens per verification step (MAT)."""
+def usage(stats: GenerationStats, completion_tokens: int | None = None) -> dict:
+    """OpenAI's usage, plus the request's mean accepted tokens per verification step (MAT). ``completion_tokens``:
+    those of every choice (None: the one generation's)."""
+    completion_tokens = stats.new_tokens if completion_tokens is None else completion_tokens
     return {
         "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.new_tokens,
-        "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": stats.prompt_tokens + completion_tokens,
         "mean_accepted_tokens": stats.mean_accepted,
     }
 

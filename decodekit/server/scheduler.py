@@ -1,9 +1,11 @@
-"""The generation worker: one thread owns the :class:`decodekit.engine.Engine` and steps it over the queued
-requests, one continuous batch.
+"""The generation worker: one thread owns the :class:`decodekit.engine.Engine` and steps it over the queued requests,
+one continuous batch.
 
 Between steps the worker submits waiting requests (first come, first served) while the engine has free rows, stops
-those whose client left, then runs one :meth:`Engine.step` and hands each request its chunk. Requests arrive
-checked and tokenized (``Engine.request``, in the HTTP handler), so the worker never spends time on text.
+those whose client left, then runs one :meth:`Engine.step` and hands each request its chunk. A strategy's request
+(which decides its output by its own rule, outside the batch) runs whole when its turn comes, the batch waiting.
+Requests arrive checked and tokenized (``Engine.request``, in the HTTP handler), so the worker never spends time on
+text.
 """
 
 from __future__ import annotations
@@ -185,6 +187,9 @@ class Scheduler:
                 self._start(job)
 
     def _start(self, job: Job) -> None:
+        if job.request.strategy is not None:
+            self._run_whole(job)
+            return
         try:
             decoding = self.engine.submit(job.request)
         except DecodekitError as err:
@@ -197,6 +202,25 @@ class Scheduler:
         self.metrics.running.inc()
         self.metrics.prompt_tokens.inc(len(job.request.prompt_ids))
         job.send(Started(len(job.request.prompt_ids)))
+
+    def _run_whole(self, job: Job) -> None:
+        """Run a strategy's request to its end now (the batch waits), and send its events."""
+        self.metrics.running.inc()
+        try:
+            job.send(Started(len(job.request.prompt_ids)))
+            generation = self.engine.run(job.request)
+        except DecodekitError as err:
+            job.send(Failed(400, str(err)))
+        except Exception as err:  # a strategy that fails fails its own request only
+            job.send(Failed(500, _failure(err)))
+        else:
+            self.metrics.prompt_tokens.inc(len(job.request.prompt_ids))
+            self.metrics.ttft.observe(time.perf_counter() - job.arrived)
+            self.metrics.generation_tokens.inc(generation.stats.new_tokens)
+            job.send(Chunk(generation.token_ids, generation.text))
+            job.send(Finished(generation))
+        finally:
+            self.metrics.running.dec()
 
     def _step(self) -> None:
         for decoding, job in list(self._jobs.items()):  # a client that left frees its row, joining or live

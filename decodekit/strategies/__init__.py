@@ -8,19 +8,29 @@ from decodekit.drafters.options import OPERATOR, MethodPolicy, Option, options_o
 from decodekit.runtime.loader import LoadedModel
 from decodekit.strategies.base import Strategy
 from decodekit.strategies.contrastive_search import ContrastiveSearch
+from decodekit.strategies.diverse_beam import DiverseBeamSearch
+from decodekit.strategies.layer_contrast import LayerContrast
 from decodekit.strategies.momentum import MomentumDecoding
+from decodekit.strategies.superposed import SuperposedDecoding
+from decodekit.strategies.uscd import UncertaintySelectiveContrast
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "momentum": MomentumDecoding,
     "contrastive_search": ContrastiveSearch,
+    "diverse_beam": DiverseBeamSearch,
+    "superposed": SuperposedDecoding,
+    "layer_contrast": LayerContrast,
+    "uscd": UncertaintySelectiveContrast,
 }
 
 __all__ = ["STRATEGIES", "Strategy", "make_strategy", "parse_strategy", "strategy_options"]
 
 
 def parse_strategy(spec: str, policy: MethodPolicy = OPERATOR) -> tuple[type[Strategy], dict[str, object]]:
-    """``"momentum:alpha=0.5"`` -> (MomentumDecoding, {"alpha": 0.5}), every option checked under ``policy``."""
-    return parse_spec(spec, STRATEGIES, "strategy", policy, example="momentum:alpha=0.5")
+    """``"momentum:alpha=0.5"`` -> (MomentumDecoding, {"alpha": 0.5}): a strategy ``policy`` allows (its
+    ``methods`` name the strategies), every option checked under it."""
+    allowed = {name: cls for name, cls in STRATEGIES.items() if policy.methods is None or name in policy.methods}
+    return parse_spec(spec, allowed, "strategy", policy, example="momentum:alpha=0.5")
 
 
 def strategy_options(name: str) -> dict[str, Option]:
