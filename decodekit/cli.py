@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=["ar", "recycling"], metavar="SPEC", help="decodekit methods")
     bench.add_argument("--speculative-config", metavar="JSON", help=SPECULATIVE_CONFIG_HELP + " (added to --methods)")
     bench.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="decoding strategies too (they change the output by design: compare their repetition, distinct-2 and "
+        "answers, not their identity)",
+    )
+    bench.add_argument(
         "--peers",
         nargs="*",
         default=["hf"],
@@ -82,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run every method as this checkout of decodekit has it (a worktree of another commit), as METHOD@DIR",
     )
     bench.add_argument("--baseline", help="runner the speedups divide by (default: hf if run, else the first method)")
-    bench.add_argument("--dataset", help="a Spec-Bench question.jsonl file (default: the built-in prompts)")
+    bench.add_argument(
+        "--dataset",
+        help="a Spec-Bench question.jsonl file, or a built-in set: prompts (the default) or short-answers (questions "
+        "with reference answers: the share of answers stating them is reported)",
+    )
     bench.add_argument("--categories", nargs="+", metavar="NAME", help="tasks or categories to keep")
     bench.add_argument("--per-category", type=int, metavar="N", help="first N questions of each task")
     bench.add_argument("--limit", type=int, metavar="N", help="first N questions after the other filters")
@@ -366,12 +378,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from decodekit import load_model
-    from decodekit.engine import check_method, resolved_options
+    from decodekit.engine import check_method, check_strategy, resolved_options
     from decodekit.prompts import load_questions
 
     for method in args.methods:
         check_method(method)
     sampling = sampling_from_args(args)
+    for strategy in args.strategies:
+        check_strategy(strategy, sampling=sampling)
     if not sampling.greedy and sampling.seed is None:
         sampling = replace(sampling, seed=0)  # a benchmark is rerun exactly
     _require_positive(args, "per_category", "limit", "max_new_tokens")
@@ -379,7 +393,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     checkouts = [Path(checkout) for checkout in args.checkout]
-    runners, notes = bench.make_runners(model, args.methods, args.peers, sampling, checkouts)
+    runners, notes = bench.make_runners(model, args.methods, args.peers, sampling, checkouts, args.strategies)
     for note in notes:
         print(f"decodekit: {note}", file=sys.stderr)
     if baseline not in [r.name for r in runners]:
@@ -397,6 +411,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "reference": runners[0].name,
         "runners": [r.name for r in runners],
         "options": {spec: resolved_options(spec) for spec in args.methods},
+        "strategies": args.strategies,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": bench.machine(),
         "peer_builds": {r.name: r.info["build"] for r in runners if "build" in getattr(r, "info", {})},

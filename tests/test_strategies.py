@@ -14,6 +14,7 @@ import torch
 from test_server import client_for, serving
 
 from decodekit import Engine, InvalidParameter, SamplingParams
+from decodekit.bench import answers, distinct_n, repetition
 from decodekit.cli import main
 from decodekit.engine import describe_strategies, strategy_policy
 from decodekit.server.app import create_app
@@ -165,3 +166,24 @@ def test_server_takes_strategies_only_where_allowed(tiny_model):
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["decodekit"]["strategies"] == ["momentum"]
         with pytest.raises(openai.BadRequestError, match="no sampling"):
             client.completions.create(model="t", prompt=PROMPT, max_tokens=4, extra_body={"strategy": "momentum"})
+
+
+def test_output_measures_by_hand():
+    assert repetition([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)  # 5 4-grams, 4 distinct
+    assert repetition([1, 2, 3]) == 0.0
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert answers("The answer is  Paris.", ("paris",)) and not answers("Lyon", ("Paris", "paris, France"))
+
+
+def test_bench_measures_strategies_beside_methods(tiny_dir, tmp_path, capsys):
+    args = ["bench", "--model", str(tiny_dir), "--output", str(tmp_path), "--peers", "--methods", "ar"]
+    args += ["--strategies", "momentum:alpha=1", "--dataset", "short-answers", "--limit", "3", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["meta"]["strategies"] == ["momentum:alpha=1"]
+    records = [r for r in data["records"] if r["runner"] == "momentum:alpha=1"]
+    assert len(records) == 3 and all("correct" in r and "repetition" in r for r in records)
+    overall = data["summary"]["momentum:alpha=1"]["overall"]
+    assert 0 <= overall["correct"] <= 1 and overall["repetition"] >= 0
+    assert main([*args[:-2], "--strategies", "momentum", "--temperature", "0.5"]) == 1
+    assert "takes no sampling" in capsys.readouterr().err

@@ -38,7 +38,27 @@ CONVERSATION = {
     "humanities",
     "conversation",
 }
-__all__ = ["make_runners", "plot", "render_table", "resume", "run_bench", "save", "select", "summarize", "task_of"]
+# what the outputs are like, beside how fast they came (strategies change them by design)
+QUALITY = {
+    "repetition": "repeated 4-grams (share)",
+    "distinct_2": "distinct-2 across a request's outputs",
+    "correct": "answers stating the reference (share)",
+    "s_per_output": "seconds per returned output",
+}
+__all__ = [
+    "answers",
+    "distinct_n",
+    "make_runners",
+    "plot",
+    "render_table",
+    "repetition",
+    "resume",
+    "run_bench",
+    "save",
+    "select",
+    "summarize",
+    "task_of",
+]
 
 
 def task_of(category: str) -> str:
@@ -130,10 +150,13 @@ def run_bench(
                     )
                     continue
                 answer = model.tokenizer.decode(run.token_ids, skip_special_tokens=True)
+                outputs_text = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in run.completions]
                 history[runner.name].append({"role": "assistant", "content": answer})
                 outputs[turn, runner.name] = run.token_ids
                 row = asdict(run)
                 row.pop("token_ids")
+                row.pop("completions")
+                accepted = question.references[turn] if turn < len(question.references) else None
                 records.append(
                     {
                         "question_id": question.question_id,
@@ -145,12 +168,36 @@ def run_bench(
                         "new_tokens": len(run.token_ids),
                         "identical": run.token_ids == outputs.get((turn, reference)) if compare_outputs else None,
                         "peak_rss_mb": memory.peak_mb,
+                        "repetition": repetition(run.token_ids),
+                        **({"distinct_2": distinct_n(run.completions, 2)} if run.completions else {}),
+                        **({"correct": answers(answer, accepted)} if accepted is not None else {}),
+                        **({"completions": len(outputs_text)} if outputs_text else {}),
                         **row,
                     }
                 )
         if on_question:
             on_question(records[first:])
     return records
+
+
+def repetition(tokens: list[int], n: int = 4) -> float:
+    """The share of ``tokens``' n-grams that repeat an earlier n-gram of theirs (0: no repetition)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(outputs: list[list[int]], n: int = 2) -> float:
+    """Distinct-n of several outputs: their distinct n-grams over all their n-grams (1: no n-gram shared or
+    repeated)."""
+    grams = [tuple(ids[i : i + n]) for ids in outputs for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def answers(text: str, accepted: tuple[str, ...]) -> bool:
+    """``text`` states one of the ``accepted`` answers (case and spacing aside): the exact-match proxy of a
+    short-answer question."""
+    squeeze = lambda s: " ".join(s.lower().split())  # noqa: E731
+    return any(squeeze(answer) in squeeze(text) for answer in accepted)
 
 
 def _rss_mb(pid: int | str = "self") -> float:
@@ -228,6 +275,12 @@ def _acceptance(runs: list[dict]) -> dict:
     accepted = [n for r in runs for n in r["accepted_drafts"]]
     compared = [r["identical"] for r in runs if r["identical"] is not None]
     out = {"identical_share": mean(compared)} if compared else {}
+    out["repetition"] = mean(r.get("repetition", 0.0) for r in runs)
+    out["s_per_output"] = mean(r["wall_s"] / r.get("completions", 1) for r in runs)
+    for measure in ("distinct_2", "correct"):  # where the runner returns several outputs; questions with answers
+        values = [r[measure] for r in runs if measure in r]
+        if values:
+            out[measure] = mean(values)
     if lengths and all(r.get("draft_s") is not None for r in runs):  # our engine's runs: where a step's time went
         out["draft_ms_per_step"] = 1000 * sum(r["draft_s"] for r in runs) / len(lengths)
         out["forward_ms_per_step"] = 1000 * sum(r["forward_s"] for r in runs) / len(lengths)
@@ -250,6 +303,14 @@ def render_table(summary: dict) -> str:
             mat = f" [{s['mat']:.2f}]" if "mat" in s else ""
             cells.append(f"{s['speedup']:.2f}x ({s['tokens_per_s']:.1f}){mat}" if "speedup" in s else "failed")
         lines.append(f"{task:<16}" + "".join(f"{c:>24}" for c in cells))
+    several = any("distinct_2" in summary[r]["overall"] for r in runners)  # some runner returns several outputs
+    for measure, label in QUALITY.items():
+        values = {r: summary[r]["overall"].get(measure) for r in runners}
+        shown = several if measure == "s_per_output" else len(set(values.values()) - {None}) > 1
+        if shown:  # where outputs differ (strategies change them): lossless methods share ar's
+            lines.append(
+                f"{label}: " + "  ".join(f"{r}: " + ("n/a" if v is None else f"{v:.3f}") for r, v in values.items())
+            )
     shares = {r: summary[r]["overall"].get("identical_share") for r in runners}
     if any(share is not None for share in shares.values()):  # sampled runs are not compared
         cells = "  ".join(f"{r}: " + ("n/a" if v is None else f"{v:.0%}") for r, v in shares.items())

@@ -30,6 +30,7 @@ class Run:
     accepted_drafts: list[int] = field(default_factory=list)
     draft_s: float | None = None  # our engine only: time in the drafter, and in forward + verification
     forward_s: float | None = None
+    completions: list[list[int]] = field(default_factory=list)  # every output of a strategy that returns several
 
 
 class EngineRunner:
@@ -52,6 +53,18 @@ class EngineRunner:
             s.draft_s,
             s.forward_s,
         )
+
+
+class StrategyRunner:
+    """A decoding strategy (it changes the output by design), greedy by its own rule."""
+
+    def __init__(self, model: LoadedModel, strategy: str) -> None:
+        self.name, self.strategy = strategy, strategy
+        self.engine = Engine(model, "ar")
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
+        g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, strategy=self.strategy)
+        return Run(g.token_ids, g.stats.wall_s, completions=[c.token_ids for c in g.completions])
 
 
 class HFRunner:
@@ -209,14 +222,17 @@ def make_runners(
     peers: list[str],
     sampling: SamplingParams = GREEDY,
     checkouts: list[Path] = (),
+    strategies: list[str] = (),
 ) -> tuple[list, list[str]]:
     """Build the runners, all decoding with ``sampling``: ``methods`` here, then each of them again from every
-    one of ``checkouts``, then the peers; peers that cannot run here are left out, each with a one-line note."""
+    one of ``checkouts``, then the ``strategies`` (greedy by their own rules), then the peers; peers that cannot
+    run here are left out, each with a one-line note."""
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
     runners: list = [EngineRunner(model, m, sampling) for m in methods]
     runners += [CheckoutRunner(model, m, checkout, sampling) for checkout in checkouts for m in methods]
+    runners += [StrategyRunner(model, strategy) for strategy in strategies]
     notes = []
     for peer in peers:
         if peer.startswith("hf"):
