@@ -7,20 +7,20 @@ from __future__ import annotations
 from decodekit.drafters.options import OPERATOR, MethodPolicy, Option, options_of, parse_spec
 from decodekit.runtime.loader import LoadedModel
 from decodekit.strategies.base import Strategy
+from decodekit.strategies.cleangen import CleanGen
 from decodekit.strategies.contrastive_search import ContrastiveSearch
-from decodekit.strategies.diverse_beam import DiverseBeamSearch
 from decodekit.strategies.layer_contrast import LayerContrast
 from decodekit.strategies.momentum import MomentumDecoding
-from decodekit.strategies.superposed import SuperposedDecoding
+from decodekit.strategies.transfer_qstar import TransferQStar
 from decodekit.strategies.uscd import UncertaintySelectiveContrast
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "momentum": MomentumDecoding,
     "contrastive_search": ContrastiveSearch,
-    "diverse_beam": DiverseBeamSearch,
-    "superposed": SuperposedDecoding,
     "layer_contrast": LayerContrast,
     "uscd": UncertaintySelectiveContrast,
+    "cleangen": CleanGen,
+    "transfer_qstar": TransferQStar,
 }
 
 __all__ = ["STRATEGIES", "Strategy", "make_strategy", "parse_strategy", "strategy_options"]
