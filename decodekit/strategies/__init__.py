@@ -9,14 +9,18 @@ from decodekit.runtime.loader import LoadedModel
 from decodekit.strategies.base import Strategy
 from decodekit.strategies.cleangen import CleanGen
 from decodekit.strategies.contrastive_search import ContrastiveSearch
+from decodekit.strategies.diverse_beam import DiverseBeamSearch
 from decodekit.strategies.layer_contrast import LayerContrast
 from decodekit.strategies.momentum import MomentumDecoding
+from decodekit.strategies.superposed import SuperposedDecoding
 from decodekit.strategies.transfer_qstar import TransferQStar
 from decodekit.strategies.uscd import UncertaintySelectiveContrast
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "momentum": MomentumDecoding,
     "contrastive_search": ContrastiveSearch,
+    "diverse_beam": DiverseBeamSearch,
+    "superposed": SuperposedDecoding,
     "layer_contrast": LayerContrast,
     "uscd": UncertaintySelectiveContrast,
     "cleangen": CleanGen,
