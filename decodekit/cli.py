@@ -474,6 +474,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench.render_table(summary))
     bench.plot(summary, baseline, path.with_name("speedup.png"), bench.chart_title(meta))
     print(f"results: {path}  chart: {path.with_name('speedup.png')}", file=sys.stderr)
+    if args.strategies:
+        bench.plot_outputs(summary, baseline, path.with_name("outputs.png"), bench.chart_title(meta))
+        print(f"what the strategies change: {path.with_name('outputs.png')}", file=sys.stderr)
     return 0
 
 

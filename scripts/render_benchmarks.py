@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from decodekit.bench import chart_title, machine_name, plot, summarize
+from decodekit.bench import QUALITY, chart_title, machine_name, plot, plot_outputs, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,11 @@ def run_section(name: str) -> str:
             for t in tasks
         ]
         lines.append(f"| `{r}` | " + " | ".join(cells) + " |")
+    if meta.get("strategies"):
+        lines += ["", outputs_table(summary, meta["reference"])]
+        plot_outputs(summary, meta["baseline"], directory / "outputs.png", chart_title(meta))
+        lines += [f"![what the strategies change](benchmarks/{name}/outputs.png)", ""]
+        return "\n".join(lines)
     lines += [
         "",
         "Mean accepted tokens per step (MAT), acceptance rate, outputs identical to "
@@ -68,6 +73,23 @@ def run_section(name: str) -> str:
         lines.append(f"| `{r}` | {mat} | {acc} | {same} | {draft} | {forward} | {pos} |")
     lines += ["", f"![speedup per task](benchmarks/{name}/speedup.png)", ""]
     return "\n".join(lines)
+
+
+def outputs_table(summary: dict, reference: str) -> str:
+    """The outputs' measures (overall) of a run with strategies, which change the output by design."""
+    measures = [m for m in QUALITY if any(m in summary[r]["overall"] for r in summary)]
+    lines = [
+        f"What the outputs are like (overall; identical: outputs equal to `{reference}`'s):",
+        "",
+        "| runner | " + " | ".join(QUALITY[m] for m in measures) + " | identical |",
+        "|---" * (len(measures) + 2) + "|",
+    ]
+    for r, entry in summary.items():
+        s = entry["overall"]
+        cells = [f"{s[m]:.3f}" if m in s else "-" for m in measures]
+        same = f"{s['identical_share']:.0%}" if "identical_share" in s else "-"
+        lines.append(f"| `{r}` | " + " | ".join(cells) + f" | {same} |")
+    return "\n".join(lines) + "\n"
 
 
 def compare_section(names: list[str]) -> str:

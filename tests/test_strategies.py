@@ -185,5 +185,6 @@ def test_bench_measures_strategies_beside_methods(tiny_dir, tmp_path, capsys):
     assert len(records) == 3 and all("correct" in r and "repetition" in r for r in records)
     overall = data["summary"]["momentum:alpha=1"]["overall"]
     assert 0 <= overall["correct"] <= 1 and overall["repetition"] >= 0
+    assert (tmp_path / "outputs.png").read_bytes().startswith(b"\x89PNG")
     assert main([*args[:-2], "--strategies", "momentum", "--temperature", "0.5"]) == 1
     assert "takes no sampling" in capsys.readouterr().err

@@ -50,6 +50,7 @@ __all__ = [
     "distinct_n",
     "make_runners",
     "plot",
+    "plot_outputs",
     "render_table",
     "repetition",
     "resume",
@@ -362,6 +363,31 @@ def plot(summary: dict, baseline: str, path: Path, title: str) -> None:
     ax.set_title(textwrap.fill(title, int(11 * fig_width)), fontsize=10)  # ~11 characters an inch at size 10
     if runners:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_outputs(summary: dict, baseline: str, path: Path, title: str) -> None:
+    """What strategies change, one panel per measure the run has (overall): tokens/s over the baseline's,
+    repeated 4-grams, distinct-2 across a request's outputs, answers stating the reference, seconds per output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runners = list(summary)
+    panels = [("speedup", f"tokens/s over {baseline}")]
+    panels += [(m, label) for m, label in QUALITY.items() if any(m in summary[r]["overall"] for r in runners)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.35 * len(runners) + 1.6), sharey=True)
+    for ax, (measure, label) in zip(axes, panels, strict=True):
+        values = [summary[r]["overall"].get(measure, 0.0) for r in runners]
+        ax.barh(range(len(runners)), values, color="tab:blue")
+        ax.set_title(textwrap.fill(label, 28), fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].set_yticks(range(len(runners)), runners)
+    axes[0].invert_yaxis()
+    fig.suptitle(textwrap.fill(title, 160), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
