@@ -81,10 +81,14 @@ class Rows:
     def select(self, rows: torch.Tensor | Sequence[int]) -> None:
         """Keep the rows ``rows`` (int64 ``[B']``, repeats allowed: a row forked into several), in that order."""
         index = torch.as_tensor(rows, dtype=torch.int64, device=self.cache.kv.device)
-        length = self.length
-        old = self.cache
-        self.cache = self.transformer.new_cache(old.capacity, index.numel())
-        self.cache.kv[:, :, :, :, :length] = old.kv[:, :, :, :, :length].index_select(2, index)
+        length, kv = self.length, self.cache.kv
+        if index.numel() == self.batch:  # in place: only the rows that take another row's entries are copied
+            moved = (index != torch.arange(self.batch, device=index.device)).nonzero()[:, 0]
+            if moved.numel():
+                kv[:, :, moved, :, :length] = kv[:, :, index[moved], :, :length]
+            return
+        self.cache = self.transformer.new_cache(self.cache.capacity, index.numel())
+        self.cache.kv[:, :, :, :, :length] = kv[:, :, :, :, :length].index_select(2, index)
         self.cache.lengths = [length] * index.numel()
 
     def embedded(self, tokens: torch.Tensor) -> torch.Tensor:
