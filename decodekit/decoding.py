@@ -220,7 +220,7 @@ class Decoding:
         self.last_path = path
         self.stats.forward_s += forward_s + time.perf_counter() - start
         committed = [*draft.tokens[path[1:]].tolist(), bonus]
-        committed, finish = _cut(committed, self.model.eos_token_ids, self.budget - len(self.out))
+        committed, finish = cut_committed(committed, self.model.eos_token_ids, self.budget - len(self.out))
         delta, keep = self.text.push(committed)
         if keep is not None:
             committed, finish = committed[:keep], "stop"
@@ -281,7 +281,7 @@ def _check(draft: Draft, root: int, method: str) -> None:
         raise DecodekitError(f"{method} proposed draft probabilities for {draft.draft_probs.shape[0]} nodes")
 
 
-def _cut(tokens: list[int], eos: frozenset[int], room: int) -> tuple[list[int], str | None]:
+def cut_committed(tokens: list[int], eos: frozenset[int] | set[int], room: int) -> tuple[list[int], str | None]:
     """Cut committed tokens after the first EOS (kept) or at the remaining budget ``room``."""
     for i, token in enumerate(tokens[:room]):
         if token in eos:

@@ -61,3 +61,18 @@ def test_strategies_run_the_runtime_and_nothing_above_it(name):
     allowed = ("decodekit.strategies", "decodekit.runtime", "decodekit.protocol", "decodekit.errors")
     below = {m for m in imports(SOURCES[name]) if not m.startswith(allowed)}
     assert below <= {"decodekit.drafters.options"}, f"{name} imports {sorted(below)}"
+
+
+@pytest.mark.parametrize("name", [n for n in SOURCES if n.startswith("decodekit.integrations")])
+def test_integrations_drive_drafters_without_the_engine(name):
+    allowed = {
+        "decodekit.decoding",
+        "decodekit.drafters",
+        "decodekit.protocol",
+        "decodekit.sampling",
+        "decodekit.verify",
+        "decodekit.errors",
+        "decodekit.runtime.tree",
+    }
+    below = {m for m in imports(SOURCES[name]) if not m.startswith(("decodekit.drafters.", "decodekit.integrations"))}
+    assert below <= allowed, f"{name} imports {sorted(below - allowed)}"

@@ -1,0 +1,1 @@
+"""decodekit's drafters inside other libraries' generation loops (:mod:`decodekit.integrations.transformers`)."""
