@@ -33,6 +33,11 @@ STRATEGY_HELP = (
     "a decoding strategy, as name:key=value,... (see 'decodekit methods'): it CHANGES the output by design "
     "(diverse, less repetitive or guided text), greedy only, instead of a method"
 )
+ATTENTION_HELP = (
+    "full (default), or double_sparsity[:channels=16,tokens=256,recent=16]: sparse attention (Double Sparsity, "
+    "Yang et al. 2024) is APPROXIMATE: each query attends to its top tokens, found with a few calibrated channels; "
+    "the output is lossless relative to sparse attention only, and may differ from full attention's"
+)
 DEFAULT_PROMPT = (
     "Explain how a refrigerator keeps food cold, step by step, for a curious twelve-year-old. "
     "Then list three tips for using a refrigerator efficiently."
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--speculative-config", metavar="JSON", help=SPECULATIVE_CONFIG_HELP)
     gen.add_argument("--strategy", metavar="SPEC", help=STRATEGY_HELP)
     gen.add_argument("--model", help=MODEL_HELP)
+    gen.add_argument("--attention", metavar="SPEC", help=ATTENTION_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     gen.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--first-turn-only", action="store_true", help="run only the first turn of each question")
     bench.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     bench.add_argument("--model", help=MODEL_HELP)
+    bench.add_argument("--attention", metavar="SPEC", help=ATTENTION_HELP + " (the methods'; peers run full attention)")
     bench.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--cache-dir", help="where converted GGUF weights are kept")
@@ -292,24 +299,27 @@ def _read_speculative_config(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from decodekit import Engine, load_model
-    from decodekit.engine import check_method, check_strategy
+    from decodekit.engine import check_attention, check_method, check_strategy
 
     sampling = sampling_from_args(args)
-    if args.strategy is not None:  # reject a bad method or strategy before the model loads
+    attention = check_attention(args.attention)  # reject bad options before the model loads
+    if args.strategy is not None:
         check_strategy(args.strategy, sampling=sampling)
+        if attention != "full":
+            raise InvalidParameter("a strategy runs with full attention: give no --attention beside it")
     else:
         check_method(args.method)
     if args.chat_file and (args.prompt is not None or args.no_chat):
         raise InvalidParameter("--chat-file takes the whole conversation: give no prompt and no --no-chat")
     prompt = _read_conversation(args.chat_file) if args.chat_file else _read_prompt(args.prompt)
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    engine = Engine(model, args.method or "ar")
+    engine = Engine(model, args.method or "ar", attention=args.attention)
     request = engine.request(prompt, args.max_new_tokens, args.stop, not args.no_chat, sampling, strategy=args.strategy)
     label = args.method or f"strategy {args.strategy}"
 
     baseline = None
     if args.compare:
-        plain = Engine(model, "ar")
+        plain = Engine(model, "ar", attention=args.attention)
         plain.run(replace(request, max_new_tokens=4))  # warm the runtime (allocator, oneDNN) for both sides
         baseline = plain.run(replace(request, strategy=None))
 
@@ -323,6 +333,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = {
             "method": args.method,
             "strategy": args.strategy,
+            "attention": attention,
             "model": model.name,
             "text": result.text,
             "token_ids": result.token_ids,
@@ -346,6 +357,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("" if streaming else result.text)
     if args.strategy is not None:
         print(f"\nstrategy {args.strategy}: the output differs from plain decoding by design", file=sys.stderr)
+    if attention != "full":
+        print(f"\nattention {attention}: approximate, the output may differ from full attention's", file=sys.stderr)
     rows = [("ar", baseline.stats.to_dict())] if baseline is not None else []
     rows.append((label, result.stats.to_dict()))
     print("\n" + _stats_table(rows), file=sys.stderr)
@@ -378,11 +391,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from decodekit import load_model
-    from decodekit.engine import check_method, check_strategy, resolved_options
+    from decodekit.engine import check_attention, check_method, check_strategy, resolved_options
     from decodekit.prompts import load_questions
 
     for method in args.methods:
         check_method(method)
+    attention = check_attention(args.attention)
+    if attention != "full" and args.strategies:
+        raise InvalidParameter("strategies run with full attention: give no --attention beside --strategies")
     sampling = sampling_from_args(args)
     for strategy in args.strategies:
         check_strategy(strategy, sampling=sampling)
@@ -393,7 +409,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     baseline = args.baseline or ("hf" if "hf" in args.peers else args.methods[0])
     model = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     checkouts = [Path(checkout) for checkout in args.checkout]
-    runners, notes = bench.make_runners(model, args.methods, args.peers, sampling, checkouts, args.strategies)
+    runners, notes = bench.make_runners(
+        model, args.methods, args.peers, sampling, checkouts, args.strategies, args.attention
+    )
     for note in notes:
         print(f"decodekit: {note}", file=sys.stderr)
     if baseline not in [r.name for r in runners]:
@@ -411,6 +429,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "reference": runners[0].name,
         "runners": [r.name for r in runners],
         "options": {spec: resolved_options(spec) for spec in args.methods},
+        "attention": attention,
         "strategies": args.strategies,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": bench.machine(),

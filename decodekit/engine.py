@@ -45,6 +45,7 @@ from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong, cl
 from decodekit.pool import POOL_BYTES, DrafterPool
 from decodekit.protocol import MAX_DRAFT_NODES, Drafter
 from decodekit.runtime.loader import LoadedModel
+from decodekit.runtime.sparse_attention import attention_spec, calibrated_channels, parse_attention
 from decodekit.sampling import GREEDY, SamplingParams
 from decodekit.strategies import STRATEGIES, Strategy, make_strategy, parse_strategy, strategy_options
 from decodekit.text import TextStream, check_text, encode_chat, stop_strings
@@ -62,6 +63,7 @@ __all__ = [
     "GenerationStream",
     "MethodPolicy",
     "Request",
+    "check_attention",
     "check_method",
     "check_strategy",
     "client_policy",
@@ -101,7 +103,10 @@ class Engine:
     requests need. A row holds ``max_prompt_tokens`` + ``max_new_tokens_cap`` tokens (each None: the context
     window), and :meth:`request` refuses more. ``prefill_chunk``: prompt tokens a step may prefill (None: whole
     prompts). ``pool_bytes``: what idle drafters may hold. ``policy``: what a request's own ``method`` may name
-    and set (the engine's ``method`` is always allowed).
+    and set (the engine's ``method`` is always allowed). ``attention``: None or ``"full"`` (full attention), or
+    ``"double_sparsity[:key=value,...]"``: APPROXIMATE sparse attention (runtime/sparse_attention.py; the model
+    calibrated for it once), the output lossless relative to it only; engines sharing a model each decode with
+    their own (strategies run with full attention only).
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class Engine:
         pool_bytes: int = POOL_BYTES,
         policy: MethodPolicy = OPERATOR,
         strategy_policy: MethodPolicy = OPERATOR,
+        attention: str | None = None,
     ) -> None:
         _check_count("max_batch", max_batch)
         for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens_cap", max_new_tokens_cap)):
@@ -135,6 +141,12 @@ class Engine:
             self.method, self._own = type(method).__name__, method
         else:
             raise InvalidParameter(f"method must be a method spec such as 'recycling' or a Drafter, got {clip(method)}")
+        self.sparse_attention = parse_attention(attention)
+        self.attention = attention_spec(self.sparse_attention)  # as results record it
+        self._channels = None
+        if self.sparse_attention is not None:
+            self._channels = calibrated_channels(model, self.sparse_attention.channels)
+        self._use_attention()
         window = model.cfg.context_window
         row_tokens = min(window, (max_prompt_tokens or window) + (max_new_tokens_cap or window))
         capacity = row_tokens + MAX_DRAFT_NODES if adaptive or preallocate else None
@@ -188,6 +200,8 @@ class Engine:
         its own rule, so the output differs from plain decoding; greedy only, and no method beside it."""
         if strategy is not None:
             check_strategy(strategy, method, sampling, self.strategy_policy)
+            if self.sparse_attention is not None:
+                raise InvalidParameter("strategies run with full attention only: not on this engine", "strategy")
         if method is not None and method != self.method:
             try:
                 parse_method(method, self.policy)
@@ -222,6 +236,7 @@ class Engine:
             )
         seeded = request.sampling.seed is not None and not request.sampling.greedy
         spec = request.method or self.method
+        self._use_attention()  # a drafter makes its caches as it is built
         drafter = self._own if self._own is not None and request.method is None else self._drafter(spec, seeded)
         decoding = Decoding(self.model, drafter, spec, request)
         self.batch.join(decoding, pinned=seeded)
@@ -231,6 +246,7 @@ class Engine:
         """One step of every request: a share of the joining prompts, then one forward over the live requests.
         Returns each live request's committed chunk, or the error that failed a request; a request that is done
         or failed has left the engine (its drafter back in the pool) when this returns."""
+        self._use_attention()
         results = self.batch.step()
         for decoding, result in results:
             if isinstance(result, Exception) or decoding.done:
@@ -303,6 +319,7 @@ class Engine:
 
     def _run_strategy(self, request: Request) -> Generation:
         assert request.strategy is not None
+        self._use_attention()
         start = time.perf_counter()
         strategy = self._strategy(request.strategy)
         budget = min(request.max_new_tokens, self.model.cfg.context_window - len(request.prompt_ids))
@@ -328,6 +345,12 @@ class Engine:
             return Completion(delta, ids[:keep], "stop")
         return Completion(delta + text.finish(), ids, "stop" if ended else "length")
 
+    def _use_attention(self) -> None:
+        """Set this engine's attention on the model (which other engines may share, with theirs)."""
+        transformer = self.model.transformer
+        if transformer.sparse_attention != self.sparse_attention:
+            transformer.use_sparse_attention(self.sparse_attention, self._channels)
+
     def _drafter(self, spec: str, fresh: bool) -> Drafter:
         """An idle drafter of ``spec`` (a checked spec), or a new one."""
         idle = None if fresh else self.pool.take(spec)
@@ -337,6 +360,12 @@ class Engine:
 def check_method(spec: str) -> None:
     """Raise InvalidParameter unless ``spec`` names a method with valid options (before a model is loaded)."""
     parse_method(spec)
+
+
+def check_attention(spec: str | None) -> str:
+    """The attention setting ``spec`` names, as results record it (``"full"`` or the Double Sparsity spec with
+    every option); InvalidParameter for a bad one, before a model is loaded."""
+    return attention_spec(parse_attention(spec))
 
 
 def check_strategy(

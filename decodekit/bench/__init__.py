@@ -448,7 +448,9 @@ SETTINGS = (
     "reference",
     "runners",
     "options",
+    "attention",
 )
+FORMER_SETTINGS = {"attention": "full"}  # what runs saved before a setting was recorded ran with
 
 
 def resume(path: Path, meta: dict) -> tuple[list[dict], list[dict]]:
@@ -460,7 +462,7 @@ def resume(path: Path, meta: dict) -> tuple[list[dict], list[dict]]:
         records, old = saved["records"], saved["meta"]
     except (OSError, ValueError, KeyError) as err:
         raise InvalidParameter(f"cannot resume from {path}: {err}") from None
-    differ = [key for key in SETTINGS if old.get(key) != meta[key]]
+    differ = [key for key in SETTINGS if old.get(key, FORMER_SETTINGS.get(key)) != meta[key]]
     if differ:
         raise InvalidParameter(f"cannot resume {path}: it was run with other {', '.join(differ)}")
     return records, old.get("runs", [])

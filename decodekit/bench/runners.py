@@ -34,11 +34,13 @@ class Run:
 
 
 class EngineRunner:
-    """A decodekit method."""
+    """A decodekit method (with ``attention``: see Engine)."""
 
-    def __init__(self, model: LoadedModel, method: str, sampling: SamplingParams = GREEDY) -> None:
+    def __init__(
+        self, model: LoadedModel, method: str, sampling: SamplingParams = GREEDY, attention: str | None = None
+    ) -> None:
         self.name, self.sampling = method, sampling
-        self.engine = Engine(model, method)
+        self.engine = Engine(model, method, attention=attention)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> Run:
         g = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=self.sampling)
@@ -223,17 +225,20 @@ def make_runners(
     sampling: SamplingParams = GREEDY,
     checkouts: list[Path] = (),
     strategies: list[str] = (),
+    attention: str | None = None,
 ) -> tuple[list, list[str]]:
-    """Build the runners, all decoding with ``sampling``: ``methods`` here, then each of them again from every
-    one of ``checkouts``, then the ``strategies`` (greedy by their own rules), then the peers; peers that cannot
-    run here are left out, each with a one-line note."""
+    """Build the runners, all decoding with ``sampling``: ``methods`` here (with ``attention``: see Engine), then
+    each of them again from every one of ``checkouts``, then the ``strategies`` (greedy by their own rules), then
+    the peers; peers that cannot run here are left out, each with a one-line note."""
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise InvalidParameter(f"unknown peer {unknown[0]!r}; available: {', '.join(PEERS)}")
-    runners: list = [EngineRunner(model, m, sampling) for m in methods]
+    runners: list = [EngineRunner(model, m, sampling, attention) for m in methods]
     runners += [CheckoutRunner(model, m, checkout, sampling) for checkout in checkouts for m in methods]
     runners += [StrategyRunner(model, strategy) for strategy in strategies]
     notes = []
+    if attention not in (None, "full") and (checkouts or peers):
+        notes.append(f"attention {attention} is the methods' only: checkouts and peers run full attention")
     for peer in peers:
         if peer.startswith("hf"):
             runners.append(HFRunner(model, 10 if peer == "hf-lookup" else None, sampling))

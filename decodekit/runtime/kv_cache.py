@@ -7,6 +7,10 @@ them (the accepted path) by moving their entries into place, so nothing is recom
 
 A batch that requests join and leave keeps its live sequences in the first rows: :meth:`rows` is a cache over a
 range of rows that shares this one's storage and lengths, and :meth:`move_row` fills a freed row.
+
+A cache for sparse attention (runtime/sparse_attention.py) also holds ``labels``: float64
+``[layers, B, kv_heads, channels, capacity]``, a few channels of each key, which the attention writes and every
+operation here keeps in step with the keys.
 """
 
 from __future__ import annotations
@@ -33,8 +37,14 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        label_channels: int = 0,
     ) -> None:
+        """``label_channels``: the channels per key of a label cache (0: none)."""
         self.kv = torch.zeros(layers, 2, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.labels: torch.Tensor | None = None
+        if label_channels:
+            shape = (layers, batch, kv_heads, label_channels, capacity)
+            self.labels = torch.zeros(shape, dtype=torch.float64, device=device)
         self._all_lengths = [0] * batch  # shared with every view from rows()
         self._first = 0
 
@@ -52,6 +62,7 @@ class KVCache:
         """A cache over rows ``[start, stop)`` sharing this cache's storage and lengths."""
         view = object.__new__(KVCache)
         view.kv = self.kv[:, :, start:stop]
+        view.labels = None if self.labels is None else self.labels[:, start:stop]
         view._all_lengths, view._first = self._all_lengths, self._first + start
         return view
 
@@ -59,6 +70,8 @@ class KVCache:
         """Copy row ``source``'s committed entries into row ``target``, which takes its length."""
         length = self.lengths[source]
         self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+        if self.labels is not None:
+            self.labels[:, target, ..., :length] = self.labels[:, source, ..., :length]
         self._all_lengths[self._first + target] = length
 
     @property
@@ -78,6 +91,10 @@ class KVCache:
         width = max(self.lengths)
         kv[:, :, :, :, :width] = self.kv[:, :, :, :, :width]
         self.kv = kv
+        if self.labels is not None:
+            labels = self.labels.new_zeros(*self.labels.shape[:4], capacity)
+            labels[..., :width] = self.labels[..., :width]
+            self.labels = labels
 
     def reset(self) -> None:
         self.lengths = [0] * self.batch
@@ -97,6 +114,12 @@ class KVCache:
         """Keys and values of the first ``width`` slots: two ``[B, kv_heads, width, head_dim]`` views."""
         return self.kv[layer, 0, :, :, :width], self.kv[layer, 1, :, :, :width]
 
+    def write_labels(self, layer: int, labels: torch.Tensor) -> None:
+        """Store the labels ``[B, kv_heads, channels, n]`` of the keys :meth:`write` stored."""
+        n = labels.shape[3]
+        for b, length in enumerate(self.lengths):
+            self.labels[layer, b, :, :, length : length + n] = labels[b]
+
     def commit_all(self, n: int) -> None:
         """Keep the first ``n`` scratch slots of every row."""
         self._all_lengths[self._first : self._first + self.batch] = [length + n for length in self.lengths]
@@ -115,5 +138,9 @@ class KVCache:
         m = kept.numel()
         if not bool((kept == torch.arange(m, device=kept.device)).all()):
             entries = self.kv[:, :, row]
-            entries[:, :, :, length : length + m] = entries.index_select(3, length + kept.to(self.kv.device))
+            kept = length + kept.to(self.kv.device)
+            entries[:, :, :, length : length + m] = entries.index_select(3, kept)
+            if self.labels is not None:
+                labels = self.labels[:, row]
+                labels[..., length : length + m] = labels.index_select(3, kept)
         self._all_lengths[self._first + row] = length + m

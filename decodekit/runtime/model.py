@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from decodekit.runtime import cpu
 from decodekit.runtime.config import ModelConfig
 from decodekit.runtime.kv_cache import KVCache
 from decodekit.runtime.tree import Trees, attention_mask, positions
+
+if TYPE_CHECKING:
+    from decodekit.runtime.sparse_attention import DoubleSparsity, SparseAttention
 
 # Attention kernels allowed on CUDA. Not cuDNN's: it builds an execution plan for every new key length, and the
 # key length grows by one or more every step (measured on an H200: a bfloat16 decode step took ~4x its forward).
@@ -187,6 +190,7 @@ class Block(nn.Module):
     # set by Transformer.prepare where the CPU kernels serve this model
     cpu_attention = False
     fused = False  # cpu.rope_ and cpu.silu_mul (Gemma: also cpu.gelu_tanh_mul)
+    sparse: SparseAttention | None = None  # set by Transformer.use_sparse_attention
     norm_class = RMSNorm
     # the block's norms -> their names in a Hugging Face checkpoint (model.layers.N.*) and a GGUF file (blk.N.*)
     NORMS: ClassVar[dict[str, tuple[str, str]]] = {
@@ -245,7 +249,8 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attention of the normed ``h [B, n, hidden]`` over the cache, its keys and values written there first:
-        the heads' outputs ``[B, n, heads * head_dim]``, before the output projection."""
+        the heads' outputs ``[B, n, heads * head_dim]``, before the output projection. Over each query's chosen
+        slots only where the model uses sparse attention (:attr:`sparse`)."""
         B, n, _ = h.shape
         H, G, d = self.heads, self.kv_heads, self.head_dim
         qkv = self.wqkv(h).view(B, n, H + 2 * G, d)
@@ -253,7 +258,12 @@ class Block(nn.Module):
         q = qkv[:, :, :H].transpose(1, 2)
         cache.write(slot, qkv[:, :, H:].view(B, n, 2, G, d).permute(2, 0, 3, 1, 4))
         keys, values = cache.view(slot, width)
-        if self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES:
+        kernel = self.cpu_attention and n <= KERNEL_ATTENTION_MAX_QUERIES
+        if self.sparse is not None:
+            kept = self.sparse.select(q, qkv[:, :, H : H + G], cache, slot, width, mask)
+            if kept is not None:
+                return self.sparse.attend(q, keys, values, kept, self.scale, kernel)
+        if kernel:
             attn = cpu.attention(q, keys, values, mask, self.scale)
         else:
             gqa = self.heads != self.kv_heads
@@ -323,6 +333,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._rope_cache: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sparse_attention: DoubleSparsity | None = None  # see use_sparse_attention
+        self.sparse_channels: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -352,11 +364,34 @@ class Transformer(nn.Module):
                     module.pack(backend, keep_weight=module is self.lm_head and self.cfg.tie_embeddings)
         return self
 
+    def use_sparse_attention(self, config: DoubleSparsity | None, channels: torch.Tensor | None = None) -> None:
+        """Attend by Double Sparsity (runtime/sparse_attention.py: APPROXIMATE) with the label channels
+        ``channels`` int64 ``[layers, kv_heads, C]`` (from ``sparse_attention.calibrate``), or fully where
+        ``config`` is None. Caches made before keep no labels: sparse attention refuses them."""
+        # imported here: sparse_attention reads the drafters' options, whose package imports this module
+        from decodekit.runtime.sparse_attention import SlotPlans, SparseAttention
+
+        if config is None:
+            self.sparse_attention, self.sparse_channels = None, None
+            for block in self.blocks:
+                block.sparse = None
+            return
+        cfg = self.cfg
+        if channels is None or channels.shape[:2] != (cfg.layers, cfg.kv_heads):
+            shape = None if channels is None else list(channels.shape)
+            raise ValueError(f"label channels {shape} for {cfg.layers} layers of {cfg.kv_heads} KV heads")
+        self.sparse_attention, self.sparse_channels = config, channels
+        plans = SlotPlans(config)
+        for block, own in zip(self.blocks, channels.to(self.device), strict=True):
+            block.sparse = SparseAttention(config, own, plans)
+
     def new_cache(self, capacity: int, batch: int = 1, layers: int | None = None) -> KVCache:
-        """A cache for ``layers`` blocks (None: every block) of this model."""
+        """A cache for ``layers`` blocks (None: every block) of this model, with a label cache while the model
+        uses sparse attention."""
         cfg = self.cfg
         layers = cfg.layers if layers is None else layers
-        return KVCache(layers, batch, cfg.kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
+        labels = 0 if self.sparse_channels is None else self.sparse_channels.shape[2]
+        return KVCache(layers, batch, cfg.kv_heads, capacity, cfg.head_dim, self.dtype, self.device, labels)
 
     def rope_table(self, length: int, sliding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[length, head_dim]`` in the model dtype, computed in float32 and kept: those of the
