@@ -168,6 +168,7 @@ def test_a_batch_or_padding_is_refused(tiny):
         llama.model.generate(ids, attention_mask=padded, max_new_tokens=4, custom_generate=generate)
 
 
+@pytest.mark.slow
 def test_default_model_greedy_output_is_transformers_greedy(default_model):
     """Two questions, 64 tokens each: identical to transformers' greedy (a tree's rows are scored in one matmul,
     whose low bits may differ from a one-row forward's: a near tie could flip, and would show here)."""
