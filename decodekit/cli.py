@@ -263,11 +263,11 @@ def _read_conversation(path: str) -> list:
 
 
 def _stats_table(rows: list[tuple[str, dict]]) -> str:
-    lines = [f"{'method':<24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'MAT':>7}"]
+    width = max(24, *(len(name) + 2 for name, _ in rows))
+    lines = [f"{'method':<{width}}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'MAT':>7}"]
     for name, s in rows:
-        lines.append(
-            f"{name:<24}{s['new_tokens']:>8}{s['wall_s']:>10.2f}{s['tokens_per_s']:>10.2f}{s['mean_accepted']:>7.2f}"
-        )
+        mat = f"{s['mean_accepted']:>7.2f}" if s["steps"] else f"{'-':>7}"  # a strategy has no verification steps
+        lines.append(f"{name:<{width}}{s['new_tokens']:>8}{s['wall_s']:>10.2f}{s['tokens_per_s']:>10.2f}{mat}")
     return "\n".join(lines)
 
 
@@ -364,8 +364,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print("\n" + _stats_table(rows), file=sys.stderr)
     if baseline is not None:
         speedup = result.stats.tokens_per_s / baseline.stats.tokens_per_s
-        same = "yes" if result.token_ids == baseline.token_ids else "NO"
-        same = "n/a (sampled)" if not sampling.greedy else "no (by design)" if args.strategy else same
+        equal = result.token_ids == baseline.token_ids
+        same = "yes" if equal else "NO"
+        if args.strategy:
+            same = f"{'yes' if equal else 'no'} (a strategy may differ by design)"
+        elif not sampling.greedy:
+            same = "n/a (sampled)"
         print(f"speedup {speedup:.2f}x over ar; identical token ids: {same}", file=sys.stderr)
     return 0
 
