@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=["hf"],
         metavar="PEER",
-        help="hf, hf-lookup, llamacpp, llamacpp-lookup (default: hf)",
+        help="hf, hf-lookup, hf-decodekit (our hybrid inside transformers' generate), llamacpp, llamacpp-lookup "
+        "(default: hf)",
     )
     bench.add_argument(
         "--checkout",

@@ -27,7 +27,7 @@ def wide_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(wide_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    methods = ["--methods", "ar", "recycling", "recycling:tree=4", "--peers", "hf"]
+    methods = ["--methods", "ar", "recycling", "recycling:tree=4", "--peers", "hf", "hf-decodekit"]
     selection = ["--categories", "conversation", "qa", "--per-category", "1", "--max-new-tokens", "12"]
     code = bench(wide_dir, out, *methods, *selection)
     assert code == 0
@@ -42,8 +42,8 @@ def test_result_schema_and_chart(result):
     assert data["meta"]["runs"][0]["machine"] == data["meta"]["machine"]
     assert data["meta"]["options"]["recycling:tree=4"] == {"k": 8, "tree": "4", "seed_prompt": True}
     assert (out / "speedup.png").stat().st_size > 1000
-    # conversation questions have two turns, qa one; four runners each
-    assert len(data["records"]) == (2 + 1) * 4
+    # conversation questions have two turns, qa one; five runners each
+    assert len(data["records"]) == (2 + 1) * 5
     for r in data["records"]:
         assert {"question_id", "task", "turn", "runner", "new_tokens", "wall_s", "identical"} <= set(r)
         assert 0 < r["new_tokens"] <= 12 and r["wall_s"] > 0 and r["peak_rss_mb"] > 100
@@ -71,6 +71,15 @@ def test_lossless_methods_are_identical_to_reference(result):
         assert data["summary"][runner]["overall"]["identical_share"] == 1.0
         assert data["summary"][runner]["overall"]["mat"] >= 1.0
     assert data["summary"]["ar"]["overall"]["mat"] == 1.0
+
+
+def test_our_method_inside_transformers_gives_transformers_greedy(result):
+    _, data = result
+    same = {}  # (question, turn) -> whether each transformers runner's output equals ar's
+    for r in data["records"]:
+        if r["runner"] in ("hf", "hf-decodekit"):
+            same.setdefault((r["question_id"], r["turn"]), {})[r["runner"]] = r["identical"]
+    assert len(same) == 3 and all(flags["hf"] == flags["hf-decodekit"] for flags in same.values())
 
 
 def test_report_rerenders_a_saved_run(result, capsys):

@@ -15,6 +15,7 @@ ENGINE_SURFACE = {
     "decodekit",
     "decodekit.engine",
     "decodekit.errors",
+    "decodekit.integrations.transformers",
     "decodekit.prompts",
     "decodekit.train.heads",
     "decodekit.train.kangaroo",

@@ -15,7 +15,8 @@ import torch
 
 from decodekit import GREEDY, Engine, InvalidParameter, LoadedModel, SamplingParams
 
-PEERS = ("hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
+PEERS = ("hf", "hf-lookup", "hf-decodekit", "llamacpp", "llamacpp-lookup")
+HF_DECODEKIT_METHOD = "hybrid"  # what hf-decodekit drafts with, inside transformers' generate
 
 
 @dataclass
@@ -70,15 +71,22 @@ class StrategyRunner:
 
 
 class HFRunner:
-    """transformers' own ``generate`` on the same weights: greedy, or with its prompt-lookup drafting."""
+    """transformers' own ``generate`` on the same weights: greedy (``hf``), with its prompt-lookup drafting
+    (``hf-lookup``), or with decodekit's default method inside it (``hf-decodekit``: custom_generate)."""
 
-    def __init__(self, model: LoadedModel, prompt_lookup: int | None = None, sampling: SamplingParams = GREEDY) -> None:
+    def __init__(self, model: LoadedModel, peer: str = "hf", sampling: SamplingParams = GREEDY) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.name = "hf" if prompt_lookup is None else "hf-lookup"
+        self.name = peer
         self.hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=model.dtype).to(model.device).eval()
         self.device, self.eos = model.device, sorted(model.eos_token_ids)
-        self.options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
+        self.options: dict[str, object] = {}
+        if peer == "hf-lookup":
+            self.options["prompt_lookup_num_tokens"] = 10
+        elif peer == "hf-decodekit":
+            from decodekit.integrations.transformers import generate
+
+            self.options |= {"custom_generate": generate, "method": HF_DECODEKIT_METHOD}
         self.seed = sampling.seed
         self.options |= {"do_sample": not sampling.greedy, "repetition_penalty": sampling.repetition_penalty}
         if not sampling.greedy:
@@ -241,7 +249,7 @@ def make_runners(
         notes.append(f"attention {attention} is the methods' only: checkouts and peers run full attention")
     for peer in peers:
         if peer.startswith("hf"):
-            runners.append(HFRunner(model, 10 if peer == "hf-lookup" else None, sampling))
+            runners.append(HFRunner(model, peer, sampling))
         elif importlib.util.find_spec("llama_cpp") is None:
             notes.append(f"{peer} skipped: llama-cpp-python is not installed (BENCHMARKS.md says how to build it)")
         elif model.source.suffix != ".gguf":
