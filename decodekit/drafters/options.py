@@ -28,6 +28,7 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
@@ -319,9 +320,9 @@ def options_of(cls: type) -> dict[str, Option]:
     return found
 
 
-def current_name(cls: type, key: str, method: str) -> str:
-    """``key``, or the option it names by a former name (with a FutureWarning)."""
-    for option in options_of(cls).values():
+def current_name(known: dict[str, Option], key: str, method: str) -> str:
+    """``key``, or the option of ``known`` it names by a former name (with a FutureWarning)."""
+    for option in known.values():
         if key in option.former:
             message = f"option {key} of {method} is now called {option.name}; the old name goes in the next release"
             warnings.warn(message, FutureWarning, stacklevel=4)
@@ -337,7 +338,7 @@ def checked_options(cls: type[T]) -> type[T]:
     @functools.wraps(init)
     def checked_init(self: object, *args: object, **kwargs: object) -> None:
         owner = type(self).__name__  # a subclass that inherits the constructor is named in messages
-        kwargs = {current_name(cls, key, owner): value for key, value in kwargs.items()}
+        kwargs = {current_name(options_of(cls), key, owner): value for key, value in kwargs.items()}
         bound = inspect.signature(init).bind(self, *args, **kwargs)
         for name, value in list(bound.arguments.items())[2:]:
             try:
@@ -365,24 +366,30 @@ CLIENT = MethodPolicy(options=False, operator=False)  # a server's default for i
 
 
 def parse_spec(
-    spec: str, registry: dict[str, type], noun: str, policy: MethodPolicy = OPERATOR, example: str = ""
+    spec: str,
+    registry: dict[str, type],
+    noun: str,
+    policy: MethodPolicy = OPERATOR,
+    example: str = "",
+    declared: Callable[[type], dict[str, Option]] = options_of,
 ) -> tuple[type, dict[str, object]]:
     """``"name:key=value,..."`` -> (the class ``registry`` holds under name, its checked keyword options): every
     option known, settable under ``policy``, of its type and within its declared bounds. ``noun`` names what a
-    spec picks in messages ("method", "strategy")."""
+    spec picks in messages ("method", "strategy", "attention"); ``declared`` gives a class's options (default: its
+    constructor's keywords after the first, :func:`options_of`)."""
     if not isinstance(spec, str):
         raise InvalidParameter(f"a {noun} spec is a string such as {example!r}, got {type(spec).__name__}")
     name, _, options = spec.strip().partition(":")
     if name not in registry:
         raise InvalidParameter(f"unknown {noun} {clip(name)}; available: {', '.join(registry)}")
     cls = registry[name]
-    known = options_of(cls)
+    known = declared(cls)
     kwargs: dict[str, object] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         if not policy.options:
             raise InvalidParameter(f"this server lets requests name a {noun}, not set its options ({clip(item)})")
         key, eq, raw = (part.strip() for part in item.partition("="))
-        key = current_name(cls, key, f"{noun} {name}")
+        key = current_name(known, key, f"{noun} {name}")
         option = known.get(key)
         if not eq or option is None:
             raise InvalidParameter(f"bad option {clip(item)} for {noun} {name} (options: {', '.join(known) or 'none'})")

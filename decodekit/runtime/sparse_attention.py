@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, get_args, get_type_hints
 import torch
 import torch.nn.functional as F
 
-from decodekit.drafters.options import Option, Range
+from decodekit.drafters.options import Option, Range, parse_spec
 from decodekit.errors import InvalidParameter, clip
 from decodekit.runtime import cpu
 
@@ -92,17 +92,10 @@ def parse_attention(spec: str | None) -> DoubleSparsity | None:
         return None
     if name != NAME:
         raise InvalidParameter(f"unknown attention {clip(name)}; available: {FULL}, {NAME}", "attention")
-    known = attention_options()
-    values: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in options.split(","))):
-        key, eq, raw = (part.strip() for part in item.partition("="))
-        if not eq or key not in known:
-            message = f"bad option {clip(item)} for attention {NAME} (options: {', '.join(known)})"
-            raise InvalidParameter(message, "attention")
-        try:
-            values[key] = known[key].parse(raw)
-        except ValueError as err:
-            raise InvalidParameter(f"option {key} of attention {NAME}: {clip(raw)} {err}", "attention") from None
+    try:
+        _, values = parse_spec(spec, {NAME: DoubleSparsity}, "attention", declared=lambda _: attention_options())
+    except InvalidParameter as err:
+        raise InvalidParameter(str(err), "attention") from None
     return DoubleSparsity(**values)
 
 
