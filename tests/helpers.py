@@ -45,8 +45,11 @@ def write_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def write_tiny_llama(directory: Path, **overrides: object) -> Path:
-    """A 2-layer random Llama checkpoint (GQA, tied embeddings) with its tokenizer."""
+def write_tiny_llama(
+    directory: Path, config_class: type = LlamaConfig, model_class: type = LlamaForCausalLM, **overrides: object
+) -> Path:
+    """A 2-layer random Llama checkpoint (GQA, tied embeddings) with its tokenizer; or, with ``config_class`` and
+    ``model_class``, one of another Llama-shaped architecture (Qwen2, ...)."""
     tokenizer = write_tokenizer(directory)
     config = dict(
         vocab_size=len(tokenizer),
@@ -64,7 +67,7 @@ def write_tiny_llama(directory: Path, **overrides: object) -> Path:
     )
     config.update(overrides)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)
+    model_class(config_class(**config)).save_pretrained(directory)
     return directory
 
 

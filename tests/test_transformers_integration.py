@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_gemma, write_tiny_llama, write_tokenizer
+from helpers import write_tiny_gemma, write_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 import decodekit.integrations
@@ -24,29 +24,9 @@ NEW_TOKENS = 40
 
 
 def write_tiny_qwen2(directory: Path) -> Path:
-    """A 2-layer random Qwen2 checkpoint (GQA, tied embeddings) whose second layer attends through a sliding window
-    of 8 tokens, with its tokenizer."""
-    tokenizer = write_tokenizer(directory)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        use_sliding_window=True,
-        sliding_window=8,
-        max_window_layers=1,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        pad_token_id=None,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    return directory
+    """The tiny Llama's shape as a Qwen2 whose second layer attends through a sliding window of 8 tokens."""
+    overrides = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    return write_tiny_llama(directory, Qwen2Config, Qwen2ForCausalLM, **overrides)
 
 
 WRITERS = {"llama": write_tiny_llama, "qwen2": write_tiny_qwen2, "gemma": write_tiny_gemma}
