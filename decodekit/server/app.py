@@ -40,7 +40,6 @@ from decodekit.engine import (
     Engine,
     Generation,
     GenerationStats,
-    check_strategy,
     client_policy,
     strategy_policy,
 )
@@ -232,10 +231,7 @@ def create_app(
                 raise APIError(400, "this server takes no strategies (its operator allows none)", "strategy")
             if body.stream:
                 raise APIError(400, "a strategy's reply comes whole: it cannot stream", "stream")
-            n = extra.pop("n", None)
-            count = await run_in_threadpool(engine.completions, checked_strategy(body.strategy))
-            if n is not None and n != count:
-                raise APIError(400, f"n={clip(n)}: strategy {body.strategy.partition(':')[0]} returns {count}", "n")
+        n = extra.pop("n", None) if body.strategy is not None else None  # a strategy's own count, checked below
         for name, value in extra.items():
             if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
                 allowed = json.dumps(UNSUPPORTED[name][0])
@@ -253,6 +249,10 @@ def create_app(
         request = await run_in_threadpool(
             engine.request, prompt, max_tokens, body.stop, chat, sampling, body.method, body.strategy
         )
+        if request.strategy is not None and n is not None:
+            count = await run_in_threadpool(engine.completions, request.strategy)
+            if n != count:
+                raise APIError(400, f"n={clip(n)}: strategy {request.strategy.partition(':')[0]} returns {count}", "n")
         try:
             return scheduler.submit(request, arrived)
         except QueueFull as err:
@@ -321,11 +321,6 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = await prepare(body, messages, True, max_tokens, None)  # None: the rest of the context
         return await respond(job, body, True, request)
-
-    def checked_strategy(spec: str) -> str:
-        """``spec`` as the engine's strategy policy allows it (InvalidParameter: 400)."""
-        check_strategy(spec, policy=engine.strategy_policy)
-        return spec
 
     methods = {
         "methods": engine.methods,
