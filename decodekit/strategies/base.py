@@ -19,10 +19,10 @@ MAX_BRANCH = 64  # nodes a strategy may score past its sequence at once (Rows.br
 
 
 class Strategy:
-    """Subclasses set ``paper`` (what they follow), and ``completions`` where they return more than one."""
+    """Subclasses set ``paper`` (what they follow), and override :attr:`count` where they return more than one
+    completion."""
 
     paper: ClassVar[str] = ""
-    completions: ClassVar[int] = 1  # completions returned per request (a class default; an option may change it)
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
@@ -31,7 +31,7 @@ class Strategy:
     @property
     def count(self) -> int:
         """Completions this strategy returns per request."""
-        return self.completions
+        return 1
 
     def decode(self, prompt_ids: list[int], max_new_tokens: int) -> list[list[int]]:
         """The completions' token ids after ``prompt_ids``, best first: each ends at its first EOS (kept) or after
