@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the methods, their options, defaults and allowed values")
     train = commands.add_parser(
-        "train", help="train the parts a method needs for a model (medusa, hydra: heads; kangaroo: an adapter)"
+        "train",
+        help="train the parts a method needs for a model (medusa, hydra: heads; kangaroo: an adapter; eagle: "
+        "a feature predictor)",
     )
-    train.add_argument("kind", choices=["medusa", "hydra", "kangaroo"], help="the method whose part to train")
+    train.add_argument("kind", choices=["medusa", "hydra", "kangaroo", "eagle"], help="the method whose part to train")
     train.add_argument("--model", help=MODEL_HELP)
     train.add_argument("--dtype", default="auto", choices=WEIGHT_CHOICES, help=DTYPE_HELP)
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -137,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--exit-layer", type=int, metavar="L", help="kangaroo: the target layers under the adapter (default: a tenth)"
     )
+    train.add_argument("--blocks", type=int, default=1, metavar="N", help="eagle: the layer's blocks (default: 1)")
     train.add_argument("--prompts", type=int, default=400, metavar="N", help="training prompts (default: 400)")
+    train.add_argument(
+        "--generated", type=int, default=0, metavar="N", help="more prompts, written by the model itself (default: 0)"
+    )
     train.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length (default: 128)")
-    train.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default: 4; kangaroo: 20)")
+    train.add_argument(
+        "--epochs", type=int, metavar="N", help="passes over the data (default: 4; kangaroo: 20; eagle: 10)"
+    )
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--resume", action="store_true", help="reuse --out's data and continue from its checkpoint")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/...)")
@@ -526,13 +534,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out) if args.out else model.trained_file(args.kind).parent
-    settings = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "lr": args.lr, "resume": args.resume}
+    settings = {"prompts": args.prompts, "generated": args.generated, "max_new_tokens": args.max_new_tokens}
+    settings |= {"lr": args.lr, "resume": args.resume}
     if args.epochs is not None:
         settings["epochs"] = args.epochs
     if args.kind == "kangaroo":
         from decodekit.train.kangaroo import train_kangaroo
 
         train_kangaroo(model, out, args.exit_layer, **settings)
+    elif args.kind == "eagle":
+        from decodekit.train.eagle import train_eagle
+
+        train_eagle(model, out, args.blocks, **settings)
     else:
         from decodekit.train.heads import train_heads
 

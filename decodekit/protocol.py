@@ -159,8 +159,14 @@ class ModelAccess:
 
     def head_over(self, vocab: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """:meth:`head` restricted to the tokens ``vocab`` int64 ``[S]``: a function from ``[..., hidden_size]`` to
-        float ``[..., S]``, the output layer read once into one float matrix (for drafters that choose among few
-        tokens: a fraction of the full head's cost; for quantized weights within their activations' rounding)."""
+        float ``[..., S]``, the output layer read once into one matrix in :meth:`linear`'s form (for drafters that
+        choose among few tokens: a fraction of the full head's cost, within :meth:`linear`'s rounding)."""
+        raise NotImplementedError
+
+    def linear(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> x @ weight.T`` (float32 ``[..., K]`` -> ``[..., N]``) for a drafter's own float weight ``[N, K]``,
+        in the runtime's fastest form for one or a few rows (on a CPU with the kernels: 8-bit blocks, within the
+        activations' rounding); for inference only."""
         raise NotImplementedError
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -112,17 +112,18 @@ def write_tiny_gemma(directory: Path, **overrides: object) -> Path:
 
 def runnable(method: str, model: object) -> str:
     """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` also needs a draft
-    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``medusa``, ``hydra`` and
-    ``kangaroo`` need trained parts, and get the package's for the model, else ones trained here in seconds
-    (:func:`quick_part`)."""
+    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``medusa``, ``hydra``,
+    ``kangaroo`` and ``eagle`` need trained parts, and get the package's for the model, else ones trained here in
+    seconds (:func:`quick_part`)."""
     if method == "draft":
         return f"draft:model={model.path}"
-    if method in ("medusa", "hydra", "kangaroo") and shipped_file(method, model.identity) is None:
-        option = "adapter" if method == "kangaroo" else "heads"
+    if method in TRAINED_OPTION and shipped_file(method, model.identity) is None:
+        option = TRAINED_OPTION[method]
         return f"{method}:{option}={quick_part(method, model)}"
     return method
 
 
+TRAINED_OPTION = {"medusa": "heads", "hydra": "heads", "kangaroo": "adapter", "eagle": "layer"}  # its file's option
 _QUICK_PARTS: dict[tuple[str, str], Path] = {}
 
 
@@ -134,11 +135,15 @@ def quick_part(kind: str, model: object) -> Path:
         if kind == "kangaroo":
             from decodekit.train.kangaroo import train_kangaroo
 
-            path = train_kangaroo(model, out, None, 12, 12, 1, say=lambda text: None)
+            path = train_kangaroo(model, out, None, 12, 0, 12, 1, say=lambda text: None)
+        elif kind == "eagle":
+            from decodekit.train.eagle import train_eagle
+
+            path = train_eagle(model, out, 1, 12, 0, 12, 1, say=lambda text: None)
         else:
             from decodekit.train.heads import train_heads
 
-            path = train_heads(kind, model, out, 2, 12, 12, 1, say=lambda text: None)
+            path = train_heads(kind, model, out, 2, 12, 0, 12, 1, say=lambda text: None)
         _QUICK_PARTS[kind, model.identity] = path
     return _QUICK_PARTS[kind, model.identity]
 

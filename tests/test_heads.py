@@ -74,7 +74,8 @@ def test_training_lowers_the_loss_and_writes_heads_that_load(trained):
     assert sum(losses[-batches:]) < sum(losses[:batches])  # the last epoch against the first
     assert (out / "loss.png").stat().st_size > 1000
     heads, vocab, accept = load_trained(path, trainer.KINDS[kind], TargetModel(model))
-    assert heads.depth == 3 and sum(float(p.abs().sum()) for p in heads.parameters()) > 0
+    z, embedded = torch.ones(1, model.cfg.hidden_size), torch.ones(1, 3, model.cfg.hidden_size)
+    assert heads.depth == 3 and not torch.equal(heads.states(z, embedded), z[:, None].expand(1, 3, -1))  # trained
     assert accept.shape == (3, trainer.RANKS) and 0 < float(accept[0, 0]) <= 1
     assert vocab.numel() > 10 and int(vocab.max()) < model.cfg.vocab_size
     assert any("4/4 identical to ar" in line for line in said), said

@@ -45,7 +45,8 @@ def test_an_untrained_adapter_is_the_plain_early_exit(tiny_model):
     exit = AdapterExit(KangarooAdapter(1, tiny_model.cfg.hidden_size), access, every_token)
     sequence = torch.tensor([5, 9, 17, 3, 44, 8])
     plain, early = ModelRunner(tiny_model.transformer, [0]), ModelRunner(tiny_model.transformer, [0], exit)
-    assert torch.allclose(early.logits(sequence), plain.logits(sequence), atol=1e-4)
+    reference = plain.logits(sequence)  # the exit's head runs on 8-bit blocks (ModelAccess.head_over): close
+    assert torch.allclose(early.logits(sequence), reference, atol=0.02 * float(reference.abs().max()))
     assert torch.equal(early.greedy(sequence), plain.greedy(sequence))
 
 
@@ -80,7 +81,7 @@ def test_training_lowers_the_loss_and_writes_an_adapter_that_loads(trained):
     assert sum(losses[-batches:]) < sum(losses[:batches])  # the last epoch against the first
     assert (out / "loss.png").stat().st_size > 1000
     adapter, vocab, accept = load_trained(path, KangarooAdapter, TargetModel(model))
-    assert adapter.depth == 1 and float(adapter.out.weight.abs().sum()) > 0
+    assert adapter.depth == 1 and float(adapter.out(torch.ones(1, model.cfg.hidden_size)).abs().sum()) > 0
     assert accept.shape == (1, trainer.RANKS) and 0 < float(accept[0, 0]) <= 1
     assert vocab.numel() > 10 and int(vocab.max()) < model.cfg.vocab_size
     assert any("4/4 identical to ar" in line for line in said), said

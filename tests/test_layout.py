@@ -17,6 +17,7 @@ ENGINE_SURFACE = {
     "decodekit.errors",
     "decodekit.integrations.transformers",
     "decodekit.prompts",
+    "decodekit.train.eagle",
     "decodekit.train.heads",
     "decodekit.train.kangaroo",
 }

@@ -78,7 +78,7 @@ def test_every_method_equals_plain_greedy(default_model, plain, method):
     24-node trees cost a minute each here; their trees are tested on tiny models); Kangaroo drafts whatever its
     chance (on these prompts its walker would soon stop)."""
     engine = Engine(default_model, SPECS.get(method) or runnable(method, default_model))  # state carries over
-    one_per_task = {"aggressive", "lookahead", "sjd", "draft", "swift", "s2d", "medusa", "hydra", "kangaroo"}
+    one_per_task = {"aggressive", "lookahead", "sjd", "draft", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"}
     every = 1 if method == "recycling" else 4 if method in one_per_task else 2
     prompts = PROMPTS[::every] + EDIT_PROMPTS
     steps = new_tokens = 0
@@ -91,14 +91,15 @@ def test_every_method_equals_plain_greedy(default_model, plain, method):
     assert steps < (0.98 if method == "sjd" else 0.95) * new_tokens
 
 
-SECOND_TURNS = sorted(set(METHODS) - {"ar", "draft", "swift", "s2d", "medusa", "hydra", "kangaroo"})
+MODEL_DRAFTERS = {"draft", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"}
+SECOND_TURNS = sorted(set(METHODS) - {"ar"} - MODEL_DRAFTERS)
 
 
 @pytest.mark.parametrize("method", SECOND_TURNS)
 def test_second_turns_equal_plain_greedy(default_model, method):
     """A multi-turn conversation: the second turn carries the model's own first answer in its prompt. Not for the
     model drafters and trained parts, to keep CI short: their state across requests is tested on tiny models
-    (test_model_drafters, test_heads, test_kangaroo)."""
+    (test_model_drafters, test_heads, test_kangaroo, test_eagle)."""
     conversations = [q.turns for q in builtin_questions() if len(q.turns) > 1][:1]
     engines = {name: Engine(default_model, runnable(name, default_model)) for name in ("ar", method)}
     for turns in conversations:

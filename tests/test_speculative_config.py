@@ -24,6 +24,8 @@ from decodekit.engine import check_method, method_from_speculative_config
         ({"method": "draft_model", "model": "d.gguf"}, "draft:model=d.gguf"),
         ({"method": "medusa", "model": "heads.safetensors", "num_speculative_tokens": 8},
          "medusa:heads=heads.safetensors,max_nodes=8"),
+        ({"method": "eagle", "model": "eagle.safetensors", "num_speculative_tokens": 6},
+         "eagle:layer=eagle.safetensors,max_nodes=6"),
     ],
 )  # fmt: skip
 def test_vllm_methods_and_keys_map_to_ours(config, spec):

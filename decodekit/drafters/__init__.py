@@ -7,6 +7,7 @@ from decodekit.drafters.aggressive import AggressiveDecoding
 from decodekit.drafters.ar import Autoregressive
 from decodekit.drafters.copyspec import CopySpec
 from decodekit.drafters.draft import DraftModelDrafter
+from decodekit.drafters.eagle import Eagle
 from decodekit.drafters.hybrid import Hybrid
 from decodekit.drafters.hydra import Hydra
 from decodekit.drafters.kangaroo import Kangaroo
@@ -39,6 +40,7 @@ METHODS: dict[str, type] = {
     "medusa": Medusa,
     "hydra": Hydra,
     "kangaroo": Kangaroo,
+    "eagle": Eagle,
 }
 
 __all__ = [

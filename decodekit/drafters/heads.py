@@ -112,7 +112,32 @@ def load_trained(path: Path, cls: type[T], target: ModelAccess) -> tuple[T, torc
     vocab = tensors["vocab"]
     if int(vocab.max()) >= target.vocab_size:
         raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's vocabulary")
-    return heads.eval().requires_grad_(False), vocab, tensors["accept"]
+    heads.eval().requires_grad_(False)
+    for module in list(heads.modules()):  # the linear layers as the runtime runs them fastest
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, RuntimeLinear(child, target))
+    return heads, vocab, tensors["accept"]
+
+
+class RuntimeLinear(torch.nn.Module):
+    """A trained part's linear layer in the runtime's form (:meth:`ModelAccess.linear`), for inference."""
+
+    def __init__(self, linear: torch.nn.Linear, target: ModelAccess) -> None:
+        super().__init__()
+        self.product = target.linear(linear.weight)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.weight_bytes = linear.weight.numel() * 4  # at most: the runtime's form is no larger than float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x)
+        return y if self.bias is None else y + self.bias
+
+
+def part_bytes(part: torch.nn.Module) -> int:
+    """About the bytes a loaded trained part's weights take."""
+    linears = sum(m.weight_bytes for m in part.modules() if isinstance(m, RuntimeLinear))
+    return linears + sum(p.numel() * p.element_size() for p in part.parameters())
 
 
 def shipped_file(kind: str, identity: str) -> Path | None:
@@ -221,4 +246,4 @@ class HeadsDrafter(Drafter):
         self.hidden = outcome.hidden[self.model.layers][int(outcome.accepted[-1])].clone()
 
     def memory_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.heads.parameters())
+        return part_bytes(self.heads)

@@ -26,7 +26,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from decodekit.drafters.heads import MAX_TRAINED_BYTES, TrainedPart, default_file, load_trained
+from decodekit.drafters.heads import MAX_TRAINED_BYTES, TrainedPart, default_file, load_trained, part_bytes
 from decodekit.drafters.options import FilePath, Range, checked_options
 from decodekit.drafters.walk import Walker, WalkingDrafter
 from decodekit.errors import InvalidParameter
@@ -58,20 +58,30 @@ class KangarooAdapter(TrainedPart):
         """float32 ``[capacity, 2, heads, head_dim]``: keys and values by position."""
         return torch.zeros(capacity, 2, self.heads, self.head_dim, device=self.inv_freq.device)
 
-    def forward(self, x: torch.Tensor, start: int = 0, cache: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 ``x [n, H]`` (the shallow stream at positions ``start .. start + n - 1``) -> ``[n, H]``, causal
-        over those positions and the ``start`` before them that ``cache`` holds (written there too; None: there are
-        none, ``start`` is 0, and nothing is kept: for training)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int = 0,
+        cache: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """float32 ``x [n, H]`` (the stream at cache slots ``start .. start + n - 1``) -> ``[n, H]``, over those slots
+        and the ``start`` before them that ``cache`` holds (written there too; None: there are none, ``start`` is 0,
+        and nothing is kept: for training). ``positions`` int64 ``[n]`` (default: the slots) turn the rotary
+        embedding; ``visible`` bool ``[n, start + n]`` says which slots each row attends to (default: causal)."""
         n = x.shape[0]
         q, k, v = self.qkv(self.norm(x)).view(n, 3, self.heads, self.head_dim).unbind(1)
-        positions = torch.arange(start, start + n, device=x.device)
+        slots = torch.arange(start, start + n, device=x.device)
+        positions = slots if positions is None else positions
         angles = torch.outer(positions.float(), self.inv_freq).repeat(1, 2)[:, None]  # [n, 1, head_dim]
         cos, sin = angles.cos(), angles.sin()
         q, k = q * cos + rotated(q) * sin, k * cos + rotated(k) * sin
         if cache is not None:
             cache[start : start + n, 0], cache[start : start + n, 1] = k, v
             k, v = cache[: start + n, 0], cache[: start + n, 1]
-        visible = positions[:, None] >= torch.arange(start + n, device=x.device)  # [n, start + n]
+        if visible is None:
+            visible = slots[:, None] >= torch.arange(start + n, device=x.device)  # [n, start + n]
         attended = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), visible)
         return x + self.out(attended.transpose(0, 1).reshape(n, self.hidden))
 
@@ -127,4 +137,4 @@ class Kangaroo(WalkingDrafter):
         self.walker = Walker(max_nodes, min_prob, branch)
 
     def memory_bytes(self) -> int:
-        return super().memory_bytes() + sum(p.numel() * p.element_size() for p in self.adapter.parameters())
+        return super().memory_bytes() + part_bytes(self.adapter)

@@ -87,7 +87,7 @@ class SortedDrafts(Drafter):
 
     def observe(self, outcome: StepOutcome) -> None:
         exit = self.chosen
-        self.walkers[exit].observe(outcome)
+        self.walkers[exit].calibration.observe(outcome)
         self.committed[exit] = DECAY * self.committed[exit] + (1 - DECAY) * len(outcome.committed)
         self.drafted[exit] = DECAY * self.drafted[exit] + (1 - DECAY) * (outcome.draft.tokens.numel() - 1)
 

@@ -2,10 +2,11 @@
 spec, so a vLLM user's configuration works here unchanged where we have the method.
 
 Its methods map to ours: ``ngram`` -> ``lookup``, ``suffix`` -> ``suffix``, ``draft_model`` (or a ``model`` without
-a method) -> ``draft``, ``medusa`` -> ``medusa``; ``num_speculative_tokens`` is the draft's size (``num_tokens`` or
-``max_nodes``), ``prompt_lookup_min/max`` the n-gram lengths, ``suffix_decoding_max_tree_depth`` and
-``suffix_decoding_min_token_prob`` the suffix tree's depth and threshold, ``model`` the draft checkpoint (medusa:
-a decodekit heads file). Any other key or method is refused by name, with the ones accepted.
+a method) -> ``draft``, ``medusa`` -> ``medusa``, ``eagle`` -> ``eagle``; ``num_speculative_tokens`` is the draft's
+size (``num_tokens`` or ``max_nodes``), ``prompt_lookup_min/max`` the n-gram lengths,
+``suffix_decoding_max_tree_depth`` and ``suffix_decoding_min_token_prob`` the suffix tree's depth and threshold,
+``model`` the draft checkpoint (medusa, eagle: a decodekit trained file; vLLM's EAGLE checkpoints are another
+format). Any other key or method is refused by name, with the ones accepted.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import json
 
 from decodekit.errors import InvalidParameter, clip
 
-METHODS = {"ngram": "lookup", "suffix": "suffix", "draft_model": "draft", "medusa": "medusa"}
-SIZE = {"lookup": "num_tokens", "suffix": "max_nodes", "draft": "max_nodes", "medusa": "max_nodes"}
+METHODS = {"ngram": "lookup", "suffix": "suffix", "draft_model": "draft", "medusa": "medusa", "eagle": "eagle"}
+SIZE = {"lookup": "num_tokens"}  # the option num_speculative_tokens sets where it is not max_nodes
 OPTIONS = {  # per method: vLLM key -> our option
     "lookup": {"prompt_lookup_min": "min_ngram", "prompt_lookup_max": "max_ngram"},
     "suffix": {"suffix_decoding_max_tree_depth": "max_depth", "suffix_decoding_min_token_prob": "min_prob"},
     "draft": {"model": "model"},
     "medusa": {"model": "heads"},
+    "eagle": {"model": "layer"},
 }
 KEYS = {"method", "num_speculative_tokens"} | {key for keys in OPTIONS.values() for key in keys}
 
@@ -52,7 +54,7 @@ def method_from_speculative_config(config: str | dict) -> str:
     for key, value in config.items():
         if key == "method":
             continue
-        name = SIZE[method] if key == "num_speculative_tokens" else OPTIONS[method].get(key)
+        name = SIZE.get(method, "max_nodes") if key == "num_speculative_tokens" else OPTIONS[method].get(key)
         if name is None:
             raise InvalidParameter(f"speculative config key {key} does not apply to method {vllm_method}")
         if isinstance(value, bool) or not isinstance(value, (int, float, str)) or any(c in str(value) for c in ",:="):

@@ -27,23 +27,41 @@ PRIOR = 2.0  # pseudo-counts of the calibration: it starts at 1 (the model's pro
 PROBE_EVERY = 16  # steps between two drafts while the calibrated chance of a first node is below min_prob
 
 
+class Calibration:
+    """How far a drafter's own chances of its nodes are to be trusted: the decayed count of accepted draft nodes
+    over the decayed sum of the chances they were given (``PRIOR`` pseudo-counts: it starts at 1)."""
+
+    def __init__(self) -> None:
+        self.accepted = self.expected = PRIOR
+
+    @property
+    def scale(self) -> float:
+        """What to multiply the model's chance of a path by (at most 1)."""
+        return min(1.0, self.accepted / self.expected)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Count the verified nodes of the drafter's own draft (``Draft.estimates``, scored with :attr:`scale`):
+        accepted ones against the chances they were given, divided by that scale (the counts are of the model's own
+        chances)."""
+        estimates = outcome.draft.estimates
+        if estimates is None or estimates.numel() < 2:
+            return
+        self.expected = DECAY * self.expected + float(estimates[1:].sum()) / self.scale
+        self.accepted = DECAY * self.accepted + (outcome.accepted.numel() - 1)
+
+
 class Walker:
     """Drafts of up to ``max_nodes`` nodes, ``branch`` children per depth, while the calibrated chance of the path
     is at least ``min_prob``."""
 
     def __init__(self, max_nodes: int, min_prob: float, branch: int) -> None:
         self.max_nodes, self.min_prob, self.branch = max_nodes, min_prob, branch
-        self.accepted = self.expected = PRIOR
+        self.calibration = Calibration()
         self.idle = 0  # steps since the walker last drafted
-
-    @property
-    def calibration(self) -> float:
-        """Accepted draft nodes per unit of the model's own chance of them (decayed counts)."""
-        return self.accepted / self.expected
 
     def propose(self, model: DraftModel, sequence: torch.Tensor) -> Draft:
         """The draft tree ``model`` walks from ``sequence[-1]`` (int64 ``[t]``, the committed sequence)."""
-        scale = min(1.0, self.calibration)
+        scale = self.calibration.scale
         if scale < self.min_prob and self.idle < PROBE_EVERY:
             self.idle += 1
             return chain_draft(int(sequence[-1]), [])
@@ -65,16 +83,6 @@ class Walker:
             context = torch.cat([context, torch.tensor([token], dtype=torch.int64)])
         return trie.build(int(sequence[-1]), self.max_nodes, estimates=True)
 
-    def observe(self, outcome: StepOutcome) -> None:
-        """Count the verified nodes of the walker's own draft: accepted ones against the chances they were given
-        (divided by the calibration they were scored with, so the counts are of the model's own chances)."""
-        estimates = outcome.draft.estimates
-        if estimates is None or estimates.numel() < 2:
-            return
-        scale = min(1.0, self.calibration)
-        self.expected = DECAY * self.expected + float(estimates[1:].sum()) / scale
-        self.accepted = DECAY * self.accepted + (outcome.accepted.numel() - 1)
-
 
 class WalkingDrafter(Drafter):
     """A drafter whose drafts are ``self.walker``'s walks of the model ``self.runner`` (both set by the subclass's
@@ -92,7 +100,7 @@ class WalkingDrafter(Drafter):
         return self.walker.propose(self.runner, sequence)
 
     def observe(self, outcome: StepOutcome) -> None:
-        self.walker.observe(outcome)
+        self.walker.calibration.observe(outcome)
 
     def memory_bytes(self) -> int:
         return self.runner.memory_bytes()

@@ -510,6 +510,16 @@ def dequantize(w: QuantWeight, rows: torch.Tensor | None = None) -> torch.Tensor
     return out.reshape(len(rows), w.k)
 
 
+def quantize_q8_0(w: torch.Tensor) -> QuantWeight:
+    """A float weight ``w [n, k]`` (``k`` a multiple of 32) in q8_0 blocks for :func:`quant_linear`: each block of
+    32 scaled by its largest magnitude / 127 and rounded, as llama.cpp quantizes to Q8_0. Pure torch."""
+    n, k = w.shape
+    blocks = w.detach().float().reshape(n, k // QUANT_BLOCK, QUANT_BLOCK)
+    d = (blocks.abs().amax(-1) / 127).half()
+    q = torch.round(blocks / d.float().clamp(min=1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
+    return quant_pack("q8_0", q.reshape(n, k), d)
+
+
 QUANT_ISAS = ("auto", "avx2", "avx512_vnni")
 
 

@@ -18,6 +18,7 @@ import torch
 
 from decodekit.errors import InvalidParameter, clip
 from decodekit.protocol import MAX_DRAFT_NODES, DraftModel, EarlyExit, ModelAccess, greedy_choice
+from decodekit.runtime import cpu
 from decodekit.runtime.kv_cache import rounded_capacity
 from decodekit.runtime.loader import LoadedModel, load_model
 from decodekit.runtime.model import Transformer
@@ -108,7 +109,7 @@ class TargetModel(ModelAccess):
         self.hidden_size = model.cfg.hidden_size
         self.vocab_size = model.cfg.vocab_size
         self._checkpoints: dict[str, LoadedModel] = {}
-        self._outputs: dict[bytes, torch.Tensor] = {}  # head_over's matrices by vocabulary
+        self._outputs: dict[bytes, Callable] = {}  # head_over's products by vocabulary
 
     @property
     def identity(self) -> str:
@@ -121,14 +122,22 @@ class TargetModel(ModelAccess):
         transformer, eps = self.model.transformer, self.model.cfg.norm_eps
         key = vocab.cpu().numpy().tobytes()
         if key not in self._outputs:  # one matrix per vocabulary and engine, however many drafters use it
-            self._outputs[key] = transformer.output_map()[:, vocab.to(transformer.device)].contiguous()  # [H, S]
+            output = transformer.output_map()[:, vocab.to(transformer.device)]  # [H, S]
+            self._outputs[key] = self.linear(output.T)
         output = self._outputs[key]
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
             x = hidden.float()
-            return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) @ output
+            return output(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
         return logits
+
+    def linear(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        w = weight.detach().float().to(self.model.device).contiguous()
+        if w.device.type == "cpu" and w.shape[1] % 32 == 0 and cpu.available():
+            packed = cpu.quantize_q8_0(w)
+            return lambda x: cpu.quant_linear(x.float(), packed)
+        return lambda x: x.float() @ w.T
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -37,7 +37,7 @@ from decodekit.drafters.medusa import MedusaHeads
 from decodekit.engine import Engine
 from decodekit.errors import InvalidParameter, ModelFileError
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.prompts import training_prompts
+from decodekit.train.prompts import answers, prompt_set
 
 HELD_OUT = 0.1  # share of the sequences kept out of training, for the accept rates
 RANKS = 10  # candidates per head whose accept rate is measured
@@ -70,30 +70,6 @@ class Corpus:
         with safe_open(path, framework="pt") as f:
             prompts = json.loads(f.metadata()["prompts"])
             return Corpus(f.get_tensor("hidden"), f.get_tensor("ahead"), f.get_tensor("held_out"), prompts)
-
-
-def answers(
-    model: LoadedModel, prompts: list[str], max_new_tokens: int, max_batch: int = 4
-) -> list[tuple[list[int], int]]:
-    """The target's greedy prompt + answer token ids for each prompt (in order) and the prompt's length, decoded
-    by the engine in batches of ``max_batch`` with the default lossless method."""
-    engine = Engine(model, method="hybrid", max_batch=max_batch)
-    requests = [engine.request(prompt, max_new_tokens=max_new_tokens) for prompt in prompts]
-    sequences: list[list[int] | None] = [None] * len(prompts)
-    waiting, live = list(enumerate(requests)), {}
-    with tqdm(total=len(prompts), desc="answers", unit="prompt") as bar:
-        while waiting or live:
-            while waiting and not engine.full:
-                index, request = waiting.pop(0)
-                live[engine.submit(request)] = index
-            for decoding, result in engine.step():
-                if isinstance(result, Exception):
-                    raise result
-                if decoding.done:
-                    index = live.pop(decoding)
-                    sequences[index] = decoding.sequence[: decoding.length].tolist()
-                    bar.update()
-    return [(sequence, len(request.prompt_ids)) for sequence, request in zip(sequences, requests, strict=True)]
 
 
 def build_corpus(model: LoadedModel, prompts: list[str], sequences: list[tuple[list[int], int]], heads: int) -> Corpus:
@@ -154,6 +130,7 @@ def train_heads(
     out: Path,
     heads: int = 4,
     prompts: int = 400,
+    generated: int = 0,
     max_new_tokens: int = 128,
     epochs: int = 4,
     lr: float = 1e-3,
@@ -166,8 +143,9 @@ def train_heads(
     checkpoint."""
     if kind not in KINDS:
         raise InvalidParameter(f"unknown kind {kind!r}: decodekit trains {', '.join(KINDS)}")
-    for name, value, low in (("heads", heads, 1), ("prompts", prompts, 2), ("max_new_tokens", max_new_tokens, 2),
-                             ("epochs", epochs, 1), ("batch_size", batch_size, 1)):  # fmt: skip
+    for name, value, low in (("heads", heads, 1), ("prompts", prompts, 2), ("generated", generated, 0),
+                             ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1),
+                             ("batch_size", batch_size, 1)):  # fmt: skip
         if not isinstance(value, int) or value < low:
             raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +156,7 @@ def train_heads(
             raise InvalidParameter(f"{corpus_file} holds tokens for {corpus.ahead.shape[1] - 1} heads, not {heads}")
         say(f"resuming: {len(corpus.prompts)} prompts, {len(corpus.hidden)} rows from {corpus_file}")
     else:
-        chosen = training_prompts(prompts)
+        chosen = prompt_set(model, prompts, generated)
         start = time.perf_counter()
         sequences = answers(model, chosen, max_new_tokens)
         corpus = build_corpus(model, chosen, sequences, heads)
@@ -210,11 +188,17 @@ def train_heads(
     return heads_file
 
 
-def answer_vocabulary(model: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_vocabulary(
+    model: LoadedModel, tokens: torch.Tensor, most: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a trained part chooses among, from the training answers' ``tokens`` (int64, -1 where none): the
-    distinct tokens ``vocab [S]``, ``index [V]`` (a token's column in it, -1 elsewhere) and the target's final norm
-    and LM head restricted to them (``Transformer.output_map``, ``[H, S]`` on the model's device)."""
-    vocab = tokens[tokens >= 0].unique()
+    distinct tokens ``vocab [S]`` (the ``most`` most frequent of them, if given), ``index [V]`` (a token's column in
+    it, -1 elsewhere) and the target's final norm and LM head restricted to them (``Transformer.output_map``,
+    ``[H, S]`` on the model's device)."""
+    counts = torch.bincount(tokens[tokens >= 0], minlength=model.cfg.vocab_size)
+    vocab = counts.nonzero().flatten()
+    if most is not None and len(vocab) > most:
+        vocab = counts.topk(most).indices.sort().values
     index = torch.full((model.cfg.vocab_size,), -1, dtype=torch.int64)
     index[vocab] = torch.arange(len(vocab))
     return vocab, index, model.transformer.output_map()[:, vocab].contiguous().to(model.device)
@@ -234,14 +218,14 @@ def fit(
 ) -> None:
     """Train ``part`` with AdamW for ``epochs`` passes over ``units`` (int64 ``[N]``, shuffled by a seeded
     generator, in batches of ``batch_size``; ``loss_of(batch)`` gives a batch's loss). A checkpoint after each epoch
-    (``out/checkpoint.pt``), which ``resume`` continues where it was made for a part of the same depth; then the
-    loss curve (``out/loss.png``)."""
+    (``out/checkpoint.pt``), which ``resume`` continues where it was made for a part of the same kind and depth;
+    then the loss curve (``out/loss.png``)."""
     checkpoint_file = out / "checkpoint.pt"
     optimizer = torch.optim.AdamW(part.parameters(), lr=lr, weight_decay=0.0)
     state = {"epoch": 0, "losses": []}
     if resume and checkpoint_file.is_file():
         saved = torch.load(checkpoint_file, weights_only=True, map_location=next(part.parameters()).device)
-        if saved["depth"] == part.depth:
+        if saved.get("kind") == part.kind and saved["depth"] == part.depth:
             part.load_state_dict(saved["part"])
             optimizer.load_state_dict(saved["optimizer"])
             state = {"epoch": saved["epoch"], "losses": saved["losses"]}
@@ -257,7 +241,8 @@ def fit(
             optimizer.step()
             state["losses"].append(loss.item())
         state["epoch"] = epoch + 1
-        saved = {"part": part.state_dict(), "optimizer": optimizer.state_dict(), "depth": part.depth, **state}
+        saved = {"part": part.state_dict(), "optimizer": optimizer.state_dict(), "kind": part.kind, "depth": part.depth}
+        saved |= state
         torch.save(saved, checkpoint_file)
     say(f"trained {epochs} epochs over {len(units)} {unit} in {time.perf_counter() - start:.0f} s")
     plot_losses(state["losses"], out / "loss.png", f"{part.kind}: training loss")

@@ -31,8 +31,8 @@ from decodekit.drafters.heads import save_trained
 from decodekit.drafters.kangaroo import KangarooAdapter
 from decodekit.errors import InvalidParameter, ModelFileError
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answer_vocabulary, answers, check, fit
-from decodekit.train.prompts import training_prompts
+from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answer_vocabulary, check, fit
+from decodekit.train.prompts import answers, prompt_set
 
 SEQUENCES_PER_BATCH = 4
 
@@ -93,6 +93,42 @@ def build_corpus(model: LoadedModel, prompts: list[str], sequences: list[tuple[l
                   held_out, prompts)  # fmt: skip
 
 
+def sequence_corpus(
+    model: LoadedModel,
+    out: Path,
+    depth: int,
+    prompts: int,
+    generated: int,
+    max_new_tokens: int,
+    resume: bool,
+    say: Callable[[str], None],
+) -> Corpus:
+    """The stream entering block ``depth`` over the target's answers to ``prompts`` built-in and ``generated``
+    training prompts (:func:`decodekit.train.prompts.prompt_set`; steps 1-2 of the module docstring), kept in
+    ``out``; ``resume`` reuses ``out``'s corpus, or its answers where the corpus was
+    made for another depth."""
+    out.mkdir(parents=True, exist_ok=True)
+    answers_file, corpus_file = out / "answers.json", out / "corpus.safetensors"
+    start = time.perf_counter()
+    corpus = Corpus.load(corpus_file) if resume and corpus_file.is_file() else None
+    if corpus is not None and corpus.depth == depth:
+        say(f"resuming: {len(corpus.prompts)} sequences from {corpus_file}")
+    else:
+        if resume and answers_file.is_file():
+            saved = json.loads(answers_file.read_text())
+            chosen, sequences = saved["prompts"], [tuple(pair) for pair in saved["sequences"]]
+        else:
+            chosen = prompt_set(model, prompts, generated)
+            sequences = answers(model, chosen, max_new_tokens)
+            answers_file.write_text(json.dumps({"prompts": chosen, "sequences": sequences}))
+        corpus = build_corpus(model, chosen, sequences, depth)
+        corpus.save(corpus_file)
+        say(f"corpus: {len(chosen)} sequences, {len(corpus.ids)} positions in {time.perf_counter() - start:.0f} s")
+    if corpus.stream.shape[1] != model.cfg.hidden_size:
+        raise ModelFileError(f"{corpus_file} was made for another model (hidden size {corpus.stream.shape[1]})")
+    return corpus
+
+
 def sequence_logits(
     adapter: KangarooAdapter, model: LoadedModel, corpus: Corpus, s: int, output: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +162,7 @@ def train_kangaroo(
     out: Path,
     depth: int | None = None,
     prompts: int = 400,
+    generated: int = 0,
     max_new_tokens: int = 128,
     epochs: int = 20,
     lr: float = 1e-3,
@@ -137,31 +174,13 @@ def train_kangaroo(
     answers and corpus and continue from its checkpoint."""
     layers = model.cfg.layers
     depth = max(1, layers // 10) if depth is None else depth
-    for name, value, low in (("prompts", prompts, 2), ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1)):
+    for name, value, low in (("prompts", prompts, 2), ("generated", generated, 0),
+                             ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1)):  # fmt: skip
         if not isinstance(value, int) or value < low:
             raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(depth, int) or not 1 <= depth < layers:
         raise InvalidParameter(f"the exit layer must be an integer in [1, {layers}) for this model, got {depth!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    answers_file, corpus_file = out / "answers.json", out / "corpus.safetensors"
-    start = time.perf_counter()
-    corpus = Corpus.load(corpus_file) if resume and corpus_file.is_file() else None
-    if corpus is not None and corpus.depth == depth:
-        say(f"resuming: {len(corpus.prompts)} sequences from {corpus_file}")
-    else:
-        if resume and answers_file.is_file():
-            saved = json.loads(answers_file.read_text())
-            chosen, sequences = saved["prompts"], [tuple(pair) for pair in saved["sequences"]]
-        else:
-            chosen = training_prompts(prompts)
-            sequences = answers(model, chosen, max_new_tokens)
-            answers_file.write_text(json.dumps({"prompts": chosen, "sequences": sequences}))
-        corpus = build_corpus(model, chosen, sequences, depth)
-        corpus.save(corpus_file)
-        say(f"corpus: {len(chosen)} sequences, {len(corpus.ids)} positions in {time.perf_counter() - start:.0f} s")
-    if corpus.stream.shape[1] != model.cfg.hidden_size:
-        raise ModelFileError(f"{corpus_file} was made for another model (hidden size {corpus.stream.shape[1]})")
-
+    corpus = sequence_corpus(model, out, depth, prompts, generated, max_new_tokens, resume, say)
     train = (~corpus.held_out).nonzero().flatten()
     answer_ids = [ids[answer_start:] for _, ids, answer_start in map(corpus.sequence, train.tolist())]
     vocab, index, output = answer_vocabulary(model, torch.cat(answer_ids))

@@ -1,12 +1,27 @@
-"""The built-in training prompts: instructions composed from templates, subjects and random numbers, spread over
-the kinds of request the benchmark tasks cover (conversation and writing, questions, math, coding, summarizing,
-translating, extracting). Deterministic for a seed; none is a Spec-Bench question or a prompt of the package's
-own question set (tested). About 2,400 distinct prompts; ``training_prompts(n)`` takes a shuffled selection.
+"""The training data of ``decodekit train``: prompts and the target's own answers to them.
+
+The built-in prompts are instructions composed from templates, subjects and random numbers, spread over the kinds
+of request the benchmark tasks cover (conversation and writing, questions, math, coding, summarizing, translating,
+extracting). Deterministic for a seed; none is a Spec-Bench question or a prompt of the package's own question set
+(tested). About 2,400 distinct prompts; ``training_prompts(n)`` takes a shuffled selection. Templates make narrow
+text, so :func:`generated_prompts` adds prompts the target writes itself (Magpie's way): more varied requests, in the
+target's own idea of what users ask.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from decodekit.engine import Engine, encode_prompt
+from decodekit.prompts import builtin_questions
+from decodekit.runtime.loader import LoadedModel
+from decodekit.sampling import SamplingParams
+
+MARK = "\x01MARK\x01"  # a user message that no template produces: where the user's text starts
+GENERATED_TOKENS = 96  # the longest generated prompt, in tokens
 
 SUBJECTS = [
     "volcanoes", "the water cycle", "honeybees", "black holes", "the Roman Empire", "photosynthesis", "electric cars",
@@ -110,3 +125,65 @@ def all_prompts(seed: int = 0) -> list[str]:
 def training_prompts(count: int, seed: int = 0) -> list[str]:
     """``count`` distinct built-in prompts (all of them if fewer exist)."""
     return all_prompts(seed)[:count]
+
+
+def prompt_set(model: LoadedModel, templated: int, generated: int = 0) -> list[str]:
+    """``templated`` built-in prompts, then ``generated`` ones the target writes (:func:`generated_prompts`)."""
+    return training_prompts(templated) + (generated_prompts(model, generated) if generated else [])
+
+
+def generated_prompts(model: LoadedModel, count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct user requests sampled from the target itself (Magpie, Xu et al., 2024): its chat template
+    up to where a user's text begins, continued at temperature 1 (top-p 0.98) until the end of the turn. Requests
+    cut by the length limit, shorter than 12 characters, repeated, or among the package's own questions are
+    dropped and more are sampled (four rounds at most: fewer than ``count`` may come back)."""
+    ids = encode_prompt(model, MARK)
+    mark = model.tokenizer.encode(MARK)
+    opening = next(i for i in range(len(ids)) if ids[i : i + len(mark)] == mark)
+    prefix, kept, known = ids[:opening], {}, {turn for q in builtin_questions() for turn in q.turns}
+    for round_ in range(4):
+        wanted = count - len(kept)
+        if wanted <= 0:
+            break
+        seeds = [seed * 1_000_003 + round_ * count * 4 + i for i in range(wanted + wanted // 4 + 1)]
+        samplings = [SamplingParams(temperature=1.0, top_p=0.98, seed=s) for s in seeds]
+        for sequence, _ in answers(model, [prefix] * len(seeds), GENERATED_TOKENS, samplings=samplings):
+            tail = sequence[len(prefix) :]
+            if tail and tail[-1] in model.eos_token_ids:
+                text = model.tokenizer.decode(tail[:-1]).strip()
+                if len(text) >= 12 and text not in known:
+                    kept.setdefault(text, None)
+    return list(kept)[:count]
+
+
+def answers(
+    model: LoadedModel,
+    prompts: Sequence[str | list[int]],
+    max_new_tokens: int,
+    max_batch: int = 4,
+    samplings: Sequence[SamplingParams] | None = None,
+) -> list[tuple[list[int], int]]:
+    """The target's prompt + answer token ids for each prompt (in order: a user message, or token ids taken as they
+    are) and the prompt's length, decoded by the engine in batches of ``max_batch`` with the default lossless method;
+    greedy, or sampled with ``samplings`` (one per prompt)."""
+    engine = Engine(model, method="hybrid", max_batch=max_batch)
+    samplings = samplings or [SamplingParams()] * len(prompts)
+    requests = [
+        engine.request(prompt, max_new_tokens=max_new_tokens, sampling=sampling)
+        for prompt, sampling in zip(prompts, samplings, strict=True)
+    ]
+    sequences: list[list[int] | None] = [None] * len(prompts)
+    waiting, live = list(enumerate(requests)), {}
+    with tqdm(total=len(prompts), desc="answers", unit="prompt") as bar:
+        while waiting or live:
+            while waiting and not engine.full:
+                index, request = waiting.pop(0)
+                live[engine.submit(request)] = index
+            for decoding, result in engine.step():
+                if isinstance(result, Exception):
+                    raise result
+                if decoding.done:
+                    index = live.pop(decoding)
+                    sequences[index] = decoding.sequence[: decoding.length].tolist()
+                    bar.update()
+    return [(sequence, len(request.prompt_ids)) for sequence, request in zip(sequences, requests, strict=True)]

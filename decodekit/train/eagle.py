@@ -1,0 +1,134 @@
+"""``decodekit train eagle``: the feature predictor of EAGLE (decodekit/drafters/eagle.py) for a frozen target, by
+self-distillation.
+
+1. Answers and features: the target's own greedy answers to the training prompts, and the residual stream
+   leaving its last block at every position of each prompt + answer (one teacher-forced forward each), made and
+   kept as for Kangaroo (:func:`decodekit.train.kangaroo.sequence_corpus`, with the stream of the last block).
+2. Training: the layer only, on whole answers from the prompt's last position on (where the drafter's own cache
+   starts), a few sequences a batch. Two passes per sequence: the first feeds the target's features (teacher-forced)
+   and learns the feature at each next position (smooth L1, at unit RMS) and, through the target's frozen final norm
+   and LM head over the answers' ``VOCAB`` most frequent tokens, the token after it (cross-entropy, weight
+   ``CE_WEIGHT``: EAGLE's loss); the
+   second feeds the first pass's predictions in place of the features, each attending to the target's features
+   before it, as the drafter feeds its own prediction at the root and below (one step of EAGLE-3's training-time
+   test), with the same two losses one position further. AdamW; a checkpoint per epoch and the loss curve.
+3. Accept rates: on held-out sequences, how often the rank-r candidate of each pass (depth 1 and 2 of a draft) is
+   the target's token. Then ``OUT/eagle.safetensors`` and the check against ``ar`` on held-out prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from decodekit.drafters.eagle import EagleLayer
+from decodekit.drafters.heads import save_trained, unit_rms
+from decodekit.errors import InvalidParameter
+from decodekit.runtime.loader import LoadedModel
+from decodekit.train.heads import CHECK_PROMPTS, RANKS, answer_vocabulary, check, fit
+from decodekit.train.kangaroo import SEQUENCES_PER_BATCH, Corpus, sequence_corpus
+
+CE_WEIGHT = 0.1
+VOCAB = 4096  # the drafter's tokens: the answers' most frequent (95% of the default model's answer tokens)
+
+
+def two_passes(
+    layer: EagleLayer, model: LoadedModel, corpus: Corpus, s: int, output: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each pass over sequence ``s`` (see the module docstring): the predicted features ``[m, H]``, the target's
+    features they should equal ``[m, H]``, the logits ``[m - 1, S]`` over the columns of ``output`` ``[H, S]`` and
+    the tokens the target chose there ``[m - 1]``."""
+    stream, ids, answer_start = corpus.sequence(s)
+    device = output.device
+    first = answer_start - 1  # the prompt's last position: the drafter's first slot
+    features = unit_rms(stream[first:].to(device))  # [m + 1, H]
+    with torch.inference_mode():
+        embedded = model.transformer.embedded(ids[first + 1 :].to(device)).float()  # [m, H]
+    embedded = embedded.clone()
+    m = len(embedded)
+    taught = layer(features[:-1], embedded)  # [m, H]: the feature at each next position
+    # pass 2: row j + m feeds the prediction at slot j with the token after it, seeing the taught slots up to j
+    slots = torch.arange(m, device=device)
+    visible = torch.zeros(2 * m - 1, 2 * m - 1, dtype=torch.bool, device=device)
+    visible[:m, :m] = slots[:, None] >= slots
+    visible[m:, :m] = slots[: m - 1, None] >= slots
+    visible[m:, m:] = torch.eye(m - 1, dtype=torch.bool, device=device)
+    positions = torch.cat([slots, slots[1:]])
+    inputs = torch.cat([features[:-1], taught[:-1]]), torch.cat([embedded, embedded[1:]])
+    fed_back = layer(*inputs, positions=positions, visible=visible)[m:]  # [m - 1, H]
+    passes = []
+    for ahead, predicted in ((1, taught), (2, fed_back)):
+        logits = unit_rms(predicted[:-1]) @ output
+        passes.append((predicted, features[ahead:], logits, ids[first + ahead + 1 :]))
+    return passes
+
+
+def accept_rates(
+    layer: EagleLayer, model: LoadedModel, corpus: Corpus, output: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """float ``[2, RANKS]``: on held-out sequences, how often the rank-r candidate at depth 1 and 2 is the target's
+    token."""
+    counts, totals = torch.zeros(2, RANKS), torch.zeros(2)
+    with torch.no_grad():
+        for s in corpus.held_out.nonzero().flatten().tolist():
+            for depth, (_, _, logits, chosen) in enumerate(two_passes(layer, model, corpus, s, output)):
+                known = index[chosen] >= 0
+                target = logits.cpu()[known].gather(-1, index[chosen[known]][:, None])
+                rank = (logits.cpu()[known] > target).sum(-1)
+                counts[depth] += torch.bincount(rank[rank < RANKS], minlength=RANKS).float()
+                totals[depth] += len(chosen)
+    return counts / totals.clamp(min=1)[:, None]
+
+
+def train_eagle(
+    model: LoadedModel,
+    out: Path,
+    blocks: int = 1,
+    prompts: int = 400,
+    generated: int = 0,
+    max_new_tokens: int = 128,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    resume: bool = False,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Train an EAGLE layer of ``blocks`` decoder blocks for ``model`` into ``out`` (a directory; see the module
+    docstring); returns the layer's file. ``resume``: reuse ``out``'s answers and features and continue from its
+    checkpoint."""
+    for name, value, low in (("blocks", blocks, 1), ("prompts", prompts, 2), ("generated", generated, 0),
+                             ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1)):  # fmt: skip
+        if not isinstance(value, int) or value < low:
+            raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
+    corpus = sequence_corpus(model, out, model.cfg.layers, prompts, generated, max_new_tokens, resume, say)
+    train = (~corpus.held_out).nonzero().flatten()
+    answer_ids = [ids[answer_start:] for _, ids, answer_start in map(corpus.sequence, train.tolist())]
+    vocab, index, output = answer_vocabulary(model, torch.cat(answer_ids), VOCAB)
+    device = model.device
+    layer = EagleLayer(blocks, model.cfg.hidden_size).to(device)
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        """The batch's regression and weighted cross-entropy, each a mean over its positions, both passes summed."""
+        loss, count = torch.zeros((), device=device), 0
+        for s in batch.tolist():
+            for predicted, features, logits, chosen in two_passes(layer, model, corpus, s, output):
+                columns = torch.where(index[chosen] >= 0, index[chosen], -100).to(device)
+                regression = F.smooth_l1_loss(predicted, features, reduction="sum") / predicted.shape[1]
+                ce = F.cross_entropy(logits, columns, ignore_index=-100, reduction="sum")
+                loss, count = loss + regression + CE_WEIGHT * ce, count + len(predicted)
+        return loss / max(1, count)
+
+    fit(layer, train, SEQUENCES_PER_BATCH, loss_of, epochs, lr, out, resume, say, "sequences")
+
+    accept = accept_rates(layer, model, corpus, output, index)
+    layer_file = out / "eagle.safetensors"
+    meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
+            "prompts": len(corpus.prompts), "sequences": len(train), "epochs": epochs}  # fmt: skip
+    save_trained(layer_file, layer.cpu(), vocab, accept, meta)
+    size = layer_file.stat().st_size / 2**20
+    rates = ", ".join(f"depth {d + 1}: {float(accept[d, 0]):.2f}" for d in range(2))
+    say(f"wrote {layer_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
+    check(model, f"eagle:layer={layer_file}", corpus.prompts[-CHECK_PROMPTS:], max_new_tokens, say)
+    return layer_file
