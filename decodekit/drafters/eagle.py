@@ -198,6 +198,9 @@ class Eagle(Drafter):
     def observe(self, outcome: StepOutcome) -> None:
         self.calibration.observe(outcome)
         m = min(len(outcome.accepted), len(outcome.committed))
+        if m == 0:  # a stop string cut every token: the request ends here
+            self.last = None
+            return
         features = unit_rms(outcome.hidden[self.model.layers][outcome.accepted[:m]])
         tokens = torch.tensor(outcome.committed[:m], dtype=torch.int64)
         self._room(self.length + m)
