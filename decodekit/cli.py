@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=["hf"],
         metavar="PEER",
-        help="hf, hf-lookup, hf-decodekit (our hybrid inside transformers' generate), llamacpp, llamacpp-lookup "
-        "(default: hf)",
+        help="hf, hf-lookup, hf-decodekit (our hybrid inside transformers' generate), llamacpp, llamacpp-lookup, "
+        "vllm, vllm-ngram, vllm-suffix, vllm-decodekit (our hybrid as vLLM's proposer; these in the environment "
+        "`make vllm-env` makes) (default: hf)",
     )
     bench.add_argument(
         "--checkout",

@@ -129,7 +129,7 @@ def test_spec_bench_file_format(tmp_path):
         (["--dataset", "{bad}"], "not a Spec-Bench question"),
         (["--methods", "ar", "warp"], "unknown method 'warp'"),
         (["--methods", "recycling:x=1"], "bad option"),
-        (["--peers", "vllm"], "unknown peer 'vllm'"),
+        (["--peers", "sglang"], "unknown peer 'sglang'"),
         (["--categories", "poetry"], "selection holds no questions"),
         (["--per-category", "0"], "--per-category must be a positive integer"),
         (["--report", "/nonexistent/result.json"], "cannot read bench result"),
@@ -153,6 +153,15 @@ def test_missing_peer_is_skipped_with_a_note(wide_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "result.json").read_text())["meta"]["notes"][0].startswith("llamacpp skipped")
     code = bench(wide_dir, tmp_path, *one, "--baseline", "llamacpp")
     assert code == 1 and "baseline 'llamacpp' is not among" in capsys.readouterr().err
+
+
+def test_vllm_peers_without_their_environment_are_skipped_with_a_note(wide_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DECODEKIT_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    args = ["--methods", "ar", "--peers", "vllm", "vllm-decodekit", "--limit", "1", "--max-new-tokens", "4"]
+    assert bench(wide_dir, tmp_path, *args) == 0
+    notes = json.loads((tmp_path / "result.json").read_text())["meta"]["notes"]
+    assert [note.split(":")[0] for note in notes] == ["vllm skipped", "vllm-decodekit skipped"]
+    assert "make vllm-env" in notes[0] and "decodekit: vllm skipped:" in capsys.readouterr().err
 
 
 def test_a_failing_peer_is_recorded_and_the_run_goes_on(tiny_model):

@@ -15,7 +15,18 @@ import torch
 
 from decodekit import GREEDY, Engine, InvalidParameter, LoadedModel, SamplingParams
 
-PEERS = ("hf", "hf-lookup", "hf-decodekit", "llamacpp", "llamacpp-lookup")
+# vLLM's runs: plain decoding and its speculative methods, as vLLM's --speculative-config
+VLLM_PEERS = {
+    "vllm": None,
+    "vllm-ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 4},
+    "vllm-suffix": {"method": "suffix", "num_speculative_tokens": 16},
+    "vllm-decodekit": {
+        "method": "custom_class",
+        "model": "decodekit.integrations.vllm.Hybrid",
+        "num_speculative_tokens": 8,
+    },
+}
+PEERS = ("hf", "hf-lookup", "hf-decodekit", "llamacpp", "llamacpp-lookup", *VLLM_PEERS)
 HF_DECODEKIT_METHOD = "hybrid"  # what hf-decodekit drafts with, inside transformers' generate
 
 
@@ -226,6 +237,35 @@ class CheckoutRunner(WorkerRunner):
         return {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "sampling": self.sampling}
 
 
+class VllmRunner(WorkerRunner):
+    """vLLM's offline engine (``vllm.LLM``) on the model's checkpoint directory (a GGUF model's de-quantized one), in
+    a worker process run by the Python of the vLLM environment (:func:`vllm_python`), plain, with one of its
+    speculative methods, or with our ``Hybrid`` proposer (``VLLM_PEERS``)."""
+
+    WORKER = Path(__file__).with_name("vllm_worker.py")
+
+    def __init__(self, model: LoadedModel, peer: str, python: Path, sampling: SamplingParams = GREEDY) -> None:
+        self.name, self.sampling, self.eos = peer, sampling.to_dict(), sorted(model.eos_token_ids)
+        dtype = "bfloat16" if model.dtype == torch.bfloat16 else "float32"
+        self.command = [str(python), str(self.WORKER), str(model.path), "--dtype", dtype]
+        self.command += ["--threads", str(torch.get_num_threads())]
+        if VLLM_PEERS[peer] is not None:
+            self.command += ["--speculative-config", json.dumps(VLLM_PEERS[peer])]
+        self.env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # our proposers importable
+        self._start()
+
+    def request(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        return {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "eos": self.eos, "sampling": self.sampling}
+
+
+def vllm_python() -> Path | None:
+    """The Python of the vLLM environment: ``$DECODEKIT_VLLM_PYTHON``, else ``.venv-vllm`` beside the package's
+    checkout (what ``make vllm-env`` makes); None where neither is."""
+    named = os.environ.get("DECODEKIT_VLLM_PYTHON")
+    python = Path(named) if named else Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    return python if python.is_file() else None
+
+
 def make_runners(
     model: LoadedModel,
     methods: list[str],
@@ -250,6 +290,15 @@ def make_runners(
     for peer in peers:
         if peer.startswith("hf"):
             runners.append(HFRunner(model, peer, sampling))
+        elif peer in VLLM_PEERS:
+            python = vllm_python()
+            if python is None:
+                notes.append(f"{peer} skipped: no vLLM environment (make vllm-env, or set DECODEKIT_VLLM_PYTHON)")
+                continue
+            try:
+                runners.append(VllmRunner(model, peer, python, sampling))
+            except PeerError as err:
+                notes.append(f"{peer} skipped: {err}")
         elif importlib.util.find_spec("llama_cpp") is None:
             notes.append(f"{peer} skipped: llama-cpp-python is not installed (BENCHMARKS.md says how to build it)")
         elif model.source.suffix != ".gguf":
