@@ -1,7 +1,8 @@
 """decodekit's drafters as vLLM proposers, driven the way vLLM drives a ``custom_class`` proposer (a batch of rows of
 token ids after every step), without vLLM: state follows each request through moving rows and is freed when it
 leaves, identical prompts keep separate drafters, chains are the drafter's best path, methods that need more than
-token ids are refused. The run inside vLLM itself is measured by the bench's vllm peers (BENCHMARKS.md)."""
+token ids are refused; and, where a vLLM environment exists, vLLM itself with our proposer (skipped elsewhere: CI
+makes none, it takes ~10 minutes to install). Speed inside vLLM: the bench's vllm peers (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from decodekit import InvalidParameter
+from decodekit.bench.runners import VllmRunner, vllm_python
 from decodekit.integrations import vllm as integration
 from decodekit.protocol import Draft, Tree
 
@@ -134,3 +136,20 @@ def test_a_spec_from_the_environment_is_checked(monkeypatch):
         integration.Proposer(config())
     monkeypatch.setenv(integration.METHOD_ENV, "hybrid:parts=lookup+copyspec")
     assert integration.Proposer(config()).spec == "hybrid:parts=lookup+copyspec"
+
+
+@pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make vllm-env, or DECODEKIT_VLLM_PYTHON)")
+def test_inside_vllm_the_output_is_vllms_without_speculation(default_model):
+    """vLLM itself with our proposer: greedy outputs equal vLLM's plain ones (and so ours) on the built-in prompts."""
+    from decodekit import Engine
+    from decodekit.prompts import builtin_questions
+
+    engine = Engine(default_model, "ar")
+    prompts = [engine.request(q.turns[0]).prompt_ids for q in builtin_questions()[:3]]
+    runners = [VllmRunner(default_model, peer, vllm_python()) for peer in ("vllm", "vllm-decodekit")]
+    try:
+        outputs = [[runner.run(ids, 48).token_ids for ids in prompts] for runner in runners]
+    finally:
+        for runner in runners:
+            runner.close()
+    assert outputs[0] == outputs[1]
