@@ -12,6 +12,11 @@ tokens/s over ``ar``'s in the same round (median). Bounded: every request stops 
 ``--max-tokens``, every level at ``--level-timeout`` seconds. Writes the numbers (``--out``) and a chart of
 tokens/s and p50 latency by concurrency beside them (same name, .png).
 
+``--vllm PEER ...`` adds `vllm serve` setups on the same port scheme (``vllm``, ``vllm-ngram``, ``vllm-suffix``,
+``vllm-decodekit``: the bench's vLLM peers, decodekit.bench.runners.VLLM_PEERS), run by the vLLM environment's
+Python (``make vllm-env`` or ``$DECODEKIT_VLLM_PYTHON``) on the default model's checkpoint directory in float32;
+give decodekit the same weights with ``--serve-args "--dtype float32"``. Their ``vs ar`` is over decodekit's ``ar``.
+
 ``--checkouts DIR ...`` compares versions side by side: each setup runs once per checkout (a worktree of another
 commit, say ``git worktree add ../dk-old COMMIT``), its server started from that directory, which then comes first
 on the import path; ``.`` is this one.
@@ -34,6 +39,9 @@ from pathlib import Path
 from openai import AsyncOpenAI
 from tqdm import tqdm
 
+from decodekit import load_model
+from decodekit.bench.runners import VLLM_PEERS, vllm_python
+from decodekit.bench.vllm_worker import linked_checkpoint
 from decodekit.prompts import builtin_questions
 
 
@@ -49,6 +57,26 @@ def start_server(method: str, speculation: str, port: int, extra: list[str], che
     command += ["--speculation", speculation, *extra]
     env = os.environ | {"PYTHONPATH": os.path.abspath(checkout)}
     server = subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return healthy(server, port, f"decodekit serve --method {method}")
+
+
+def start_vllm(peer: str, port: int) -> subprocess.Popen:
+    """`vllm serve` on the default model's checkpoint directory in float32, as the bench's vLLM peer ``peer``."""
+    python = vllm_python()
+    if python is None:
+        raise SystemExit("no vLLM environment: make vllm-env, or set DECODEKIT_VLLM_PYTHON")
+    model = linked_checkpoint(str(load_model(dtype="float32").path))
+    command = [str(python.parent / "vllm"), "serve", str(model), "--port", str(port), "--served-model-name"]
+    command += ["default", "--dtype", "float32", "--max-model-len", "8192", "--enforce-eager"]
+    if VLLM_PEERS[peer] is not None:
+        command += ["--speculative-config", json.dumps(VLLM_PEERS[peer])]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "VLLM_CPU_KVCACHE_SPACE": "2"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return healthy(server, port, f"vllm serve ({peer})")
+
+
+def healthy(server: subprocess.Popen, port: int, name: str) -> subprocess.Popen:
+    """``server`` once its /health answers (within 300 s)."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -56,7 +84,7 @@ def start_server(method: str, speculation: str, port: int, extra: list[str], che
             return server
         except OSError:
             if server.poll() is not None:
-                raise SystemExit(f"decodekit serve --method {method} exited with {server.returncode}") from None
+                raise SystemExit(f"{name} exited with {server.returncode}") from None
             time.sleep(0.5)
     server.kill()
     raise SystemExit("the server did not come up within 300 s")
@@ -114,17 +142,18 @@ async def level(port: int, prompts: list[str], clients: int, requests: int, max_
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One row per setup and concurrency: the median over rounds of every measure, each round's tokens/s, and
-    ``vs_ar``: the median over rounds of tokens/s over ``ar``'s in the same round and checkout (1.0 without an
-    ``ar`` run)."""
+    ``vs_ar``: the median over rounds of tokens/s over ``ar``'s in the same round and checkout (this one's where that
+    checkout has none, as vLLM's setups; 1.0 without an ``ar`` run)."""
     summary = []
     keys = ("checkout", "method", "speculation", "clients")
     for key in dict.fromkeys(tuple(r.get(k, ".") for k in keys) for r in rows):
         checkout, method, mode, clients = key
         mine = [r for r in rows if tuple(r.get(k, ".") for k in keys) == key]
+        own = any(r["method"] == "ar" and r.get("checkout", ".") == checkout for r in rows)
         ar = {
             r["round"]: r["tokens_per_s"]
             for r in rows
-            if r["method"] == "ar" and r["clients"] == clients and r.get("checkout", ".") == checkout
+            if r["method"] == "ar" and r["clients"] == clients and r.get("checkout", ".") == (checkout if own else ".")
         }
         ratios = [r["tokens_per_s"] / ar[r["round"]] for r in mine if r["round"] in ar]
         measures = ["tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]
@@ -137,6 +166,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def setup_name(row: dict) -> str:
+    if row.get("checkout") == "vllm":
+        return f"{row['method']} (vllm serve)"
     name = row["method"] if row["method"] == "ar" else f"{row['method']} ({row.get('speculation', 'full')})"
     checkout = row.get("checkout", ".")
     return name if checkout == "." else f"{name} @ {os.path.basename(os.path.abspath(checkout))}"
@@ -180,18 +211,23 @@ def main() -> int:
     parser.add_argument("--level-timeout", type=float, default=900)
     parser.add_argument("--serve-args", default="", help="extra arguments for decodekit serve, one string")
     parser.add_argument("--checkouts", nargs="+", default=["."], metavar="DIR", help="versions to compare (see above)")
+    parser.add_argument("--vllm", nargs="+", default=[], choices=list(VLLM_PEERS), help="vllm serve setups too")
     parser.add_argument("--out", type=Path, default=Path("server-load.json"))
     args = parser.parse_args()
     prompts = [q.turns[0] for q in builtin_questions()]
     modes = lambda m: ["full"] if m == "ar" else args.speculation  # noqa: E731
     setups = [(c, m, mode) for c in args.checkouts for m in args.methods for mode in modes(m)]
+    setups += [("vllm", peer, "-") for peer in args.vllm]
     rows = []
     servers = {}
     try:
         for setup in setups:  # every server up first: the setups then take turns at each level
             checkout, method, mode = setup
             port = free_port()
-            servers[setup] = port, start_server(method, mode, port, args.serve_args.split(), checkout)
+            if checkout == "vllm":
+                servers[setup] = port, start_vllm(method, port)
+            else:
+                servers[setup] = port, start_server(method, mode, port, args.serve_args.split(), checkout)
             asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
         with tqdm(total=len(setups) * len(args.concurrency) * args.rounds, desc="levels") as bar:
             for clients in args.concurrency:

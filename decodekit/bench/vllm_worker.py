@@ -23,6 +23,15 @@ FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenize
          "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
 
 
+def linked_checkpoint(model: str) -> Path:
+    """A temporary directory holding links to the files of checkpoint directory ``model`` that vLLM reads."""
+    linked = Path(tempfile.mkdtemp(prefix="decodekit-vllm-"))
+    for name in FILES:
+        if (Path(model) / name).is_file():
+            (linked / name).symlink_to(Path(model).resolve() / name)
+    return linked
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", help="a checkpoint directory")
@@ -41,10 +50,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    linked = Path(tempfile.mkdtemp(prefix="decodekit-vllm-"))
-    for name in FILES:
-        if (Path(args.model) / name).is_file():
-            (linked / name).symlink_to(Path(args.model).resolve() / name)
+    linked = linked_checkpoint(args.model)
     speculative = json.loads(args.speculative_config) if args.speculative_config else None
     llm = LLM(
         model=str(linked),
