@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from decodekit.drafters.eagle import EagleLayer
-from decodekit.drafters.heads import save_trained, unit_rms
+from decodekit.drafters.heads import unit_rms
 from decodekit.errors import InvalidParameter
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.heads import CHECK_PROMPTS, RANKS, answer_vocabulary, check, fit
+from decodekit.train.heads import CHECK_PROMPTS, RANKS, answer_vocabulary, check, fit, write_part
 from decodekit.train.kangaroo import SEQUENCES_PER_BATCH, Corpus, sequence_corpus
 
 CE_WEIGHT = 0.1
@@ -123,11 +123,8 @@ def train_eagle(
     fit(layer, train, SEQUENCES_PER_BATCH, loss_of, epochs, lr, out, resume, say, "sequences")
 
     accept = accept_rates(layer, model, corpus, output, index)
-    layer_file = out / "eagle.safetensors"
-    meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
-            "prompts": len(corpus.prompts), "sequences": len(train), "epochs": epochs}  # fmt: skip
-    save_trained(layer_file, layer.cpu(), vocab, accept, meta)
-    size = layer_file.stat().st_size / 2**20
+    meta = {"prompts": len(corpus.prompts), "sequences": len(train), "epochs": epochs}
+    layer_file, size = write_part(model, layer, out, vocab, accept, meta)
     rates = ", ".join(f"depth {d + 1}: {float(accept[d, 0]):.2f}" for d in range(2))
     say(f"wrote {layer_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
     check(model, f"eagle:layer={layer_file}", corpus.prompts[-CHECK_PROMPTS:], max_new_tokens, say)

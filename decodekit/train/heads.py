@@ -177,15 +177,23 @@ def train_heads(
 
     fit(trained, train_rows, batch_size, loss_of, epochs, lr, out, resume, say, "rows")
     accept = accept_rates(trained, model, corpus, output, index)
-    heads_file = out / f"{kind}.safetensors"
-    meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
-            "prompts": len(corpus.prompts), "rows": len(train_rows), "epochs": epochs}  # fmt: skip
-    save_trained(heads_file, trained.cpu(), vocab, accept, meta)
+    meta = {"prompts": len(corpus.prompts), "rows": len(train_rows), "epochs": epochs}
+    heads_file, size = write_part(model, trained, out, vocab, accept, meta)
     rates = ", ".join(f"depth {k + 1}: {float(accept[k, 0]):.2f}" for k in range(heads))
-    size = heads_file.stat().st_size / 2**20
     say(f"wrote {heads_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
     check(model, f"{kind}:heads={heads_file}", corpus.prompts[-CHECK_PROMPTS:], max_new_tokens, say)
     return heads_file
+
+
+def write_part(
+    model: LoadedModel, part: TrainedPart, out: Path, vocab: torch.Tensor, accept: torch.Tensor, meta: dict
+) -> tuple[Path, float]:
+    """``part`` saved as ``out/KIND.safetensors`` for ``model`` (its identity, name and vocabulary size in the
+    metadata, with ``meta``); returns the file and its size in MiB."""
+    path = out / f"{part.kind}.safetensors"
+    target = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size}
+    save_trained(path, part.cpu(), vocab, accept, target | meta)
+    return path, path.stat().st_size / 2**20
 
 
 def answer_vocabulary(

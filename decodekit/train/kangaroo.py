@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decodekit.drafters.heads import save_trained
 from decodekit.drafters.kangaroo import KangarooAdapter
 from decodekit.errors import InvalidParameter, ModelFileError
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answer_vocabulary, check, fit
+from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answer_vocabulary, check, fit, write_part
 from decodekit.train.prompts import answers, prompt_set
 
 SEQUENCES_PER_BATCH = 4
@@ -200,11 +199,8 @@ def train_kangaroo(
     fit(adapter, train, SEQUENCES_PER_BATCH, loss_of, epochs, lr, out, resume, say, "sequences")
 
     accept = accept_rates(adapter, model, corpus, output, index)
-    adapter_file = out / "kangaroo.safetensors"
-    meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size,
-            "prompts": len(corpus.prompts), "sequences": len(train), "epochs": epochs}  # fmt: skip
-    save_trained(adapter_file, adapter.cpu(), vocab, accept, meta)
-    size = adapter_file.stat().st_size / 2**20
+    meta = {"prompts": len(corpus.prompts), "sequences": len(train), "epochs": epochs}
+    adapter_file, size = write_part(model, adapter, out, vocab, accept, meta)
     top = ", ".join(f"{float(accept[0, : r + 1].sum()):.2f}" for r in (0, 1, 4))
     say(f"wrote {adapter_file} ({size:.1f} MiB) on {depth} of {layers} layers; the target's next token is among the "
         f"adapter's top 1 / 2 / 5 on held-out answers: {top}")  # fmt: skip
