@@ -26,9 +26,17 @@ import torch.nn.functional as F
 
 from decodekit.drafters.eagle import EagleLayer
 from decodekit.drafters.heads import unit_rms
-from decodekit.errors import InvalidParameter
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.heads import CHECK_PROMPTS, RANKS, answer_vocabulary, check, fit, write_part
+from decodekit.train.heads import (
+    CHECK_PROMPTS,
+    RANKS,
+    answer_vocabulary,
+    check,
+    check_counts,
+    data_counts,
+    fit,
+    write_part,
+)
 from decodekit.train.kangaroo import SEQUENCES_PER_BATCH, Corpus, sequence_corpus
 
 CE_WEIGHT = 0.1
@@ -98,10 +106,7 @@ def train_eagle(
     """Train an EAGLE layer of ``blocks`` decoder blocks for ``model`` into ``out`` (a directory; see the module
     docstring); returns the layer's file. ``resume``: reuse ``out``'s answers and features and continue from its
     checkpoint."""
-    for name, value, low in (("blocks", blocks, 1), ("prompts", prompts, 2), ("generated", generated, 0),
-                             ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1)):  # fmt: skip
-        if not isinstance(value, int) or value < low:
-            raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
+    check_counts(("blocks", blocks, 1), *data_counts(prompts, generated, max_new_tokens, epochs))
     corpus = sequence_corpus(model, out, model.cfg.layers, prompts, generated, max_new_tokens, resume, say)
     train = (~corpus.held_out).nonzero().flatten()
     answer_ids = [ids[answer_start:] for _, ids, answer_start in map(corpus.sequence, train.tolist())]

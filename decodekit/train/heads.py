@@ -143,11 +143,9 @@ def train_heads(
     checkpoint."""
     if kind not in KINDS:
         raise InvalidParameter(f"unknown kind {kind!r}: decodekit trains {', '.join(KINDS)}")
-    for name, value, low in (("heads", heads, 1), ("prompts", prompts, 2), ("generated", generated, 0),
-                             ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1),
-                             ("batch_size", batch_size, 1)):  # fmt: skip
-        if not isinstance(value, int) or value < low:
-            raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
+    check_counts(
+        ("heads", heads, 1), *data_counts(prompts, generated, max_new_tokens, epochs), ("batch_size", batch_size, 1)
+    )
     out.mkdir(parents=True, exist_ok=True)
     corpus_file = out / "corpus.safetensors"
     if resume and corpus_file.is_file():
@@ -183,6 +181,19 @@ def train_heads(
     say(f"wrote {heads_file} ({size:.1f} MiB); top-1 accept rates on held-out answers: {rates}")
     check(model, f"{kind}:heads={heads_file}", corpus.prompts[-CHECK_PROMPTS:], max_new_tokens, say)
     return heads_file
+
+
+def check_counts(*rules: tuple[str, object, int]) -> None:
+    """InvalidParameter unless every ``(name, value, least)`` has an integer ``value`` of at least ``least``."""
+    for name, value, least in rules:
+        if not isinstance(value, int) or value < least:
+            raise InvalidParameter(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def data_counts(prompts: object, generated: object, max_new_tokens: object, epochs: object) -> list[tuple]:
+    """The :func:`check_counts` rules of the settings every trainer takes."""
+    return [("prompts", prompts, 2), ("generated", generated, 0), ("max_new_tokens", max_new_tokens, 2),
+            ("epochs", epochs, 1)]  # fmt: skip
 
 
 def write_part(

@@ -30,7 +30,17 @@ from tqdm import tqdm
 from decodekit.drafters.kangaroo import KangarooAdapter
 from decodekit.errors import InvalidParameter, ModelFileError
 from decodekit.runtime.loader import LoadedModel
-from decodekit.train.heads import CHECK_PROMPTS, HELD_OUT, RANKS, answer_vocabulary, check, fit, write_part
+from decodekit.train.heads import (
+    CHECK_PROMPTS,
+    HELD_OUT,
+    RANKS,
+    answer_vocabulary,
+    check,
+    check_counts,
+    data_counts,
+    fit,
+    write_part,
+)
 from decodekit.train.prompts import answers, prompt_set
 
 SEQUENCES_PER_BATCH = 4
@@ -173,10 +183,7 @@ def train_kangaroo(
     answers and corpus and continue from its checkpoint."""
     layers = model.cfg.layers
     depth = max(1, layers // 10) if depth is None else depth
-    for name, value, low in (("prompts", prompts, 2), ("generated", generated, 0),
-                             ("max_new_tokens", max_new_tokens, 2), ("epochs", epochs, 1)):  # fmt: skip
-        if not isinstance(value, int) or value < low:
-            raise InvalidParameter(f"{name} must be an integer >= {low}, got {value!r}")
+    check_counts(*data_counts(prompts, generated, max_new_tokens, epochs))
     if not isinstance(depth, int) or not 1 <= depth < layers:
         raise InvalidParameter(f"the exit layer must be an integer in [1, {layers}) for this model, got {depth!r}")
     corpus = sequence_corpus(model, out, depth, prompts, generated, max_new_tokens, resume, say)
