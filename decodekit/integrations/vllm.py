@@ -114,7 +114,7 @@ class Proposer:
             if not len(sampled) or n == 0 or n >= self.max_len:
                 drafts.append([])
                 continue
-            tokens = np.asarray(token_ids_cpu[row, :n], dtype=np.int64)
+            tokens = np.array(token_ids_cpu[row, :n], dtype=np.int64)  # a copy: vLLM rewrites its rows
             request = self._find(row, tokens, kept)
             kept[row] = request
             drafts.append(self._step(request, tokens))
@@ -134,7 +134,7 @@ class Proposer:
 
     def _step(self, request: _Request, tokens: np.ndarray) -> list[int]:
         """Let ``request``'s drafter observe what was committed since its last call, then its next chain."""
-        sequence = torch.from_numpy(tokens.copy())
+        sequence = torch.from_numpy(tokens)  # shares the copy above, which nothing changes
         if request.draft is None:
             request.drafter.begin(sequence, None)
         else:
@@ -172,4 +172,4 @@ class Aggressive(Proposer):
 
 
 class Hybrid(Proposer):
-    method = "hybrid:parts=suffix+copyspec"
+    """The default: suffix + copyspec."""
