@@ -17,6 +17,7 @@ from decodekit.drafters.heads import load_trained, unit_rms
 from decodekit.prompts import builtin_questions
 from decodekit.runtime.runner import TargetModel
 from decodekit.train import eagle as trainer
+from decodekit.train import kangaroo as kangaroo_trainer  # makes the corpus eagle trains on
 from decodekit.train.prompts import generated_prompts
 
 PROMPTS = ["the quick brown fox", "tell me about the weather tomorrow in the hills", "a b c a b c a b c"]
@@ -124,18 +125,11 @@ def test_inside_a_hybrid_with_copy_drafters(trained):
 
 def test_resume_continues_from_the_checkpoint_without_new_answers(trained, monkeypatch):
     model, out, _, _ = trained
-    monkeypatch.setattr(trainer, "sequence_corpus", _no_new_answers(trainer.sequence_corpus, monkeypatch))
+    monkeypatch.setattr(kangaroo_trainer, "answers", lambda *args, **kwargs: pytest.fail("resume made new answers"))
     before = len(torch.load(out / "checkpoint.pt", weights_only=True)["losses"])
     trainer.train_eagle(model, out, 1, epochs=7, resume=True, say=lambda text: None)
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 7 and saved["kind"] == "eagle" and len(saved["losses"]) == before * 7 // 6
-
-
-def _no_new_answers(sequence_corpus, monkeypatch):
-    from decodekit.train import kangaroo
-
-    monkeypatch.setattr(kangaroo, "answers", lambda *args, **kwargs: pytest.fail("resume made new answers"))
-    return sequence_corpus
 
 
 def test_a_layer_of_other_weights_or_another_kind_is_refused(trained, tmp_path):
