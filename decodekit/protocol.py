@@ -14,14 +14,17 @@ This is the bottom of the package: it imports torch and decodekit's errors, noth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from decodekit.errors import InvalidParameter
+
+S = TypeVar("S")
 
 MAX_DRAFT_NODES = 256  # the largest tree (root included) a drafter may propose; the engine reserves cache for it
 
@@ -151,6 +154,7 @@ class ModelAccess:
     hidden_size: int
     vocab_size: int
     identity: str  # names the target's weights: trained parts (heads) record it and are refused by other targets
+    norm_eps: float  # the final norm's epsilon (see output_map)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """float ``[..., vocab]``: the target's final norm and LM head on residual-stream vectors ``hidden``
@@ -161,6 +165,17 @@ class ModelAccess:
         """:meth:`head` restricted to the tokens ``vocab`` int64 ``[S]``: a function from ``[..., hidden_size]`` to
         float ``[..., S]``, the output layer read once into one matrix in :meth:`linear`'s form (for drafters that
         choose among few tokens: a fraction of the full head's cost, within :meth:`linear`'s rounding)."""
+        raise NotImplementedError
+
+    def output_map(self, vocab: torch.Tensor) -> torch.Tensor:
+        """float32 ``[hidden_size, S]``: the target's final norm scale and LM head over the tokens ``vocab`` int64
+        ``[S]`` as one frozen matrix: the logits of ``x`` are ``x / sqrt(mean(x**2) + norm_eps) @ output_map``
+        (for drafters that learn, which need them differentiable)."""
+        raise NotImplementedError
+
+    def shared(self, key: Hashable, make: Callable[[], S]) -> S:
+        """The object ``make()`` built for ``key`` on the first call, the same one on every later call: what all
+        the drafters of this engine share (an online learner every request feeds)."""
         raise NotImplementedError
 
     def linear(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,7 +1,7 @@
 """Trained draft heads (medusa, hydra): the tree rule, the heads' starting point, `decodekit train` on a tiny model
-(the loss falls, the file loads back, --resume continues, other weights are refused) and lossless decoding with
+(the loss falls, the file loads back, --resume continues, other weights are refused), lossless decoding with
 the trained heads (the every-method tests in test_engine, test_batch, test_sampling and
-test_lossless_default_model run both too)."""
+test_lossless_default_model run both too), and online learning from traffic (``learn=``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from helpers import write_tiny_llama
 
 from decodekit import Engine, InvalidParameter, ModelFileError, load_model
 from decodekit.cli import main
-from decodekit.drafters.heads import best_paths, load_trained, shipped_file, unit_rms
+from decodekit.decoding import target_info
+from decodekit.drafters import make_drafter
+from decodekit.drafters.heads import best_paths, load_trained, read_trained, shipped_file, unit_rms
 from decodekit.drafters.hydra import HydraHead
 from decodekit.drafters.medusa import MedusaHeads
+from decodekit.drafters.online import OnlineLearner, TrafficRows
 from decodekit.runtime.runner import TargetModel
+from decodekit.sampling import SamplingParams
 from decodekit.train import heads as trainer
 from decodekit.train.prompts import all_prompts
 
@@ -100,6 +104,68 @@ def test_inside_a_hybrid_with_copy_drafters(trained):
         assert (
             mixed.generate(prompt, max_new_tokens=32).token_ids == plain.generate(prompt, max_new_tokens=32).token_ids
         )
+
+
+def test_traffic_rows_pair_each_state_with_the_tokens_after_it():
+    rows = TrafficRows(depth=2)
+    rows.begin(10)
+    assert rows.step(torch.tensor([[0.0]]), [11]) is None  # the root (10) at index 0: its 3 tokens ahead unknown
+    hidden, ahead = rows.step(torch.tensor([[1.0], [2.0]]), [12, 13])  # states at 11 and 12; tokens 10..13
+    assert hidden.tolist() == [[0.0]] and ahead.tolist() == [[11, 12, 13]]
+    hidden, ahead = rows.step(None, [14, 15])  # no states this step (13 gets none), the tokens still count
+    assert hidden.tolist() == [[1.0], [2.0]] and ahead.tolist() == [[12, 13, 14], [13, 14, 15]]
+    assert rows.step(torch.tensor([[5.0]]), [16]) is None  # the state at 15 waits for 16, 17, 18
+    rows.begin(20)  # a new request forgets the last one's waiting states
+    assert rows.tokens == [20] and rows.pending == []
+
+
+def learning_drafter(trained, rate: float = 0.005):
+    """A drafter of the fixture's heads that learns online, and its learner (small batches: tiny requests)."""
+    kind, model, _, path, _ = trained
+    drafter = make_drafter(f"{kind}:heads={path},learn={rate}", target_info(model))
+    drafter.learner.batch_size = 16
+    return drafter, drafter.learner
+
+
+def test_heads_learning_from_traffic_still_decode_what_plain_decoding_does(trained):
+    kind, model, _, path, _ = trained
+    drafter, learner = learning_drafter(trained)
+    plain, learning = Engine(model, "ar"), Engine(model, drafter)
+    for _ in range(3):
+        for prompt in PROMPTS:
+            assert learning.generate(prompt, 32).token_ids == plain.generate(prompt, 32).token_ids
+            learner.wait()  # learned sampled traffic too (sampled drafts are deterministic: exact for any heads)
+            assert len(learning.generate(prompt, 32, sampling=SamplingParams(temperature=0.8)).token_ids) > 0
+    assert learner.wait() and learner.steps >= 6 and not learner.failed
+    before = read_trained(path, trainer.KINDS[kind], TargetModel(model))[0].state_dict()
+    after = learner.training.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    learner.batch_size = 10**6  # no more steps: the next request drafts with the last heads published
+    learning.generate(PROMPTS[0], 8)
+    assert drafter.heads is learner.current
+
+
+def test_heads_learn_the_traffic_they_see(trained):
+    drafter, learner = learning_drafter(trained, rate=0.01)
+    engine = Engine(trained[1], drafter)
+    for _ in range(12):  # one request again and again: its rows get easier to predict
+        engine.generate(PROMPTS[1], 48)
+        learner.wait()
+    losses = list(learner.losses)
+    assert len(losses) >= 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+
+
+def test_a_failing_learner_stops_learning_not_decoding(trained, monkeypatch, caplog):
+    def broken(self, hidden, ahead):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(OnlineLearner, "_step", broken)
+    drafter, learner = learning_drafter(trained)
+    plain, learning = Engine(trained[1], "ar"), Engine(trained[1], drafter)
+    for prompt in PROMPTS * 2:
+        assert learning.generate(prompt, 32).token_ids == plain.generate(prompt, 32).token_ids
+        learner.wait()
+    assert learner.failed and learner.steps == 0 and "online learning failed" in caplog.text
 
 
 def test_resume_continues_from_the_checkpoint_without_new_answers(trained, monkeypatch):

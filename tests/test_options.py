@@ -142,7 +142,7 @@ def test_a_client_policy_refuses_options_and_methods_it_does_not_allow():
         parse_method("recycling:k=4", CLIENT)
     numeric = MethodPolicy(options=True, operator=False)
     assert parse_method("recycling:k=4,seed_prompt=false,tree=published", numeric)[1]["k"] == 4
-    for operator_only in ("aded:corpus=/etc/hostname", "hybrid:parts=lookup+aded"):
+    for operator_only in ("aded:corpus=/etc/hostname", "hybrid:parts=lookup+aded", "medusa:learn=0.001"):
         with pytest.raises(InvalidParameter, match="operator only"):
             parse_method(operator_only, numeric)
     few = MethodPolicy(methods=frozenset({"ar", "aded"}), options=False, operator=False)

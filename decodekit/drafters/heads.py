@@ -26,13 +26,16 @@ import heapq
 import json
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, TypeVar
 
 import torch
 
-from decodekit.drafters.options import FilePath, Range, checked_options
+from decodekit.drafters.options import FilePath, OperatorRange, Range, checked_options
 from decodekit.errors import InvalidParameter, ModelFileError, clip
 from decodekit.protocol import Draft, Drafter, ModelAccess, StepOutcome, TargetInfo, Tree
+
+if TYPE_CHECKING:
+    from decodekit.drafters.online import OnlineLearner
 
 FORMAT = 1
 MAX_TRAINED_BYTES = 1 << 30
@@ -68,6 +71,16 @@ class TrainedHeads(TrainedPart):
         raise NotImplementedError
 
 
+def head_logits(
+    heads: TrainedHeads, hidden: torch.Tensor, embedded: torch.Tensor, output: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Teacher-forced logits ``[B, K, S]`` for training: from residual-stream rows ``hidden [B, H]``, the
+    embeddings of the tokens after them ``embedded [B, K, H]``, and the target's final norm and LM head as one
+    matrix ``output [H, S]`` (:meth:`ModelAccess.output_map`) with the norm's ``eps``."""
+    r = heads.states(unit_rms(hidden), embedded)
+    return (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)) @ output
+
+
 def save_trained(path: Path, heads: TrainedPart, vocab: torch.Tensor, accept: torch.Tensor, meta: dict) -> None:
     """Write a trained file (see the module docstring); ``meta`` holds at least ``identity``."""
     from safetensors.torch import save_file
@@ -84,9 +97,15 @@ def save_trained(path: Path, heads: TrainedPart, vocab: torch.Tensor, accept: to
 
 
 def load_trained(path: Path, cls: type[T], target: ModelAccess) -> tuple[T, torch.Tensor, torch.Tensor]:
-    """The part (float32), vocabulary and accept rates of a ``cls.kind`` trained file made for ``target``;
-    ModelFileError where the file cannot be read or is of another kind, InvalidParameter where it was trained for
-    other weights."""
+    """The part (for inference: :func:`for_inference`), vocabulary and accept rates of a ``cls.kind`` trained file
+    made for ``target``; ModelFileError where the file cannot be read or is of another kind, InvalidParameter where
+    it was trained for other weights."""
+    part, vocab, accept = read_trained(path, cls, target)
+    return for_inference(part, target), vocab, accept
+
+
+def read_trained(path: Path, cls: type[T], target: ModelAccess) -> tuple[T, torch.Tensor, torch.Tensor]:
+    """:func:`load_trained`'s part as trained: float32 ``torch.nn`` modules, in training mode."""
     from safetensors import safe_open
 
     try:
@@ -112,12 +131,17 @@ def load_trained(path: Path, cls: type[T], target: ModelAccess) -> tuple[T, torc
     vocab = tensors["vocab"]
     if int(vocab.max()) >= target.vocab_size:
         raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's vocabulary")
-    heads.eval().requires_grad_(False)
-    for module in list(heads.modules()):  # the linear layers as the runtime runs them fastest
+    return heads, vocab, tensors["accept"]
+
+
+def for_inference(part: T, target: ModelAccess) -> T:
+    """``part`` (changed in place) frozen for drafting, its linear layers as the runtime runs them fastest."""
+    part.eval().requires_grad_(False)
+    for module in list(part.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(module, name, RuntimeLinear(child, target))
-    return heads, vocab, tensors["accept"]
+    return part
 
 
 class RuntimeLinear(torch.nn.Module):
@@ -183,8 +207,10 @@ def best_paths(accept: torch.Tensor, max_nodes: int) -> list[tuple[int, ...]]:
 @checked_options
 class HeadsDrafter(Drafter):
     """A drafter of trained heads (see the module docstring), with their options: ``heads`` (a heads file; default:
-    the one trained or shipped for the target) and ``max_nodes`` (the tree's nodes, root excluded). A subclass names
-    its ``heads_class`` and implements :meth:`candidates`."""
+    the one trained or shipped for the target), ``max_nodes`` (the tree's nodes, root excluded) and ``learn`` (a
+    learning rate: above 0, the heads keep learning from every request the engine decodes; online speculative
+    decoding, decodekit/drafters/online.py; set by the operator only). A subclass names its ``heads_class`` and
+    implements :meth:`candidates`."""
 
     heads_class: ClassVar[type[TrainedHeads]]
     wants_step_logits = False
@@ -194,13 +220,25 @@ class HeadsDrafter(Drafter):
         target: TargetInfo,
         heads: Annotated[str, FilePath(MAX_TRAINED_BYTES)] = "",
         max_nodes: Annotated[int, Range(1, 128)] = 24,
+        learn: Annotated[float, OperatorRange(0.0, 0.01)] = 0.0,
     ) -> None:
         kind = self.heads_class.kind
         if target.model is None:
             raise InvalidParameter(f"method {kind} reads the target's hidden states: build it through an Engine")
         self.model = target.model
         path = Path(heads) if heads else default_file(self.model, kind, "heads")
-        self.heads, self.vocab, accept = load_trained(path, self.heads_class, self.model)
+        self.learner: OnlineLearner | None = None
+        if learn > 0:  # one learner per engine, heads file and rate, fed by every request
+            from decodekit.drafters.online import OnlineLearner, TrafficRows  # they build on this module
+
+            def make() -> OnlineLearner:
+                return OnlineLearner(*read_trained(path, self.heads_class, self.model), self.model, learn)
+
+            self.learner = self.model.shared(("online", kind, str(path.resolve()), learn), make)
+            self.heads, self.vocab, accept = self.learner.current, self.learner.vocab, self.learner.accept
+            self.rows = TrafficRows(self.learner.training.depth)
+        else:
+            self.heads, self.vocab, accept = load_trained(path, self.heads_class, self.model)
         self.logits = self.model.head_over(self.vocab)  # the target's output layer over the heads' tokens
         self.paths = best_paths(accept[:, : len(self.vocab)], max_nodes)  # no rank past the tokens they choose from
         self.ranks = 1 + max(max(path) for path in self.paths)
@@ -230,20 +268,28 @@ class HeadsDrafter(Drafter):
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         self.hidden = None
+        if self.learner is not None:
+            self.rows.begin(int(prompt[-1]))
 
     def propose(self, sequence: torch.Tensor) -> Draft:
         root = sequence[-1:]
         if self.hidden is None:
             return Draft(root, Tree.chain(1))
+        if self.learner is not None:
+            self.heads = self.learner.current  # the latest heads it published
         with torch.inference_mode():
             tokens = self.candidates(unit_rms(self.hidden), root)
         return Draft(tokens, self.tree, estimates=self.estimates)
 
     def observe(self, outcome: StepOutcome) -> None:
-        if len(outcome.accepted) != len(outcome.committed):  # inside a hybrid, the path ran on past our nodes:
-            self.hidden = None  # the last node's hidden state is not ours to see; draft again after the next step
-            return
-        self.hidden = outcome.hidden[self.model.layers][int(outcome.accepted[-1])].clone()
+        ours = len(outcome.accepted) == len(outcome.committed)  # else, inside a hybrid, the path ran on past our
+        # nodes: the last node's hidden state is not ours to see; draft again after the next step
+        states = outcome.hidden[self.model.layers][outcome.accepted] if ours else None
+        self.hidden = None if states is None else states[-1]
+        if self.learner is not None:
+            rows = self.rows.step(states, outcome.committed)
+            if rows is not None:
+                self.learner.add(*rows)
 
     def memory_bytes(self) -> int:
         return part_bytes(self.heads)

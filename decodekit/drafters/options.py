@@ -4,7 +4,8 @@ A method's options are its drafter's constructor keywords after ``target``; each
 
     def __init__(self, target: TargetInfo, k: Annotated[int, Range(1, 64)] = 8, seed_prompt: bool = True)
 
-- ``Range(low, high)``: an int or float (the annotated type) in ``[low, high]``;
+- ``Range(low, high)``: an int or float (the annotated type) in ``[low, high]``; ``OperatorRange`` the same, never
+  set by a server client;
 - ``Choice(words, count)``: one of ``words``, or an integer in the ``count`` range;
 - ``FilePath(max_bytes)``: a regular file the drafter reads, at most ``max_bytes`` (never set by a server client);
 - ``ModelPath()``: a checkpoint directory or a GGUF file the drafter runs (never set by a server client);
@@ -76,6 +77,14 @@ class Range(Kind):
 
     def describe(self) -> str:
         return f"[{self.low}, {self.high}]"
+
+
+@dataclass(frozen=True)
+class OperatorRange(Range):
+    """A number in ``[low, high]`` that only the operator sets, never a server client (it changes what every
+    request of the process shares)."""
+
+    client_settable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ checkpoints loaded once per engine, and the shapes a drafter may size itself by.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +25,7 @@ from decodekit.runtime.kv_cache import rounded_capacity
 from decodekit.runtime.loader import LoadedModel, load_model
 from decodekit.runtime.model import Transformer
 
+S = TypeVar("S")
 CHUNK = 256  # tokens per forward when a runner catches up with a long sequence (a prompt)
 
 
@@ -108,8 +111,11 @@ class TargetModel(ModelAccess):
         self.layers = model.cfg.layers
         self.hidden_size = model.cfg.hidden_size
         self.vocab_size = model.cfg.vocab_size
+        self.norm_eps = model.cfg.norm_eps
         self._checkpoints: dict[str, LoadedModel] = {}
         self._outputs: dict[bytes, Callable] = {}  # head_over's products by vocabulary
+        self._shared: dict[Hashable, object] = {}
+        self._shared_lock = threading.Lock()
 
     @property
     def identity(self) -> str:
@@ -119,11 +125,10 @@ class TargetModel(ModelAccess):
         return self.model.transformer.logits(hidden.to(self.model.dtype))
 
     def head_over(self, vocab: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        transformer, eps = self.model.transformer, self.model.cfg.norm_eps
+        eps = self.norm_eps
         key = vocab.cpu().numpy().tobytes()
         if key not in self._outputs:  # one matrix per vocabulary and engine, however many drafters use it
-            output = transformer.output_map()[:, vocab.to(transformer.device)]  # [H, S]
-            self._outputs[key] = self.linear(output.T)
+            self._outputs[key] = self.linear(self.output_map(vocab).T)
         output = self._outputs[key]
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
@@ -131,6 +136,16 @@ class TargetModel(ModelAccess):
             return output(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
         return logits
+
+    def output_map(self, vocab: torch.Tensor) -> torch.Tensor:
+        transformer = self.model.transformer
+        return transformer.output_map()[:, vocab.to(transformer.device)].contiguous()
+
+    def shared(self, key: Hashable, make: Callable[[], S]) -> S:
+        with self._shared_lock:
+            if key not in self._shared:
+                self._shared[key] = make()
+            return self._shared[key]  # type: ignore[return-value]
 
     def linear(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         w = weight.detach().float().to(self.model.device).contiguous()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decodekit.drafters.heads import TrainedHeads, TrainedPart, save_trained, unit_rms
+from decodekit.drafters.heads import TrainedHeads, TrainedPart, head_logits, save_trained
 from decodekit.drafters.hydra import HydraHead
 from decodekit.drafters.medusa import MedusaHeads
 from decodekit.engine import Engine
@@ -98,8 +98,7 @@ def logits_of(
     them ``ahead`` ``[B, K + 1]`` (teacher-forced)."""
     with torch.inference_mode():
         embedded = model.transformer.embedded(ahead[:, :-1].clamp(min=0).to(model.device)).float()
-    r = heads.states(unit_rms(hidden), embedded.clone())
-    return (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)) @ output
+    return head_logits(heads, hidden, embedded.clone(), output, model.cfg.norm_eps)
 
 
 def accept_rates(
