@@ -12,7 +12,7 @@ from helpers import write_tiny_llama
 from decodekit import Engine, InvalidParameter, ModelFileError, load_model
 from decodekit.cli import main
 from decodekit.decoding import target_info
-from decodekit.drafters import make_drafter
+from decodekit.drafters import make_drafter, online
 from decodekit.drafters.heads import best_paths, load_trained, read_trained, shipped_file, unit_rms
 from decodekit.drafters.hydra import HydraHead
 from decodekit.drafters.medusa import MedusaHeads
@@ -153,6 +153,16 @@ def test_heads_learn_the_traffic_they_see(trained):
         learner.wait()
     losses = list(learner.losses)
     assert len(losses) >= 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+
+
+def test_the_replay_buffer_keeps_the_newest_rows(trained, monkeypatch):
+    monkeypatch.setattr(online, "BUFFER_ROWS", 32)
+    _, learner = learning_drafter(trained)
+    learner._thread = object()  # as if its thread were busy: no batch is taken
+    for token in range(50):
+        learner.add(torch.full((1, trained[1].cfg.hidden_size), float(token)), torch.full((1, 4), token))
+    assert sorted(learner._ahead[:, 0].tolist()) == list(range(18, 50)) and learner._fresh == 32
+    assert torch.equal(learner._hidden[:, 0].long(), learner._ahead[:, 0])  # rows stay whole
 
 
 def test_a_failing_learner_stops_learning_not_decoding(trained, monkeypatch, caplog):

@@ -4,7 +4,8 @@ for, so acceptance rises on the traffic's own distribution.
 Every request's drafter turns what verification committed into training rows (:class:`TrafficRows`: the target's
 hidden state at a position, the tokens after it) and hands them to the one :class:`OnlineLearner` its engine
 shares (``ModelAccess.shared``). The learner takes optimiser steps in a background thread, off the request path,
-and after each step publishes a frozen copy of the heads that drafters pick up at their next ``propose``.
+replaying the newest rows, and after each batch of steps publishes a frozen copy of the heads that drafters pick up
+at their next ``propose``.
 
 Learning never changes what is generated: the heads only choose what is drafted, and verification keeps exactly
 the tokens the target would have produced (greedy output equals ``ar``; sampled output follows the target, the
@@ -26,6 +27,8 @@ from decodekit.drafters.heads import TrainedHeads, for_inference, head_logits
 from decodekit.protocol import ModelAccess
 
 MAX_LOSSES = 100_000
+BUFFER_ROWS = 4096  # the newest rows, replayed
+REPLAYS = 4  # steps per batch of new rows
 IDLE_SECONDS = 30.0  # the learning thread ends after this long without a full batch; the next rows start another
 log = logging.getLogger("decodekit")
 
@@ -62,9 +65,10 @@ class TrafficRows:
 
 class OnlineLearner:
     """Trains ``heads`` (float32, as :func:`read_trained` gives them with their ``vocab`` and ``accept``; this
-    learner's own) at learning rate ``rate`` on the rows drafters :meth:`add`, ``batch_size`` rows a step, in a
-    background thread; :attr:`current` is the latest frozen copy for drafting. Tokens outside ``vocab`` (int64
-    ``[S]``, what the heads choose among) are not learned; the tree stays the one ``accept`` chose."""
+    learner's own) at learning rate ``rate`` on the rows drafters :meth:`add`, in a background thread; :attr:`current`
+    is the latest frozen copy for drafting. The rows wait in a replay buffer of the newest ``BUFFER_ROWS``; every
+    ``batch_size`` new rows buy ``REPLAYS`` steps, each on ``batch_size`` rows drawn from the buffer. Tokens outside
+    ``vocab`` (int64 ``[S]``, what the heads choose among) are not learned; the tree stays the one ``accept`` chose."""
 
     def __init__(
         self,
@@ -84,20 +88,25 @@ class OnlineLearner:
         self.current = for_inference(copy.deepcopy(heads), target)
         self.steps, self.failed = 0, False
         self.losses: deque[float] = deque(maxlen=MAX_LOSSES)  # the last steps' training losses
-        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._waiting = 0  # rows in self._rows
+        self._hidden = torch.empty(BUFFER_ROWS, target.hidden_size)  # the replay buffer: a ring of rows
+        self._ahead = torch.empty(BUFFER_ROWS, heads.depth + 1, dtype=torch.int64)
+        self._written = 0  # rows ever added: row i sits in slot i % BUFFER_ROWS
+        self._fresh = 0  # rows added since the last batch was taken (at most a buffer's worth)
         self._stepping = False
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._draw = torch.Generator().manual_seed(0)
 
     def add(self, hidden: torch.Tensor, ahead: torch.Tensor) -> None:
-        """Queue rows: ``hidden [r, H]`` and ``ahead`` int64 ``[r, depth + 1]`` (as :meth:`TrafficRows.step`)."""
+        """Add rows: ``hidden [r, H]`` and ``ahead`` int64 ``[r, depth + 1]`` (as :meth:`TrafficRows.step`)."""
         with self._ready:
             if self.failed:
                 return
-            self._rows.append((hidden, ahead))
-            self._waiting += len(hidden)
-            if self._waiting < self.batch_size:
+            slots = torch.arange(self._written, self._written + len(hidden)) % BUFFER_ROWS
+            self._hidden[slots], self._ahead[slots] = hidden.float(), ahead
+            self._written += len(hidden)
+            self._fresh = min(self._fresh + len(hidden), BUFFER_ROWS)
+            if self._fresh < self.batch_size:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._learn, name="decodekit-online-learning", daemon=True)
@@ -105,10 +114,10 @@ class OnlineLearner:
             self._ready.notify()
 
     def wait(self, timeout: float = 60.0) -> bool:
-        """Block until every full batch queued so far is learned (for tests and measurements); False on
-        ``timeout``."""
+        """Block until the steps every full batch of new rows bought are taken (for tests and measurements); False
+        on ``timeout``."""
         with self._ready:
-            idle = lambda: self.failed or (self._waiting < self.batch_size and not self._stepping)  # noqa: E731
+            idle = lambda: self.failed or (self._fresh < self.batch_size and not self._stepping)  # noqa: E731
             return self._ready.wait_for(idle, timeout)
 
     def _learn(self) -> None:
@@ -116,25 +125,26 @@ class OnlineLearner:
             with self._ready:
                 self._stepping = False
                 self._ready.notify_all()  # wake wait(): the last batch is learned
-                if not self._ready.wait_for(lambda: self._waiting >= self.batch_size, IDLE_SECONDS):
+                if not self._ready.wait_for(lambda: self._fresh >= self.batch_size, IDLE_SECONDS):
                     self._thread = None
                     return
-                hidden = torch.cat([h for h, _ in self._rows])
-                ahead = torch.cat([a for _, a in self._rows])
-                self._rows = [(hidden[self.batch_size :], ahead[self.batch_size :])]
-                self._waiting -= self.batch_size
+                self._fresh -= self.batch_size
                 self._stepping = True
+                drawn = torch.randint(min(self._written, BUFFER_ROWS), (REPLAYS, self.batch_size), generator=self._draw)
+                hidden, ahead = self._hidden[drawn], self._ahead[drawn]  # copies: add() may refill the slots
             try:
-                self._step(hidden[: self.batch_size], ahead[: self.batch_size])
+                for step in range(REPLAYS):
+                    self._step(hidden[step], ahead[step])
+                self.current = for_inference(copy.deepcopy(self.training), self.target)
             except Exception:  # learning is an extra: it must never take serving down with it
                 log.exception("online learning failed; drafting goes on with the heads it has")
                 with self._ready:
-                    self.failed, self._thread, self._rows, self._stepping = True, None, [], False
+                    self.failed, self._thread, self._stepping = True, None, False
                     self._ready.notify_all()
                 return
 
     def _step(self, hidden: torch.Tensor, ahead: torch.Tensor) -> None:
-        """One optimiser step on rows (see :meth:`add`), then a new :attr:`current`."""
+        """One optimiser step on rows (see :meth:`add`)."""
         labels = self.columns[ahead[:, 1:]]  # [B, depth]: the columns the heads should choose
         if not bool((labels >= 0).any()):
             return
@@ -146,4 +156,3 @@ class OnlineLearner:
         self.optimizer.step()
         self.steps += 1
         self.losses.append(loss.item())
-        self.current = for_inference(copy.deepcopy(self.training), self.target)
