@@ -117,7 +117,8 @@ def main() -> int:
         )
     print(f"answers identical across methods: {identical}")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": " ".join(sys.argv), "machine": machine(), "category": args.category, "identical": identical}
+    record = {"command": " ".join(sys.argv), "machine": machine(), "category": args.category, "window": args.window}
+    record["identical"] = identical
     record |= {"summary": summary, "requests": results}
     (args.out / "result.json").write_text(json.dumps(record, indent=1))
     title = f"decodekit serve, {len(prompts)} {args.category} requests in a row, greedy"
