@@ -1,8 +1,8 @@
 """EAGLE: the layer's cache gives step by step what the whole sequence gives, a drafted node attends to the committed
 text and its own ancestors only, the training passes are the drafter's own computations, `decodekit train eagle` on
 a tiny model (the loss falls, the file loads back, --resume continues, other weights are refused), lossless decoding
-alone and in a hybrid (the every-method tests in test_engine, test_batch, test_sampling and
-test_lossless_default_model run it too), and the prompts the target writes itself for training."""
+alone, in a hybrid and while learning online from traffic (the every-method tests in test_engine, test_batch,
+test_sampling and test_lossless_default_model run it too), and the prompts the target writes itself for training."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from helpers import write_tiny_llama
 
 from decodekit import Engine, InvalidParameter, ModelFileError, load_model
 from decodekit.cli import main
+from decodekit.decoding import target_info
+from decodekit.drafters import make_drafter
 from decodekit.drafters.eagle import EagleLayer
-from decodekit.drafters.heads import load_trained, unit_rms
+from decodekit.drafters.heads import load_trained, read_trained, unit_rms
+from decodekit.engine import encode_prompt
 from decodekit.prompts import builtin_questions
 from decodekit.runtime.runner import TargetModel
 from decodekit.train import eagle as trainer
@@ -74,7 +77,9 @@ def test_the_second_training_pass_is_what_the_drafter_computes(trained):
     corpus = trainer.Corpus.load(out / "corpus.safetensors")
     output = model.transformer.output_map()[:, vocab].contiguous()
     with torch.no_grad():
-        (taught, _, _, _), (fed_back, _, _, _) = trainer.two_passes(layer, model, corpus, 0, output)
+        (taught, _, _, _), (fed_back, _, _, _) = layer.two_passes(
+            *trainer.sequence(model, corpus, 0, output.device), output
+        )
         stream, ids, answer_start = corpus.sequence(0)
         features = unit_rms(stream[answer_start - 1 :])
         embedded = model.transformer.embedded(ids[answer_start:]).float()
@@ -121,6 +126,46 @@ def test_inside_a_hybrid_with_copy_drafters(trained):
         assert (
             mixed.generate(prompt, max_new_tokens=32).token_ids == plain.generate(prompt, max_new_tokens=32).token_ids
         )
+
+
+def learning_drafter(trained, rate: float = 0.005):
+    model, _, path, _ = trained
+    drafter = make_drafter(f"eagle:layer={path},learn={rate}", target_info(model))
+    return drafter, drafter.learner
+
+
+def test_a_request_teaches_its_slots_as_training_reads_them(trained):
+    """The unit a request hands the learner: the target's features from the prompt's last position on, each with
+    the token after it, as the trainer's corpus holds a prompt and its answer."""
+    model = trained[0]
+    drafter, learner = learning_drafter(trained)
+    learner.batch_size = 10**6  # no steps: this test reads the buffer
+    engine = Engine(model, drafter)
+    result = engine.generate(PROMPTS[1], 24)
+    engine.generate(PROMPTS[0], 4)  # the next request's start hands the last one's slots over
+    ((features, tokens),) = learner.buffer
+    assert tokens.tolist() == result.token_ids[:-1]
+    ids = torch.tensor(encode_prompt(model, PROMPTS[1]) + result.token_ids)
+    stream = model.transformer.hidden_states(ids[None], model.transformer.new_cache(len(ids)))[0]
+    first = len(ids) - len(result.token_ids) - 1  # the prompt's last position
+    assert torch.allclose(features, unit_rms(stream[first : first + len(result.token_ids)]), atol=1e-4)
+
+
+def test_a_layer_learning_from_traffic_still_decodes_what_plain_decoding_does(trained):
+    model, _, path, _ = trained
+    drafter, learner = learning_drafter(trained)
+    plain, learning = Engine(model, "ar"), Engine(model, drafter)
+    for _ in range(3):
+        for prompt in PROMPTS:
+            assert learning.generate(prompt, 32).token_ids == plain.generate(prompt, 32).token_ids
+            learner.wait()
+    assert learner.steps >= 8 and not learner.failed
+    before = read_trained(path, EagleLayer, TargetModel(model))[0].state_dict()
+    after = learner.training.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    learner.batch_size = 10**6  # no more steps: the next request drafts with the last layer published
+    learning.generate(PROMPTS[0], 8)
+    assert drafter.layer is learner.current
 
 
 def test_resume_continues_from_the_checkpoint_without_new_answers(trained, monkeypatch):

@@ -109,12 +109,15 @@ def test_inside_a_hybrid_with_copy_drafters(trained):
 def test_traffic_rows_pair_each_state_with_the_tokens_after_it():
     rows = TrafficRows(depth=2)
     rows.begin(10)
-    assert rows.step(torch.tensor([[0.0]]), [11]) is None  # the root (10) at index 0: its 3 tokens ahead unknown
-    hidden, ahead = rows.step(torch.tensor([[1.0], [2.0]]), [12, 13])  # states at 11 and 12; tokens 10..13
-    assert hidden.tolist() == [[0.0]] and ahead.tolist() == [[11, 12, 13]]
-    hidden, ahead = rows.step(None, [14, 15])  # no states this step (13 gets none), the tokens still count
-    assert hidden.tolist() == [[1.0], [2.0]] and ahead.tolist() == [[12, 13, 14], [13, 14, 15]]
-    assert rows.step(torch.tensor([[5.0]]), [16]) is None  # the state at 15 waits for 16, 17, 18
+
+    def step(hidden, committed):
+        return [(state.tolist(), ahead.tolist()) for state, ahead in rows.step(hidden, committed)]
+
+    assert step(torch.tensor([[0.0]]), [11]) == []  # the root (10) at index 0: its 3 tokens ahead unknown
+    assert step(torch.tensor([[1.0], [2.0]]), [12, 13]) == [([0.0], [11, 12, 13])]  # states at 11, 12
+    # no states this step (13 gets none); the tokens still count
+    assert step(None, [14, 15]) == [([1.0], [12, 13, 14]), ([2.0], [13, 14, 15])]
+    assert step(torch.tensor([[5.0]]), [16]) == []  # the state at 15 waits for 16, 17, 18
     rows.begin(20)  # a new request forgets the last one's waiting states
     assert rows.tokens == [20] and rows.pending == []
 
@@ -156,13 +159,12 @@ def test_heads_learn_the_traffic_they_see(trained):
 
 
 def test_the_replay_buffer_keeps_the_newest_rows(trained, monkeypatch):
-    monkeypatch.setattr(online, "BUFFER_ROWS", 32)
+    monkeypatch.setattr(online.HeadsObjective, "buffer_size", 32)
     _, learner = learning_drafter(trained)
     learner._thread = object()  # as if its thread were busy: no batch is taken
     for token in range(50):
-        learner.add(torch.full((1, trained[1].cfg.hidden_size), float(token)), torch.full((1, 4), token))
-    assert sorted(learner._ahead[:, 0].tolist()) == list(range(18, 50)) and learner._fresh == 32
-    assert torch.equal(learner._hidden[:, 0].long(), learner._ahead[:, 0])  # rows stay whole
+        learner.add([(torch.full((trained[1].cfg.hidden_size,), float(token)), torch.full((4,), token))])
+    assert [int(ahead[0]) for _, ahead in learner.buffer] == list(range(18, 50)) and learner._fresh == 32
 
 
 def test_a_failing_learner_stops_learning_not_decoding(trained, monkeypatch, caplog):

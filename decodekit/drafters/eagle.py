@@ -39,13 +39,15 @@ import torch.nn.functional as F
 
 from decodekit.drafters.heads import MAX_TRAINED_BYTES, TrainedPart, default_file, load_trained, part_bytes, unit_rms
 from decodekit.drafters.kangaroo import KangarooAdapter
-from decodekit.drafters.options import FilePath, Range, checked_options
+from decodekit.drafters.options import FilePath, OperatorRange, Range, checked_options
 from decodekit.drafters.trie import DraftTrie, chain_draft
 from decodekit.drafters.walk import PROBE_EVERY, Calibration
 from decodekit.errors import InvalidParameter
 from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo
 
 GROWTH = 256  # cache slots added at a time
+CE_WEIGHT = 0.1  # the cross-entropy's weight beside the feature regression in the training loss
+MAX_SEQUENCE = 256  # slots of a request that make one unit of online learning
 
 
 class EagleBlock(torch.nn.Module):
@@ -99,12 +101,61 @@ class EagleLayer(TrainedPart):
             x = block(x, start, None if caches is None else caches[i], positions, visible)
         return x
 
+    def two_passes(
+        self, features: torch.Tensor, tokens: torch.Tensor, embedded: torch.Tensor, output: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Training over one sequence of slots (decodekit/train/eagle.py): ``features [m + 1, H]`` the target's
+        features at slots ``0 .. m`` (unit RMS), ``tokens`` int64 ``[m]`` the token after each of slots ``0 .. m -
+        1`` and ``embedded [m, H]`` their embeddings; ``output [H, S]`` the target's final norm and LM head over the
+        drafter's tokens. For each pass (teacher-forced; then fed its own first-pass predictions): the predicted
+        features ``[k, H]``, the target's features they should equal ``[k, H]``, the logits ``[k - 1, S]`` and the
+        tokens the target chose there ``[k - 1]``."""
+        m, device = len(embedded), embedded.device
+        taught = self(features[:-1], embedded)  # [m, H]: the feature at each next position
+        # pass 2: row j + m feeds the prediction at slot j with the token after it, seeing the taught slots up to j
+        slots = torch.arange(m, device=device)
+        visible = torch.zeros(2 * m - 1, 2 * m - 1, dtype=torch.bool, device=device)
+        visible[:m, :m] = slots[:, None] >= slots
+        visible[m:, :m] = slots[: m - 1, None] >= slots
+        visible[m:, m:] = torch.eye(m - 1, dtype=torch.bool, device=device)
+        positions = torch.cat([slots, slots[1:]])
+        inputs = torch.cat([features[:-1], taught[:-1]]), torch.cat([embedded, embedded[1:]])
+        fed_back = self(*inputs, positions=positions, visible=visible)[m:]  # [m - 1, H]
+        passes = []
+        for ahead, predicted in ((1, taught), (2, fed_back)):
+            logits = unit_rms(predicted[:-1]) @ output
+            passes.append((predicted, features[ahead:], logits, tokens[ahead:]))
+        return passes
+
+
+def eagle_loss(
+    layer: EagleLayer,
+    sequences: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    output: torch.Tensor,
+    columns: torch.Tensor,
+) -> torch.Tensor:
+    """EAGLE's loss over ``sequences`` (each ``features, tokens, embedded`` as :meth:`EagleLayer.two_passes` takes
+    them): the smooth-L1 regression of the features and ``CE_WEIGHT`` x the cross-entropy of the tokens over
+    ``output``'s columns (``columns [V]``: a token's column, negative for none), a mean over the positions of both
+    passes."""
+    loss, count = torch.zeros((), device=output.device), 0
+    for sequence in sequences:
+        for predicted, wanted, logits, chosen in layer.two_passes(*sequence, output):
+            column = columns[chosen.cpu()]
+            column = torch.where(column >= 0, column, -100).to(output.device)
+            regression = F.smooth_l1_loss(predicted, wanted, reduction="sum") / predicted.shape[1]
+            ce = F.cross_entropy(logits, column, ignore_index=-100, reduction="sum")
+            loss, count = loss + regression + CE_WEIGHT * ce, count + len(predicted)
+    return loss / max(1, count)
+
 
 @checked_options
 class Eagle(Drafter):
     """Method ``eagle``: the trained ``layer`` (default: the one trained or shipped for the target) drafts a tree of
     up to ``max_nodes`` nodes, at most ``max_depth`` deep, expanding the ``branch`` best nodes of each depth by
-    their ``branch`` best children; nodes less than ``min_prob`` likely are left out."""
+    their ``branch`` best children; nodes less than ``min_prob`` likely are left out. ``learn``: a learning rate:
+    above 0, the layer keeps learning from every request the engine decodes (decodekit/drafters/online.py; set by
+    the operator only)."""
 
     wants_step_logits = False
 
@@ -116,12 +167,22 @@ class Eagle(Drafter):
         max_depth: Annotated[int, Range(1, 16)] = 6,
         branch: Annotated[int, Range(1, 8)] = 2,
         min_prob: Annotated[float, Range(0.0, 1.0)] = 0.05,
+        learn: Annotated[float, OperatorRange(0.0, 0.01)] = 0.0,
     ) -> None:
         if target.model is None:
             raise InvalidParameter("method eagle reads the target's features: build it through an Engine")
         self.model = target.model
         path = Path(layer) if layer else default_file(self.model, EagleLayer.kind, "layer")
-        self.layer, self.vocab, _ = load_trained(path, EagleLayer, self.model)
+        self.learner = None
+        if learn > 0:  # one learner per engine, file and rate, fed by every request
+            from decodekit.drafters.online import EagleObjective, learner  # it builds on this module
+
+            self.learner = learner(self.model, path, EagleLayer, learn, EagleObjective)
+            self.layer, self.vocab = self.learner.current, self.learner.vocab
+        else:
+            self.layer, self.vocab, _ = load_trained(path, EagleLayer, self.model)
+        self.features: list[torch.Tensor] = []  # for the learner: this request's slots, [n, H] a step
+        self.tokens: list[int] = []
         self.head = self.model.head_over(self.vocab)
         self.max_nodes, self.max_depth, self.branch, self.min_prob = max_nodes, max_depth, branch, min_prob
         self.wants_hidden = (self.model.layers,)
@@ -134,6 +195,15 @@ class Eagle(Drafter):
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         self.length, self.last = 0, None
         self.calibration, self.idle = Calibration(), 0  # per request: how well it drafts depends on the text
+        if self.learner is not None:
+            self._teach()
+            self.layer = self.learner.current  # the latest it published; one layer per request: its cache is its own
+
+    def _teach(self) -> None:
+        """Hand the slots gathered so far to the learner as one sequence, and start another."""
+        if len(self.tokens) >= 3:
+            self.learner.add([(torch.cat(self.features), torch.tensor(self.tokens[:-1]))])
+        self.features, self.tokens = [], []
 
     def _room(self, slots: int) -> None:
         """Grow the caches to hold ``slots`` slots."""
@@ -208,7 +278,13 @@ class Eagle(Drafter):
             out = self.layer(features, self.model.embed(tokens).float(), self.length, self.caches)
         self.length += m
         # inside a hybrid, the path may run on past our nodes: the feature before the root is then not ours to see
-        self.last = out[-1] if len(outcome.accepted) == len(outcome.committed) else None
+        ours = len(outcome.accepted) == len(outcome.committed)
+        self.last = out[-1] if ours else None
+        if self.learner is not None:
+            self.features.append(features)
+            self.tokens += outcome.committed[:m]
+            if not ours or len(self.tokens) >= MAX_SEQUENCE:  # a gap in the slots, or a long request: a unit
+                self._teach()
 
     def memory_bytes(self) -> int:
         return part_bytes(self.layer) + sum(cache.numel() * cache.element_size() for cache in self.caches)

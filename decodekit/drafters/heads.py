@@ -228,13 +228,10 @@ class HeadsDrafter(Drafter):
         self.model = target.model
         path = Path(heads) if heads else default_file(self.model, kind, "heads")
         self.learner: OnlineLearner | None = None
-        if learn > 0:  # one learner per engine, heads file and rate, fed by every request
-            from decodekit.drafters.online import OnlineLearner, TrafficRows  # they build on this module
+        if learn > 0:  # one learner per engine, file and rate, fed by every request
+            from decodekit.drafters.online import HeadsObjective, TrafficRows, learner  # they build on this module
 
-            def make() -> OnlineLearner:
-                return OnlineLearner(*read_trained(path, self.heads_class, self.model), self.model, learn)
-
-            self.learner = self.model.shared(("online", kind, str(path.resolve()), learn), make)
+            self.learner = learner(self.model, path, self.heads_class, learn, HeadsObjective)
             self.heads, self.vocab, accept = self.learner.current, self.learner.vocab, self.learner.accept
             self.rows = TrafficRows(self.learner.training.depth)
         else:
@@ -287,9 +284,7 @@ class HeadsDrafter(Drafter):
         states = outcome.hidden[self.model.layers][outcome.accepted] if ours else None
         self.hidden = None if states is None else states[-1]
         if self.learner is not None:
-            rows = self.rows.step(states, outcome.committed)
-            if rows is not None:
-                self.learner.add(*rows)
+            self.learner.add(self.rows.step(states, outcome.committed))
 
     def memory_bytes(self) -> int:
         return part_bytes(self.heads)

@@ -8,7 +8,7 @@ self-distillation.
    starts), a few sequences a batch. Two passes per sequence: the first feeds the target's features (teacher-forced)
    and learns the feature at each next position (smooth L1, at unit RMS) and, through the target's frozen final norm
    and LM head over the answers' ``VOCAB`` most frequent tokens, the token after it (cross-entropy, weight
-   ``CE_WEIGHT``: EAGLE's loss); the
+   ``decodekit.drafters.eagle.CE_WEIGHT``: EAGLE's loss); the
    second feeds the first pass's predictions in place of the features, each attending to the target's features
    before it, as the drafter feeds its own prediction at the root and below (one step of EAGLE-3's training-time
    test), with the same two losses one position further. AdamW; a checkpoint per epoch and the loss curve.
@@ -22,9 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from decodekit.drafters.eagle import EagleLayer
+from decodekit.drafters.eagle import EagleLayer, eagle_loss
 from decodekit.drafters.heads import unit_rms
 from decodekit.runtime.loader import LoadedModel
 from decodekit.train.heads import (
@@ -39,39 +38,16 @@ from decodekit.train.heads import (
 )
 from decodekit.train.kangaroo import SEQUENCES_PER_BATCH, Corpus, sequence_corpus
 
-CE_WEIGHT = 0.1
 VOCAB = 4096  # the drafter's tokens: the answers' most frequent (95% of the default model's answer tokens)
 
 
-def two_passes(
-    layer: EagleLayer, model: LoadedModel, corpus: Corpus, s: int, output: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each pass over sequence ``s`` (see the module docstring): the predicted features ``[m, H]``, the target's
-    features they should equal ``[m, H]``, the logits ``[m - 1, S]`` over the columns of ``output`` ``[H, S]`` and
-    the tokens the target chose there ``[m - 1]``."""
+def sequence(model: LoadedModel, corpus: Corpus, s: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Sequence ``s`` of ``corpus`` as :meth:`EagleLayer.two_passes` takes it: features, tokens, embeddings."""
     stream, ids, answer_start = corpus.sequence(s)
-    device = output.device
     first = answer_start - 1  # the prompt's last position: the drafter's first slot
-    features = unit_rms(stream[first:].to(device))  # [m + 1, H]
     with torch.inference_mode():
         embedded = model.transformer.embedded(ids[first + 1 :].to(device)).float()  # [m, H]
-    embedded = embedded.clone()
-    m = len(embedded)
-    taught = layer(features[:-1], embedded)  # [m, H]: the feature at each next position
-    # pass 2: row j + m feeds the prediction at slot j with the token after it, seeing the taught slots up to j
-    slots = torch.arange(m, device=device)
-    visible = torch.zeros(2 * m - 1, 2 * m - 1, dtype=torch.bool, device=device)
-    visible[:m, :m] = slots[:, None] >= slots
-    visible[m:, :m] = slots[: m - 1, None] >= slots
-    visible[m:, m:] = torch.eye(m - 1, dtype=torch.bool, device=device)
-    positions = torch.cat([slots, slots[1:]])
-    inputs = torch.cat([features[:-1], taught[:-1]]), torch.cat([embedded, embedded[1:]])
-    fed_back = layer(*inputs, positions=positions, visible=visible)[m:]  # [m - 1, H]
-    passes = []
-    for ahead, predicted in ((1, taught), (2, fed_back)):
-        logits = unit_rms(predicted[:-1]) @ output
-        passes.append((predicted, features[ahead:], logits, ids[first + ahead + 1 :]))
-    return passes
+    return unit_rms(stream[first:].to(device)), ids[first + 1 :], embedded.clone()
 
 
 def accept_rates(
@@ -82,7 +58,8 @@ def accept_rates(
     counts, totals = torch.zeros(2, RANKS), torch.zeros(2)
     with torch.no_grad():
         for s in corpus.held_out.nonzero().flatten().tolist():
-            for depth, (_, _, logits, chosen) in enumerate(two_passes(layer, model, corpus, s, output)):
+            passes = layer.two_passes(*sequence(model, corpus, s, output.device), output)
+            for depth, (_, _, logits, chosen) in enumerate(passes):
                 known = index[chosen] >= 0
                 target = logits.cpu()[known].gather(-1, index[chosen[known]][:, None])
                 rank = (logits.cpu()[known] > target).sum(-1)
@@ -115,15 +92,7 @@ def train_eagle(
     layer = EagleLayer(blocks, model.cfg.hidden_size).to(device)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        """The batch's regression and weighted cross-entropy, each a mean over its positions, both passes summed."""
-        loss, count = torch.zeros((), device=device), 0
-        for s in batch.tolist():
-            for predicted, features, logits, chosen in two_passes(layer, model, corpus, s, output):
-                columns = torch.where(index[chosen] >= 0, index[chosen], -100).to(device)
-                regression = F.smooth_l1_loss(predicted, features, reduction="sum") / predicted.shape[1]
-                ce = F.cross_entropy(logits, columns, ignore_index=-100, reduction="sum")
-                loss, count = loss + regression + CE_WEIGHT * ce, count + len(predicted)
-        return loss / max(1, count)
+        return eagle_loss(layer, [sequence(model, corpus, s, device) for s in batch.tolist()], output, index)
 
     fit(layer, train, SEQUENCES_PER_BATCH, loss_of, epochs, lr, out, resume, say, "sequences")
 
