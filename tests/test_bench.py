@@ -186,6 +186,21 @@ def test_a_failing_peer_is_recorded_and_the_run_goes_on(tiny_model):
     assert summary["flaky"]["overall"]["questions"] == 1 and summary["flaky"]["overall"]["errors"] == 1
 
 
+def test_a_peer_that_counts_only_its_steps_gets_a_mat(tiny_model):
+    from decodekit.bench import run_bench
+    from decodekit.bench.runners import EngineRunner, Run
+
+    class Counting:  # as the vLLM worker replies: tokens and verification steps, not each step's length
+        name = "counting"
+
+        def run(self, prompt_ids, max_new_tokens):
+            return Run([1] * max_new_tokens, 0.5, steps=max_new_tokens // 2)
+
+    questions = [q for q in builtin_questions() if q.category == "qa"][:2]
+    summary = summarize(run_bench(tiny_model, [EngineRunner(tiny_model, "ar"), Counting()], questions, 6), "ar")
+    assert summary["counting"]["overall"]["mat"] == 2.0 and summary["ar"]["overall"]["mat"] == 1.0
+
+
 def test_sampled_run_records_its_parameters_and_compares_no_outputs(wide_dir, tmp_path):
     sampled = ["--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "6", "--limit", "2"]
     assert bench(wide_dir, tmp_path, "--methods", "ar", "recycling", "--peers", "hf", *sampled) == 0

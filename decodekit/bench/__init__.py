@@ -285,6 +285,9 @@ def _acceptance(runs: list[dict]) -> dict:
     if lengths and all(r.get("draft_s") is not None for r in runs):  # our engine's runs: where a step's time went
         out["draft_ms_per_step"] = 1000 * sum(r["draft_s"] for r in runs) / len(lengths)
         out["forward_ms_per_step"] = 1000 * sum(r["forward_s"] for r in runs) / len(lengths)
+    counted = [r for r in runs if r.get("steps")]
+    if not lengths and counted and len(counted) == len(runs):  # a peer that counts its steps only (vLLM)
+        out["mat"] = sum(r["new_tokens"] for r in counted) / sum(r["steps"] for r in counted)
     if lengths:
         out["mat"] = sum(lengths) / len(lengths)
         out["acceptance_rate"] = sum(accepted) / sum(sizes) if sum(sizes) else 0.0

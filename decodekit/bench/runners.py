@@ -43,6 +43,7 @@ class Run:
     draft_s: float | None = None  # our engine only: time in the drafter, and in forward + verification
     forward_s: float | None = None
     completions: list[list[int]] = field(default_factory=list)  # every output of a strategy that returns several
+    steps: int | None = None  # verification steps, from a peer that counts them but not what each one accepted
 
 
 class EngineRunner:

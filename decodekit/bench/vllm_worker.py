@@ -5,8 +5,9 @@ Started as a script with the model's checkpoint directory (the files vLLM reads 
 our cache keeps other safetensors beside them). Protocol, one JSON object per line, as ``llamacpp_worker.py``'s:
 ``{"ready": true, "build": {...}}`` once the engine is up (the vLLM version and the speculative config), then for
 each request ``{"prompt_ids": [...], "max_new_tokens": N, "eos": [...], "sampling": {...}}`` it prints
-``{"token_ids": [...], "wall_s": s}`` (EOS kept, as decodekit does) or ``{"error": "..."}``. vLLM runs eagerly (no
-graph capture on a CPU), one sequence at a time, float32 unless told otherwise.
+``{"token_ids": [...], "wall_s": s}`` (EOS kept, as decodekit does; with a speculative config also ``steps``, its
+verification steps: the tokens less those its drafts had accepted, by vLLM's own counters) or ``{"error": "..."}``.
+vLLM runs eagerly (no graph capture on a CPU), one sequence at a time, float32 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def linked_checkpoint(model: str) -> Path:
         if (Path(model) / name).is_file():
             (linked / name).symlink_to(Path(model).resolve() / name)
     return linked
+
+
+def accepted_drafts(llm: object) -> int:
+    """The draft tokens ``llm`` (a ``vllm.LLM`` with its stats on) has accepted so far."""
+    return sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
 
 
 def main() -> int:
@@ -60,6 +66,7 @@ def main() -> int:
         max_num_seqs=1,
         seed=0,
         speculative_config=speculative,
+        disable_log_stats=speculative is None,  # the counters of accepted drafts
     )
     build = {"vllm": vllm.__version__, "speculative_config": speculative, "dtype": args.dtype}
     print(json.dumps({"ready": True, "build": build}), file=protocol, flush=True)
@@ -72,10 +79,13 @@ def main() -> int:
             options["seed"] = sampling["seed"]
         params = SamplingParams(max_tokens=request["max_new_tokens"], stop_token_ids=request["eos"], **options)
         try:
+            accepted = accepted_drafts(llm)
             start = time.perf_counter()
             out = llm.generate([TokensPrompt(prompt_token_ids=request["prompt_ids"])], params, use_tqdm=False)
             wall = time.perf_counter() - start
             reply = {"token_ids": list(out[0].outputs[0].token_ids), "wall_s": wall}
+            if speculative is not None:
+                reply["steps"] = len(reply["token_ids"]) - (accepted_drafts(llm) - accepted)
         except Exception as err:  # report, keep serving: one bad request must not end the peer
             reply = {"error": f"{type(err).__name__}: {err}"}
         print(json.dumps(reply), file=protocol, flush=True)
