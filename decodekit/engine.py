@@ -40,6 +40,7 @@ from decodekit.drafters import (
     parse_method,
     resolved_options,
 )
+from decodekit.drafters.online import OnlineLearner
 from decodekit.drafters.speculative_config import method_from_speculative_config
 from decodekit.errors import DecodekitError, InvalidParameter, PromptTooLong, clip
 from decodekit.pool import POOL_BYTES, DrafterPool
@@ -175,6 +176,11 @@ class Engine:
         """The strategies a request may name."""
         allowed = self.strategy_policy.methods
         return [name for name in STRATEGIES if allowed is None or name in allowed]
+
+    @property
+    def learners(self) -> list[OnlineLearner]:
+        """The online learners of this engine's drafters (methods with ``learn=``), one per trained file and rate."""
+        return [shared for shared in self._target.model.shared_objects() if isinstance(shared, OnlineLearner)]
 
     def completions(self, strategy: str) -> int:
         """How many completions a request of ``strategy`` (a checked spec) returns."""

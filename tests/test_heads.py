@@ -167,6 +167,25 @@ def test_the_replay_buffer_keeps_the_newest_rows(trained, monkeypatch):
     assert [int(ahead[0]) for _, ahead in learner.buffer] == list(range(18, 50)) and learner._fresh == 32
 
 
+def test_an_engine_shows_its_learners_and_the_server_their_progress(trained):
+    from prometheus_client import generate_latest
+
+    from decodekit.server.metrics import Metrics
+
+    kind, model, _, path, _ = trained
+    engine = Engine(model, f"{kind}:heads={path},learn=0.01", max_batch=2)
+    assert engine.learners == []  # made with the first drafter that learns
+    for prompt in PROMPTS * 2:
+        engine.generate(prompt, 48)
+    (learner,) = engine.learners
+    assert learner.wait() and learner.steps > 0
+    metrics = Metrics()
+    metrics.observe_learning(engine.learners)
+    scraped = generate_latest(metrics.registry).decode()
+    assert f'decodekit:online_learning_steps{{part="{kind}"}} {float(learner.steps)}' in scraped
+    assert f'decodekit:online_learning_loss{{part="{kind}"}}' in scraped
+
+
 def test_a_failing_learner_stops_learning_not_decoding(trained, monkeypatch, caplog):
     def broken(self, hidden, ahead):
         raise RuntimeError("out of memory")

@@ -147,6 +147,11 @@ class TargetModel(ModelAccess):
                 self._shared[key] = make()
             return self._shared[key]  # type: ignore[return-value]
 
+    def shared_objects(self) -> list[object]:
+        """Every object :meth:`shared` has made so far."""
+        with self._shared_lock:
+            return list(self._shared.values())
+
     def linear(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         w = weight.detach().float().to(self.model.device).contiguous()
         if w.device.type == "cpu" and w.shape[1] % 32 == 0 and cpu.available():

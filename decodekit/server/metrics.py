@@ -6,13 +6,16 @@ Names follow vLLM's (``vllm:`` becomes ``decodekit:``), so its dashboards work w
 from __future__ import annotations
 
 import time
+from itertools import islice
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from decodekit.drafters.online import OnlineLearner
 from decodekit.engine import GenerationStats
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+RECENT_LOSSES = 16  # the learning loss a scrape shows: the mean of the last steps'
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
@@ -58,6 +61,25 @@ class Metrics:
             ["position"],
             registry=r,
         )
+
+        self.learning_steps = Gauge(
+            p + "online_learning_steps", "Optimiser steps of a trained part learning from traffic", ["part"], registry=r
+        )
+        self.learning_loss = Gauge(
+            p + "online_learning_loss",
+            f"Training loss of a part learning from traffic (mean of its last {RECENT_LOSSES} steps)",
+            ["part"],
+            registry=r,
+        )
+
+    def observe_learning(self, learners: list[OnlineLearner]) -> None:
+        """Set the learning gauges from the engine's online learners (``learn=``)."""
+        for learner in learners:
+            part = learner.training.kind
+            self.learning_steps.labels(part=part).set(learner.steps)
+            recent = list(islice(reversed(learner.losses), RECENT_LOSSES))
+            if recent:
+                self.learning_loss.labels(part=part).set(sum(recent) / len(recent))
 
     def observe_generation(self, stats: GenerationStats) -> None:
         """Add a finished generation's speculative counters (a step that proposed no token is not a draft)."""

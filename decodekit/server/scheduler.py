@@ -241,6 +241,7 @@ class Scheduler:
             if decoding.done:
                 generation = decoding.result()
                 self.metrics.observe_generation(generation.stats)
+                self.metrics.observe_learning(self.engine.learners)
                 job.send(Finished(generation))
                 self._drop(decoding)
         self.metrics.pool_bytes.set(self.engine.pool.nbytes)
