@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -33,6 +34,7 @@ from decodekit.protocol import ModelAccess
 
 MAX_LOSSES = 100_000
 REPLAYS = 4  # steps per batch of new units
+LEARNING_SHARE = 0.25  # of the wall time, at most, the learning thread spends stepping (on one core)
 IDLE_SECONDS = 30.0  # the learning thread ends after this long without a full batch; the next units start another
 P = TypeVar("P", bound=TrainedPart)
 log = logging.getLogger("decodekit")
@@ -106,7 +108,9 @@ class OnlineLearner(Generic[P]):
     """Trains ``part`` (float32, as :func:`read_trained` gives it with its ``vocab`` and ``accept``; this learner's
     own) at learning rate ``rate`` by ``objective`` on the units drafters :meth:`add`, in a background thread;
     :attr:`current` is the latest frozen copy for drafting. Every ``objective.batch_size`` new units buy ``REPLAYS``
-    steps, each on that many units drawn from the newest ``objective.buffer_size``."""
+    steps, each on that many units drawn from the newest ``objective.buffer_size``. The thread runs torch on one
+    core and rests between batches, so that it steps ``LEARNING_SHARE`` of the time at most: decoding keeps the
+    machine."""
 
     def __init__(
         self, part: P, vocab: torch.Tensor, accept: torch.Tensor, target: ModelAccess, rate: float, objective: Objective
@@ -146,7 +150,10 @@ class OnlineLearner(Generic[P]):
             return self._ready.wait_for(idle, timeout)
 
     def _learn(self) -> None:
+        torch.set_num_threads(1)  # this thread's own setting: decoding keeps its threads
+        pause = 0.0
         while True:
+            time.sleep(pause)
             with self._ready:
                 self._stepping = False
                 self._ready.notify_all()  # wake wait(): the last batch is learned
@@ -157,6 +164,7 @@ class OnlineLearner(Generic[P]):
                 self._stepping = True
                 drawn = torch.randint(len(self.buffer), (REPLAYS, self.batch_size), generator=self._draw).tolist()
                 batches = [[self.buffer[i] for i in rows] for rows in drawn]  # add() may push these out meanwhile
+            start = time.perf_counter()
             try:
                 for units in batches:
                     self._step(units)
@@ -167,6 +175,7 @@ class OnlineLearner(Generic[P]):
                     self.failed, self._thread, self._stepping = True, None, False
                     self._ready.notify_all()
                 return
+            pause = (time.perf_counter() - start) * (1 / LEARNING_SHARE - 1)
 
     def _step(self, units: list) -> None:
         loss = self.objective.loss(self.training, units)
