@@ -11,7 +11,6 @@ from itertools import islice
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from decodekit.drafters.online import OnlineLearner
 from decodekit.engine import GenerationStats
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -72,8 +71,8 @@ class Metrics:
             registry=r,
         )
 
-    def observe_learning(self, learners: list[OnlineLearner]) -> None:
-        """Set the learning gauges from the engine's online learners (``learn=``)."""
+    def observe_learning(self, learners: list) -> None:
+        """Set the learning gauges from the engine's online learners (``Engine.learners``: methods with ``learn=``)."""
         for learner in learners:
             part = learner.training.kind
             self.learning_steps.labels(part=part).set(learner.steps)
