@@ -79,7 +79,7 @@ def main() -> int:
             options["seed"] = sampling["seed"]
         params = SamplingParams(max_tokens=request["max_new_tokens"], stop_token_ids=request["eos"], **options)
         try:
-            accepted = accepted_drafts(llm)
+            accepted = accepted_drafts(llm) if speculative is not None else 0
             start = time.perf_counter()
             out = llm.generate([TokensPrompt(prompt_token_ids=request["prompt_ids"])], params, use_tqdm=False)
             wall = time.perf_counter() - start
