@@ -32,6 +32,8 @@ whose pooled state is warm from earlier requests anyway.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -246,8 +248,23 @@ class Batch:
     def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
         """Prefill joining rows, then one forward over every live row; each live row's committed chunk, or the
         error that failed a row, live or joining (the row stays until the caller makes it leave)."""
-        failed = self._prefill()
-        return failed + self._decode() if self.rows else failed
+        with self._target_threads():
+            failed = self._prefill()
+            return failed + self._decode() if self.rows else failed
+
+    @contextmanager
+    def _target_threads(self) -> Iterator[None]:
+        """Run the target on one thread fewer while a row's drafter drafts on a thread of its own (PEARL)."""
+        threads = torch.get_num_threads()
+        spare = threads > 1 and any(row.decoding.drafter.drafts_in_parallel for row in self.rows + self.joining)
+        if not spare:
+            yield
+            return
+        torch.set_num_threads(threads - 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _prefill(self) -> list[tuple[Decoding, Chunk | Exception]]:
         """Spend up to ``prefill_chunk`` prompt tokens on the joining rows (see the module docstring); each whose

@@ -299,7 +299,8 @@ class Drafter:
     their tokens were drawn from (``Draft.draft_probs``), drawn with ``self.generator``, a ``torch.Generator`` it
     owns, which the engine seeds from the request's seed before each sampled request, so that a seeded request
     drafts the same every time and the draws of different requests are independent. ``wants_hidden``: the
-    layers whose hidden states (``StepOutcome.hidden``) ``observe`` reads.
+    layers whose hidden states (``StepOutcome.hidden``) ``observe`` reads. ``drafts_in_parallel``: it drafts on a
+    thread of its own while the target verifies (PEARL), so the engine runs the target on one thread fewer.
     """
 
     wants_prompt_logits: bool = False
@@ -307,6 +308,7 @@ class Drafter:
     side_tokens: bool = False
     samples_drafts: bool = False
     wants_hidden: tuple[int, ...] = ()
+    drafts_in_parallel: bool = False
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
         """Start a request. ``prompt`` int64 ``[p]``; ``prompt_logits`` float ``[m, vocab]`` over the last prompt

@@ -84,7 +84,9 @@ def test_greedy_choices_of_a_slice_are_teacher_forced(four_layers):
     "spec",
     ["draft:model={own}", "draft:model={own},branch=3,min_prob=0", "draft:model={other},branch=2", "swift",
      "swift:skipped=1/2,branch=2,min_prob=0.05", "swift:skip=0.25,trials=50,window=8",
-     "hybrid:parts=swift+copyspec", "s2d", "s2d:exits=1/3,branch=2,min_prob=0", "hybrid:parts=s2d:exits=2+copyspec"],
+     "hybrid:parts=swift+copyspec", "s2d", "s2d:exits=1/3,branch=2,min_prob=0", "hybrid:parts=s2d:exits=2+copyspec",
+     "pearl:model={own}", "pearl:model={other},max_nodes=2", "pearl:model={other},min_prob=0.2",
+     "hybrid:parts=pearl:model={other}+copyspec"],
 )  # fmt: skip
 def test_model_drafters_equal_plain_greedy(four_layers, other_draft, spec):
     spec = spec.format(own=four_layers.path, other=other_draft)
@@ -112,7 +114,8 @@ def test_draft_models_load_once_per_engine(four_layers):
 def test_model_drafters_in_a_batch_with_stops_and_the_context_end(four_layers, other_draft):
     """Rows join and leave while others draft; a stop string or EOS inside a draft; the context window's end."""
     specs = ["ar", f"draft:model={other_draft}", "swift:min_prob=0", f"draft:model={four_layers.path},min_prob=0",
-             "s2d:exits=1-3,min_prob=0"]  # fmt: skip
+             "s2d:exits=1-3,min_prob=0", f"pearl:model={other_draft}",
+             f"pearl:model={four_layers.path},max_nodes=8"]  # fmt: skip
     plain = Engine(four_layers, "ar")
     cases = [(spec, PROMPTS[i % 3], n) for i, spec in enumerate(specs) for n in (9, 31)]
     long_prompt = (list(range(1, 60)) * 5)[: four_layers.cfg.context_window - 20]  # decodes into the window's end

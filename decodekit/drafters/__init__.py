@@ -15,6 +15,7 @@ from decodekit.drafters.lookahead import Lookahead
 from decodekit.drafters.lookup import PromptLookup
 from decodekit.drafters.medusa import Medusa
 from decodekit.drafters.options import CLIENT, OPERATOR, MethodPolicy, Option, options_of, parse_spec
+from decodekit.drafters.pearl import Pearl
 from decodekit.drafters.recycling import TokenRecycling
 from decodekit.drafters.s2d import SortedDrafts
 from decodekit.drafters.sjd import SpeculativeJacobi
@@ -37,6 +38,7 @@ METHODS: dict[str, type] = {
     "draft": DraftModelDrafter,
     "swift": LayerSkip,
     "s2d": SortedDrafts,
+    "pearl": Pearl,
     "medusa": Medusa,
     "hydra": Hydra,
     "kangaroo": Kangaroo,

@@ -59,6 +59,7 @@ class Hybrid(Drafter):
         self.max_nodes, self.min_prob = max_nodes, min_prob
         self.wants_prompt_logits = any(part.wants_prompt_logits for part in self.parts)
         self.wants_hidden = tuple(sorted({layer for part in self.parts for layer in part.wants_hidden}))
+        self.drafts_in_parallel = any(part.drafts_in_parallel for part in self.parts)
         # running counts per part, kept as Python floats: a step reads and updates a few of them at a time
         self._hits = [[PRIOR_HITS] * MAX_DRAFT_NODES for _ in self.parts]
         self._trials = [[PRIOR_TRIALS] * MAX_DRAFT_NODES for _ in self.parts]

@@ -49,7 +49,7 @@ from decodekit.runtime.tree import attention_mask, positions
 from decodekit.sampling import Sampler, SamplingParams
 
 # methods whose drafters run (part of) a model through TargetInfo.model, which only decodekit's engine provides
-MODEL_METHODS = frozenset({"draft", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"})
+MODEL_METHODS = frozenset({"draft", "pearl", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"})
 # what transformers builds from a generation config and decodekit's sampler applies itself, and the stops it reads
 SAMPLER_PROCESSORS = (
     RepetitionPenaltyLogitsProcessor,

@@ -1,0 +1,91 @@
+"""PEARL: the chain a worker thread drafts ahead follows the committed text (kept when a step agrees with it,
+started over when not, tokens drafted from an older text dropped), drafts are a function of the text alone, and
+the engine runs the target on one thread fewer while a PEARL request is live."""
+
+import pytest
+import torch
+from helpers import write_tiny_llama
+
+from decodekit import Engine
+from decodekit.decoding import target_info
+from decodekit.drafters import make_drafter
+from decodekit.drafters.pearl import Chain
+from decodekit.errors import InvalidParameter
+from decodekit.protocol import DraftModel
+from decodekit.sampling import SamplingParams
+
+
+def drafted(chain, n):
+    """Let ``chain`` draft ``n`` tokens as the worker would."""
+    for _ in range(n):
+        context = torch.cat([chain.text, torch.tensor(chain.tokens, dtype=torch.int64)])
+        chain.extend(chain.epoch, (int(context[-1]) + 1) % 100, 0.6)
+
+
+def test_a_chain_moves_on_with_the_text_and_starts_over_when_it_disagrees():
+    chain = Chain(DraftModel(), ahead=9)
+    chain.restart(torch.tensor([1, 2, 3]))
+    drafted(chain, 5)
+    assert chain.tokens == [4, 5, 6, 7, 8]
+    assert chain.follow([4, 5])  # the step accepted 4 and its bonus token was 5
+    assert chain.text.tolist() == [1, 2, 3, 4, 5] and chain.tokens == [6, 7, 8] and len(chain.probs) == 3
+    epoch = chain.epoch
+    assert not chain.follow([6, 9])  # 9 where the chain had 7
+    assert chain.text.tolist() == [1, 2, 3, 4, 5, 6, 9] and chain.tokens == [] and chain.epoch == epoch + 1
+    chain.extend(epoch, 8, 0.6)  # drafted from the older text while the step ran: dropped
+    assert chain.tokens == []
+    drafted(chain, 9)
+    assert not chain.wants and chain.tokens[0] == 10
+
+
+def test_a_draft_takes_the_chain_while_its_chance_lasts():
+    chain = Chain(DraftModel(), ahead=9)
+    chain.restart(torch.tensor([1]))
+    assert chain.ready(4, 0.0) is None  # nothing drafted yet: wait
+    drafted(chain, 3)
+    assert chain.ready(4, 0.0) is None and chain.ready(3, 0.0) == 3
+    assert chain.ready(4, 0.3) == 2  # 0.6, 0.36, then 0.216 < 0.3
+    assert chain.ready(4, 0.7) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from decodekit.runtime.loader import load_model
+
+    return load_model(write_tiny_llama(tmp_path_factory.mktemp("tiny"), num_hidden_layers=2))
+
+
+def test_drafts_depend_on_the_text_only(tiny):
+    """The same request drafts the same trees however fast the worker is (a seeded sample is reproducible)."""
+    engine = Engine(tiny, f"pearl:model={tiny.path},max_nodes=3")
+    sampling = SamplingParams(temperature=0.9, seed=7)
+    first = engine.generate("tell me about the weather", 40, sampling=sampling)
+    second = engine.generate("tell me about the weather", 40, sampling=sampling)
+    assert first.token_ids == second.token_ids
+    assert first.stats.steps == second.stats.steps
+
+
+def test_the_target_runs_on_one_thread_fewer_while_pearl_drafts(tiny, monkeypatch):
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("needs two torch threads")
+    seen = []
+    forward = type(tiny.transformer).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.transformer), "__call__", spy)
+    Engine(tiny, f"pearl:model={tiny.path}").generate("the quick brown fox", 12)
+    assert seen and set(seen) == {threads - 1}
+    seen.clear()
+    Engine(tiny, "ar").generate("the quick brown fox", 12)
+    assert set(seen) == {threads} and torch.get_num_threads() == threads
+
+
+def test_pearl_refuses_bad_input_clearly(tiny):
+    with pytest.raises(InvalidParameter, match="needs a draft model"):
+        make_drafter("pearl", target_info(tiny))
+    with pytest.raises(InvalidParameter, match="through an Engine"):
+        make_drafter(f"pearl:model={tiny.path}", target_info(tiny).__class__(tiny.cfg.vocab_size))
