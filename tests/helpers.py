@@ -111,12 +111,15 @@ def write_tiny_gemma(directory: Path, **overrides: object) -> Path:
 
 
 def runnable(method: str, model: object) -> str:
-    """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` and ``pearl`` also
-    need a draft checkpoint, and get the model's own (every draft then accepted, unless sampled); ``medusa``, ``hydra``,
+    """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` also needs a draft
+    checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``pearl`` gets the file the
+    model was made from (the default model in float32 is verified against its own Q4 copy); ``medusa``, ``hydra``,
     ``kangaroo`` and ``eagle`` need trained parts, and get the package's for the model, else ones trained here in
     seconds (:func:`quick_part`)."""
-    if method in ("draft", "pearl"):
-        return f"{method}:model={model.path}"
+    if method == "draft":
+        return f"draft:model={model.path}"
+    if method == "pearl":
+        return f"pearl:model={model.source}"
     if method in TRAINED_OPTION and shipped_file(method, model.identity) is None:
         option = TRAINED_OPTION[method]
         return f"{method}:{option}={quick_part(method, model)}"

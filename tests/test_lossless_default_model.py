@@ -58,6 +58,7 @@ def test_prompt_set_covers_six_tasks():
     }
 
 
+MODEL_DRAFTERS = {"draft", "pearl", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"}
 # where a method's defaults would draft little on this model (so that "drafts were accepted" could not hold)
 SPECS = {
     "swift": "swift:skip=0.1",
@@ -78,7 +79,7 @@ def test_every_method_equals_plain_greedy(default_model, plain, method):
     24-node trees cost a minute each here; their trees are tested on tiny models); Kangaroo drafts whatever its
     chance (on these prompts its walker would soon stop)."""
     engine = Engine(default_model, SPECS.get(method) or runnable(method, default_model))  # state carries over
-    one_per_task = {"aggressive", "lookahead", "sjd", "draft", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"}
+    one_per_task = {"aggressive", "lookahead", "sjd", *MODEL_DRAFTERS}
     every = 1 if method == "recycling" else 4 if method in one_per_task else 2
     prompts = PROMPTS[::every] + EDIT_PROMPTS
     steps = new_tokens = 0
@@ -91,7 +92,6 @@ def test_every_method_equals_plain_greedy(default_model, plain, method):
     assert steps < (0.98 if method == "sjd" else 0.95) * new_tokens
 
 
-MODEL_DRAFTERS = {"draft", "swift", "s2d", "medusa", "hydra", "kangaroo", "eagle"}
 SECOND_TURNS = sorted(set(METHODS) - {"ar"} - MODEL_DRAFTERS)
 
 

@@ -27,10 +27,12 @@ def test_a_chain_moves_on_with_the_text_and_starts_over_when_it_disagrees():
     chain.restart(torch.tensor([1, 2, 3]))
     drafted(chain, 5)
     assert chain.tokens == [4, 5, 6, 7, 8]
-    assert chain.follow([4, 5])  # the step accepted 4 and its bonus token was 5
+    assert chain.agrees([4, 5]) and chain.agrees([4]) and chain.agrees([4, 5, 6, 7, 8, 9]) is None
+    chain.follow([4, 5], kept=True)  # the step accepted 4 and its bonus token was 5
     assert chain.text.tolist() == [1, 2, 3, 4, 5] and chain.tokens == [6, 7, 8] and len(chain.probs) == 3
     epoch = chain.epoch
-    assert not chain.follow([6, 9])  # 9 where the chain had 7
+    assert chain.agrees([6, 9]) is False  # 9 where the chain had 7
+    chain.follow([6, 9], kept=False)
     assert chain.text.tolist() == [1, 2, 3, 4, 5, 6, 9] and chain.tokens == [] and chain.epoch == epoch + 1
     chain.extend(epoch, 8, 0.6)  # drafted from the older text while the step ran: dropped
     assert chain.tokens == []

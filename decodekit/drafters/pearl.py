@@ -21,6 +21,7 @@ plus its chain, in the target's dtype.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import weakref
 from typing import Annotated
@@ -53,16 +54,21 @@ class Chain:
         self.epoch += 1
         self.error = None
 
-    def follow(self, committed: list[int]) -> bool:
-        """Append ``committed`` to the text; keep the chain past it when the chain began with exactly those tokens
-        (True), else start over (False)."""
-        text = torch.cat([self.text, torch.tensor(committed, dtype=torch.int64)])
+    def agrees(self, committed: list[int]) -> bool | None:
+        """Whether the chain begins with ``committed``; None while it is too short to tell and agrees so far."""
         if self.tokens[: len(committed)] == committed:
+            return True
+        return None if self.tokens == committed[: len(self.tokens)] and self.error is None else False
+
+    def follow(self, committed: list[int], kept: bool) -> None:
+        """Append ``committed`` to the text; keep the chain past it (``kept``: it began with exactly those
+        tokens), else start over."""
+        text = torch.cat([self.text, torch.tensor(committed, dtype=torch.int64)])
+        if kept:
             self.text = text
             del self.tokens[: len(committed)], self.probs[: len(committed)]
-            return True
-        self.restart(text)
-        return False
+        else:
+            self.restart(text)
 
     def extend(self, epoch: int, token: int, prob: float) -> None:
         """Append a token the worker drafted from the text of ``epoch`` (dropped when the chain has restarted since:
@@ -73,7 +79,7 @@ class Chain:
 
     @property
     def wants(self) -> bool:
-        return self.error is None and len(self.tokens) < self.ahead
+        return self.error is None and self.text.numel() > 0 and len(self.tokens) < self.ahead
 
     def ready(self, max_nodes: int, min_prob: float) -> int | None:
         """How many chain tokens the next draft takes, or None while the worker has yet to decide it: the longest
@@ -93,6 +99,16 @@ class Worker:
         self.lock = threading.Condition()
         self.chains: weakref.WeakSet[Chain] = weakref.WeakSet()  # a chain lives as long as its drafter
         self.thread: threading.Thread | None = None
+        self.stopped = False
+        atexit.register(self.stop)  # a thread left inside a forward while the interpreter ends would abort it
+
+    def stop(self) -> None:
+        """End the thread after its current forward, for good."""
+        with self.lock:
+            self.stopped, thread = True, self.thread
+            self.lock.notify_all()
+        if thread is not None:
+            thread.join()
 
     def add(self, chain: Chain) -> None:
         with self.lock:
@@ -101,7 +117,7 @@ class Worker:
 
     def wake(self) -> None:
         """Tell the thread there is work, starting it if it has ended (call with the lock held)."""
-        if self.thread is None:
+        if self.thread is None and not self.stopped:
             self.thread = threading.Thread(target=self._run, name="decodekit-pearl", daemon=True)
             self.thread.start()
         self.lock.notify_all()
@@ -110,6 +126,9 @@ class Worker:
         torch.set_num_threads(1)  # this thread's own setting: the engine leaves it one core
         while True:
             with self.lock:
+                if self.stopped:
+                    self.thread = None
+                    return
                 chain = min((c for c in self.chains if c.wants), key=lambda c: len(c.tokens), default=None)
                 if chain is None:
                     if not self.lock.wait(IDLE_SECONDS):
@@ -120,12 +139,12 @@ class Worker:
                 epoch = chain.epoch
             try:
                 probs = torch.softmax(chain.model.logits(context).float(), dim=-1)
-            except Exception as err:  # fails this chain's requests only; propose raises it
+                prob, token = probs.max(dim=-1)
+            except Exception as err:  # fails this chain's requests only (propose raises it), until it restarts
                 with self.lock:
                     chain.error = err
                     self.lock.notify_all()
                 continue
-            prob, token = probs.max(dim=-1)
             with self.lock:
                 chain.extend(epoch, int(token), float(prob))
                 self.lock.notify_all()
@@ -182,8 +201,14 @@ class Pearl(Drafter):
             return chain_draft(root, chain.tokens[:n])
 
     def observe(self, outcome: StepOutcome) -> None:
+        """Move the chain on with the text, or start it over. Whether it is kept must not depend on how far the
+        worker got (the next draft would): a drafted step waits until the chain is long enough to tell."""
+        chain, committed = self.chain, outcome.committed
         with self.worker.lock:
-            kept = self.chain.follow(outcome.committed)
+            while (kept := chain.agrees(committed)) is None and outcome.drafted:
+                self.worker.wake()
+                self.worker.lock.wait()
+            chain.follow(committed, bool(kept))
             self.worker.wake()
         self.pre_verify = not kept
 
