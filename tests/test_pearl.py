@@ -2,6 +2,8 @@
 started over when not, tokens drafted from an older text dropped), drafts are a function of the text alone, and
 the engine runs the target on one thread fewer while a PEARL request is live."""
 
+import threading
+
 import pytest
 import torch
 from helpers import write_tiny_llama
@@ -11,7 +13,7 @@ from decodekit.decoding import target_info
 from decodekit.drafters import make_drafter
 from decodekit.drafters.pearl import Chain
 from decodekit.errors import InvalidParameter
-from decodekit.protocol import DraftModel
+from decodekit.protocol import DraftModel, StepOutcome
 from decodekit.sampling import SamplingParams
 
 
@@ -38,6 +40,9 @@ def test_a_chain_moves_on_with_the_text_and_starts_over_when_it_disagrees():
     assert chain.tokens == []
     drafted(chain, 9)
     assert not chain.wants and chain.tokens[0] == 10
+    assert chain.agrees(list(range(10, 22)))  # a hybrid committed past the chain's reach, agreeing with all of it
+    chain.follow(list(range(10, 22)), kept=True)
+    assert chain.tokens == [] and chain.text[-1] == 21 and chain.wants
 
 
 def test_a_draft_takes_the_chain_while_its_chance_lasts():
@@ -65,6 +70,25 @@ def test_drafts_depend_on_the_text_only(tiny):
     second = engine.generate("tell me about the weather", 40, sampling=sampling)
     assert first.token_ids == second.token_ids
     assert first.stats.steps == second.stats.steps
+
+
+def test_a_step_may_commit_past_the_chain(tiny):
+    """A hybrid's step can commit more tokens than the chain holds (other parts' drafts): the chain is checked as
+    far as it reaches, without waiting for tokens it may never draft."""
+    plain = Engine(tiny, "ar").generate("the quick brown fox", 20)
+    drafter = make_drafter(f"pearl:model={tiny.path},max_nodes=2", target_info(tiny))
+    prompt = torch.tensor(plain.prompt_ids)
+    drafter.begin(prompt, None)
+    draft = drafter.propose(prompt)  # the first step verifies no draft
+    committed = plain.token_ids[:12]  # 12 > the chain's 5
+    outcome = StepOutcome(draft, torch.zeros(1, 0), torch.tensor([0]), committed, greedy_choices=torch.zeros(1))
+    step = threading.Thread(target=drafter.observe, args=(outcome,))
+    step.start()
+    step.join(timeout=30)
+    assert not step.is_alive()
+    assert drafter.chain.text.tolist() == plain.prompt_ids + committed and not drafter.pre_verify
+    following = drafter.propose(drafter.chain.text)
+    assert following.tokens.tolist() == [committed[-1], *plain.token_ids[12:14]]
 
 
 def test_the_target_runs_on_one_thread_fewer_while_pearl_drafts(tiny, monkeypatch):

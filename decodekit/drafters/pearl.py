@@ -55,14 +55,17 @@ class Chain:
         self.error = None
 
     def agrees(self, committed: list[int]) -> bool | None:
-        """Whether the chain begins with ``committed``; None while it is too short to tell and agrees so far."""
-        if self.tokens[: len(committed)] == committed:
+        """Whether the chain begins with ``committed`` (with its first ``ahead`` tokens, when ``committed`` runs
+        past what the chain may hold: a hybrid's step can commit other parts' tokens); None while the chain is too
+        short to tell and agrees so far."""
+        n = min(len(committed), self.ahead)
+        if len(self.tokens) >= n and self.tokens[:n] == committed[:n]:
             return True
         return None if self.tokens == committed[: len(self.tokens)] and self.error is None else False
 
     def follow(self, committed: list[int], kept: bool) -> None:
-        """Append ``committed`` to the text; keep the chain past it (``kept``: it began with exactly those
-        tokens), else start over."""
+        """Append ``committed`` to the text; keep the chain past it (``kept``: see :meth:`agrees`), else start
+        over."""
         text = torch.cat([self.text, torch.tensor(committed, dtype=torch.int64)])
         if kept:
             self.text = text
