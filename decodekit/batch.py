@@ -248,15 +248,18 @@ class Batch:
     def step(self) -> list[tuple[Decoding, Chunk | Exception]]:
         """Prefill joining rows, then one forward over every live row; each live row's committed chunk, or the
         error that failed a row, live or joining (the row stays until the caller makes it leave)."""
+        failed = self._prefill()
+        if not self.rows:
+            return failed
         with self._target_threads():
-            failed = self._prefill()
-            return failed + self._decode() if self.rows else failed
+            return failed + self._decode()
 
     @contextmanager
     def _target_threads(self) -> Iterator[None]:
-        """Run the target on one thread fewer while a row's drafter drafts on a thread of its own (PEARL)."""
+        """Run the decode step on one thread fewer while a live row's drafter drafts on a thread of its own
+        (PEARL); prefills keep every thread (such a drafter catches up on a prompt in ``begin``, on the caller's)."""
         threads = torch.get_num_threads()
-        spare = threads > 1 and any(row.decoding.drafter.drafts_in_parallel for row in self.rows + self.joining)
+        spare = threads > 1 and any(row.decoding.drafter.drafts_in_parallel for row in self.rows)
         if not spare:
             yield
             return

@@ -91,7 +91,7 @@ def test_a_step_may_commit_past_the_chain(tiny):
     assert following.tokens.tolist() == [committed[-1], *plain.token_ids[12:14]]
 
 
-def test_the_target_runs_on_one_thread_fewer_while_pearl_drafts(tiny, monkeypatch):
+def test_the_target_decodes_on_one_thread_fewer_while_pearl_drafts(tiny, monkeypatch):
     threads = torch.get_num_threads()
     if threads < 2:
         pytest.skip("needs two torch threads")
@@ -99,15 +99,15 @@ def test_the_target_runs_on_one_thread_fewer_while_pearl_drafts(tiny, monkeypatc
     forward = type(tiny.transformer).__call__
 
     def spy(self, *args, **kwargs):
-        seen.append(torch.get_num_threads())
+        seen.append(("decode" if len(args) > 2 else "prefill", torch.get_num_threads()))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny.transformer), "__call__", spy)
     Engine(tiny, f"pearl:model={tiny.path}").generate("the quick brown fox", 12)
-    assert seen and set(seen) == {threads - 1}
+    assert set(seen) == {("prefill", threads), ("decode", threads - 1)}
     seen.clear()
     Engine(tiny, "ar").generate("the quick brown fox", 12)
-    assert set(seen) == {threads} and torch.get_num_threads() == threads
+    assert set(seen) == {("prefill", threads), ("decode", threads)} and torch.get_num_threads() == threads
 
 
 def test_pearl_refuses_bad_input_clearly(tiny):

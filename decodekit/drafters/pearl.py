@@ -47,6 +47,8 @@ class Chain:
         self.probs: list[float] = []  # its probability of each of them, given all before
         self.epoch = 0  # counts restarts: a token drafted from an older text is dropped
         self.error: Exception | None = None
+        self.busy = False  # the worker is running the model for it
+        self.held = False  # the drafter is running the model itself (a prompt, in begin): the worker keeps off
 
     def restart(self, text: torch.Tensor) -> None:
         self.text = text.to(torch.int64).cpu().clone()
@@ -82,7 +84,7 @@ class Chain:
 
     @property
     def wants(self) -> bool:
-        return self.error is None and self.text.numel() > 0 and len(self.tokens) < self.ahead
+        return not self.held and self.error is None and self.text.numel() > 0 and len(self.tokens) < self.ahead
 
     def ready(self, max_nodes: int, min_prob: float) -> int | None:
         """How many chain tokens the next draft takes, or None while the worker has yet to decide it: the longest
@@ -139,17 +141,18 @@ class Worker:
                         return
                     continue
                 context = torch.cat([chain.text, torch.tensor(chain.tokens, dtype=torch.int64)])
-                epoch = chain.epoch
+                epoch, chain.busy = chain.epoch, True
             try:
                 probs = torch.softmax(chain.model.logits(context).float(), dim=-1)
                 prob, token = probs.max(dim=-1)
             except Exception as err:  # fails this chain's requests only (propose raises it), until it restarts
                 with self.lock:
-                    chain.error = err
+                    chain.error, chain.busy = err, False
                     self.lock.notify_all()
                 continue
             with self.lock:
                 chain.extend(epoch, int(token), float(prob))
+                chain.busy = False
                 self.lock.notify_all()
 
 
@@ -180,7 +183,23 @@ class Pearl(Drafter):
         self.pre_verify = True  # the next step verifies no draft: the chain has just started over
 
     def begin(self, prompt: torch.Tensor, prompt_logits: torch.Tensor | None) -> None:
-        self._restart(prompt)
+        """Start over from ``prompt``, which the draft model scores here, on every thread the engine has (its
+        cache then holds the prompt, and the worker's first forward is one token)."""
+        chain, lock = self.chain, self.worker.lock
+        with lock:
+            chain.restart(prompt)
+            chain.held = True
+            while chain.busy:  # a forward from the last request's text
+                lock.wait()
+        error = None
+        try:
+            chain.model.logits(prompt)
+        except Exception as err:  # propose raises it
+            error = err
+        with lock:
+            chain.held, chain.error = False, error
+            self.worker.wake()
+        self.pre_verify = True
 
     def _restart(self, text: torch.Tensor) -> None:
         with self.worker.lock:
