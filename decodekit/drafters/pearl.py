@@ -201,16 +201,10 @@ class Pearl(Drafter):
             self.worker.wake()
         self.pre_verify = True
 
-    def _restart(self, text: torch.Tensor) -> None:
-        with self.worker.lock:
-            self.chain.restart(text)
-            self.worker.wake()
-        self.pre_verify = True
-
     def propose(self, sequence: torch.Tensor) -> Draft:
         chain, root = self.chain, int(sequence[-1])
         if chain.text.numel() != sequence.numel() or int(chain.text[-1]) != root:
-            self._restart(sequence)  # a text this drafter did not follow (a drafter reused without begin)
+            self.begin(sequence, None)  # a text this drafter did not follow (a drafter reused without begin)
         if self.pre_verify:
             self.pre_verify = False
             return chain_draft(root, [])
