@@ -282,11 +282,24 @@ class SampledTree(WideTree):
         return Draft(torch.tensor(tokens), self.tree, draft_probs=probs)
 
 
-def sample_outputs(model, method, trials: int = 1500) -> list[tuple]:
-    engine = Engine(model, method)
-    return [
-        tuple(engine.generate(PROMPT, LENGTH, sampling=replace(ENGINE_PARAMS, seed=i)).token_ids) for i in range(trials)
-    ]
+def sample_outputs(model, method, trials: int = 1500, rows: int = 16) -> list[tuple]:
+    """The first LENGTH tokens of the samples seeded 0..trials-1, decoded ``rows`` requests at a time in one batch
+    (a Drafter instance decodes alone), so the law is checked under batching too."""
+    rows = 1 if isinstance(method, Drafter) else rows
+    engine, seeds = Engine(model, method, max_batch=rows), iter(range(trials))
+    live: dict[int, int] = {}  # id of a decoding -> its seed
+    outputs: dict[int, tuple] = {}
+    while True:
+        while not engine.full and (seed := next(seeds, None)) is not None:
+            decoding = engine.submit(engine.request(PROMPT, LENGTH, sampling=replace(ENGINE_PARAMS, seed=seed)))
+            live[id(decoding)] = seed
+        if not live:
+            return [outputs[seed] for seed in range(trials)]
+        for decoding, result in engine.step():
+            if isinstance(result, Exception):
+                raise result
+            if decoding.done:
+                outputs[live.pop(id(decoding))] = tuple(decoding.result().token_ids)
 
 
 @pytest.mark.parametrize("method", [*METHODS, "wide-tree", "sampled-tree"])
