@@ -16,6 +16,7 @@ gets a fresh drafter and always drafts its whole tree, so its output depends on 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -50,6 +51,8 @@ from decodekit.runtime.sparse_attention import attention_spec, calibrated_channe
 from decodekit.sampling import GREEDY, SamplingParams
 from decodekit.strategies import STRATEGIES, Strategy, make_strategy, parse_strategy, strategy_options
 from decodekit.text import TextStream, check_text, encode_chat, stop_strings
+
+log = logging.getLogger("decodekit")
 
 __all__ = [
     "POOL_BYTES",
@@ -260,8 +263,14 @@ class Engine:
         return results
 
     def cancel(self, decoding: Decoding) -> None:
-        """Stop ``decoding`` (if it has not left already) and keep its drafter for later requests."""
+        """Stop ``decoding`` (if it has not left already), end its drafter's request and keep the drafter for later
+        requests."""
         if not self.batch.leave(decoding):
+            return
+        try:
+            decoding.drafter.end()
+        except Exception:  # a drafter's bug: the request is over either way, and the drafter is not kept
+            log.exception("method %s failed to end a request", decoding.method)
             return
         seeded = decoding.request.sampling.seed is not None and not decoding.request.sampling.greedy
         if decoding.drafter is not self._own and not seeded:

@@ -322,6 +322,10 @@ class Drafter:
     def observe(self, outcome: StepOutcome) -> None:
         """Learn from the verified step."""
 
+    def end(self) -> None:
+        """The request has ended (finished, failed or cancelled): stop any work for it. The drafter may start a
+        later request (``begin``)."""
+
     def memory_bytes(self) -> int:
         """About how many bytes of state the drafter holds now (what keeping it idle costs); cheap to call."""
         return 0

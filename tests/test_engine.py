@@ -134,6 +134,23 @@ def test_every_method_equals_plain_on_tiny_model(tiny_model, method):
             assert a.token_ids == b.token_ids
 
 
+def test_a_drafter_that_fails_to_end_a_request_loses_nothing(tiny_model, caplog):
+    """``end`` raising (a drafter's bug) is logged; the request's output is whole and the engine decodes on."""
+
+    class FailsToEnd(Drafter):
+        def propose(self, sequence):
+            return Draft(sequence[-1:], Tree.chain(1))
+
+        def end(self):
+            raise RuntimeError("broken end")
+
+    plain = Engine(tiny_model, "ar").generate(PROMPT, 12)
+    engine = Engine(tiny_model, FailsToEnd())
+    for _ in range(2):
+        assert engine.generate(PROMPT, 12).token_ids == plain.token_ids
+    assert "failed to end a request" in caplog.text and "broken end" in caplog.text
+
+
 def test_a_conversation_continues_with_its_history(tiny_model):
     engine = Engine(tiny_model, "copyspec")
     first = engine.generate(PROMPT, max_new_tokens=12)

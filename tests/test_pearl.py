@@ -110,6 +110,19 @@ def test_the_target_decodes_on_one_thread_fewer_while_pearl_drafts(tiny, monkeyp
     assert set(seen) == {("prefill", threads), ("decode", threads)} and torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("spec", ["pearl:model={}", "hybrid:parts=aded+pearl:model={}"])
+def test_an_ended_request_leaves_the_worker_nothing_to_draft(tiny, spec):
+    """The engine ends each request's drafter (a hybrid its parts): the chain is dropped, so the worker does not
+    draft on past a finished answer; the drafter then serves the next request as before."""
+    plain = Engine(tiny, "ar").generate("the quick brown fox", 16)
+    drafter = make_drafter(spec.format(tiny.path), target_info(tiny))
+    chain = drafter.chain if hasattr(drafter, "chain") else drafter.parts[1].chain
+    engine = Engine(tiny, drafter)
+    for _ in range(2):
+        assert engine.generate("the quick brown fox", 16).token_ids == plain.token_ids
+        assert chain.text.numel() == 0 and not chain.wants
+
+
 def test_pearl_refuses_bad_input_clearly(tiny):
     with pytest.raises(InvalidParameter, match="needs a draft model"):
         make_drafter("pearl", target_info(tiny))

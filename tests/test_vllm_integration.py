@@ -100,16 +100,19 @@ def test_state_follows_a_request_to_another_row_and_is_freed_when_it_leaves():
     fake.add(2, text(2))
     for _ in range(5):
         fake.step()
-    moving = proposer.requests[2]
+    leaving, moving = proposer.requests[0], proposer.requests[2]
+    ended = []
+    for request in (leaving, moving):
+        request.drafter.end = lambda request=request: ended.append(request)
     # request 0 ends and vLLM condenses its batch: request 2's tokens move to row 0
     fake.tokens[0], fake.references[0], fake.lengths[0], fake.chains[0] = (
         fake.tokens[2].copy(), fake.references[2], fake.lengths[2], fake.chains[2])  # fmt: skip
     fake.references[2], fake.lengths[2] = None, 0
     fake.step()
-    assert list(proposer.requests) == [0] and proposer.requests[0] is moving
+    assert list(proposer.requests) == [0] and proposer.requests[0] is moving and ended == [leaving]
     fake.references[0] = None  # it ends too
     fake.step()
-    assert proposer.requests == {}
+    assert proposer.requests == {} and ended == [leaving, moving]
 
 
 def test_identical_prompts_take_separate_drafters():

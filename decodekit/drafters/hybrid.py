@@ -117,6 +117,10 @@ class Hybrid(Drafter):
                     hits[i] += matched[i]
             part.observe(_restrict(outcome, own, verified, on_path, part))
 
+    def end(self) -> None:
+        for part in self.parts:
+            part.end()
+
     def memory_bytes(self) -> int:
         return sum(part.memory_bytes() for part in self.parts) + PART_BYTES * len(self.parts)
 

@@ -228,5 +228,10 @@ class Pearl(Drafter):
             self.worker.wake()
         self.pre_verify = not kept
 
+    def end(self) -> None:
+        """Drop the chain: the worker drafts no further past an answer that has ended."""
+        with self.worker.lock:
+            self.chain.restart(torch.empty(0, dtype=torch.int64))
+
     def memory_bytes(self) -> int:
         return self.chain.model.memory_bytes()

@@ -96,20 +96,23 @@ def generate(
     cache = DynamicCache()  # full layers: a sliding window is applied by the masks
     length = len(prompt)
     drafter.begin(prompt, _prefill(model, cache, input_ids[:, :-1], drafter.wants_prompt_logits))
-    while length < end:
-        draft = drafter.propose(sequence[:length])
-        logits = _score(model, cache, draft, length - 1, windows)
-        choices = sampler.greedy_choices(draft.tokens, draft.tree, logits)
-        path, bonus = sampler.verify(draft.tokens, draft.tree, logits, choices, draft.candidates, draft.draft_probs)
-        _keep_path(cache, length - 1, path, draft.tree.size)
-        committed, _ = cut_committed([*draft.tokens[path[1:]].tolist(), bonus], eos, end - length)
-        probs = None if params.greedy else partial(sampler.node_probs, logits, draft.tokens, draft.tree)
-        drafter.observe(StepOutcome(draft, logits, path, committed, probs, greedy_choices=choices))
-        sampler.advance(committed)
-        sequence[length : length + len(committed)] = torch.tensor(committed)
-        length += len(committed)
-        if committed[-1] in eos:
-            break
+    try:
+        while length < end:
+            draft = drafter.propose(sequence[:length])
+            logits = _score(model, cache, draft, length - 1, windows)
+            choices = sampler.greedy_choices(draft.tokens, draft.tree, logits)
+            path, bonus = sampler.verify(draft.tokens, draft.tree, logits, choices, draft.candidates, draft.draft_probs)
+            _keep_path(cache, length - 1, path, draft.tree.size)
+            committed, _ = cut_committed([*draft.tokens[path[1:]].tolist(), bonus], eos, end - length)
+            probs = None if params.greedy else partial(sampler.node_probs, logits, draft.tokens, draft.tree)
+            drafter.observe(StepOutcome(draft, logits, path, committed, probs, greedy_choices=choices))
+            sampler.advance(committed)
+            sequence[length : length + len(committed)] = torch.tensor(committed)
+            length += len(committed)
+            if committed[-1] in eos:
+                break
+    finally:
+        drafter.end()
     sequences = sequence[None, :length].to(input_ids.device)
     return GenerateDecoderOnlyOutput(sequences=sequences) if generation_config.return_dict_in_generate else sequences
 

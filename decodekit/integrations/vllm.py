@@ -118,7 +118,11 @@ class Proposer:
             request = self._find(row, tokens, kept)
             kept[row] = request
             drafts.append(self._step(request, tokens))
-        self.requests = kept  # the others' requests are gone: their drafters are freed
+        ongoing = {id(request) for request in kept.values()}
+        for request in self.requests.values():
+            if id(request) not in ongoing:
+                request.drafter.end()  # its request is gone, and the drafter with it
+        self.requests = kept
         return drafts
 
     def _find(self, row: int, tokens: np.ndarray, taken: dict[int, _Request]) -> _Request:
