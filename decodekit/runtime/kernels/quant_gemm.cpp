@@ -164,7 +164,7 @@ void store_panel(const float* acc, int64_t M, int64_t N, const float* bias, floa
     for (int i = 0; i < nvalid; ++i) y[m * N + n + i] = bias != nullptr ? acc[m * NR + i] + bias[n + i] : acc[m * NR + i];
 }
 
-// ---- AVX2: 8 outputs per ymm, the panel's unpacked block staged in L1 ----------------------------------------
+// ---- AVX2: 8 outputs per ymm, each half of the panel's unpacked block kept in registers -----------------------
 
 // Panels [p0, p1): y[m, 16 p + i] for every m. S: the scales' storage (uint16_t for fp16, float).
 template <int64_t KIND, typename S>
@@ -173,7 +173,6 @@ void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, 
   using F = Form<KIND>;
   const int64_t nb = K / QK;
   constexpr int32_t offset = F::offset(false);
-  alignas(32) uint8_t w[GROUPS][64];
   std::vector<float> acc(M * NR);
   const __m256i low = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
@@ -181,23 +180,21 @@ void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, 
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = qs + (p * nb + b) * F::bytes;
-      for (int h = 0; h < 2; ++h) {
+      if (p + 1 < p1)  // the next panel's block b, one panel ahead
+        for (int l = 0; l < F::bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + nb * F::bytes + l), _MM_HINT_T0);
+      const int64_t mb0 = (p * nb + b) * F::halves * NR;
+      for (int h = 0; h < 2; ++h) {  // outputs 8 h .. 8 h + 7
+        __m256i w[GROUPS];
         if constexpr (F::wide) {  // back to the signed q: the sign trick below needs it
-          for (int g = 0; g < GROUPS; ++g) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * g + 32 * h));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(w[g] + 32 * h), _mm256_xor_si256(v, flip));
-          }
+          for (int g = 0; g < GROUPS; ++g)
+            w[g] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * g + 32 * h)), flip);
         } else {
           for (int c = 0; c < GROUPS / 2; ++c) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c + 32 * h));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(w[2 * c] + 32 * h), _mm256_and_si256(v, low));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(w[2 * c + 1] + 32 * h),
-                               _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            w[2 * c] = _mm256_and_si256(v, low);
+            w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
           }
         }
-      }
-      const int64_t mb0 = (p * nb + b) * F::halves * NR;
-      for (int h = 0; h < 2; ++h) {  // outputs 8 h .. 8 h + 7
         __m256 dw[F::halves];
         for (int s = 0; s < F::halves; ++s) dw[s] = load8_scales(scales + mb0 + s * NR + 8 * h);
         const __m256 mw = F::mins ? load8_scales(mins + (p * nb + b) * NR + 8 * h) : _mm256_setzero_ps();
@@ -208,18 +205,15 @@ void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, 
             for (int half = 0; half < F::halves; ++half) {
               s[half] = _mm256_setzero_si256();
               for (int g = half * GROUPS / F::halves; g < (half + 1) * GROUPS / F::halves; ++g) {
-                const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[g] + 32 * h));
                 const __m256i xv = _mm256_set1_epi32(group_of(xr, g));
-                const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[g]), _mm256_sign_epi8(xv, w[g]));
                 s[half] = _mm256_add_epi32(s[half], _mm256_madd_epi16(pairs, ones));
               }
             }
           } else {  // 8 groups of int16 pair sums, each at most 2 * 15 * 127: their sum fits int16
             __m256i s16 = _mm256_setzero_si256();
-            for (int g = 0; g < GROUPS; ++g) {
-              const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[g] + 32 * h));
-              s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(group_of(xr, g))));
-            }
+            for (int g = 0; g < GROUPS; ++g)
+              s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(group_of(xr, g))));
             s[0] = _mm256_madd_epi16(s16, ones);
             if constexpr (offset != 0)
               s[0] = _mm256_sub_epi32(s[0], _mm256_set1_epi32(correction(xq, m * nb + b, -1, offset)));
