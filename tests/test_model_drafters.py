@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from helpers import write_small_vocab_llama, write_tiny_llama
+from helpers import decode_all, write_small_vocab_llama, write_tiny_llama
 
 from decodekit import Engine
 from decodekit.decoding import target_info
@@ -121,17 +121,7 @@ def test_model_drafters_in_a_batch_with_stops_and_the_context_end(four_layers, o
     long_prompt = (list(range(1, 60)) * 5)[: four_layers.cfg.context_window - 20]  # decodes into the window's end
     cases += [(spec, long_prompt, None) for spec in specs[1:]]
     engine = Engine(four_layers, "ar", max_batch=3)
-    pending = [(i, engine.request(prompt, n, stop=["fox"], method=spec)) for i, (spec, prompt, n) in enumerate(cases)]
-    live, results = [], {}
-    while pending or live:
-        while pending and not engine.full:
-            index, request = pending.pop(0)
-            live.append((index, engine.submit(request)))
-        for _, result in engine.step():
-            assert not isinstance(result, Exception), result
-        for item in [item for item in live if item[1].done]:
-            live.remove(item)
-            results[item[0]] = item[1].result()
+    results = decode_all(engine, [engine.request(prompt, n, stop=["fox"], method=spec) for spec, prompt, n in cases])
     for index, (spec, prompt, n) in enumerate(cases):
         expected = plain.generate(prompt, n, stop=["fox"])
         assert results[index].token_ids == expected.token_ids, spec

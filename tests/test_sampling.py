@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import runnable, write_small_vocab_llama
+from helpers import decode_all, runnable, write_small_vocab_llama
 from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -285,21 +285,9 @@ class SampledTree(WideTree):
 def sample_outputs(model, method, trials: int = 1500, rows: int = 16) -> list[tuple]:
     """The first LENGTH tokens of the samples seeded 0..trials-1, decoded ``rows`` requests at a time in one batch
     (a Drafter instance decodes alone), so the law is checked under batching too."""
-    rows = 1 if isinstance(method, Drafter) else rows
-    engine, seeds = Engine(model, method, max_batch=rows), iter(range(trials))
-    live: dict[int, int] = {}  # id of a decoding -> its seed
-    outputs: dict[int, tuple] = {}
-    while True:
-        while not engine.full and (seed := next(seeds, None)) is not None:
-            decoding = engine.submit(engine.request(PROMPT, LENGTH, sampling=replace(ENGINE_PARAMS, seed=seed)))
-            live[id(decoding)] = seed
-        if not live:
-            return [outputs[seed] for seed in range(trials)]
-        for decoding, result in engine.step():
-            if isinstance(result, Exception):
-                raise result
-            if decoding.done:
-                outputs[live.pop(id(decoding))] = tuple(decoding.result().token_ids)
+    engine = Engine(model, method, max_batch=1 if isinstance(method, Drafter) else rows)
+    requests = [engine.request(PROMPT, LENGTH, sampling=replace(ENGINE_PARAMS, seed=seed)) for seed in range(trials)]
+    return [tuple(generation.token_ids) for generation in decode_all(engine, requests)]
 
 
 @pytest.mark.parametrize("method", [*METHODS, "wide-tree", "sampled-tree"])
