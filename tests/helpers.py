@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -151,6 +153,7 @@ def quick_part(kind: str, model: object) -> Path:
     trained once per model and process: enough to draft, so that the engine has drafts to verify."""
     if (kind, model.identity) not in _QUICK_PARTS:
         out = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)  # the process's parts go with it
         if kind == "kangaroo":
             from decodekit.train.kangaroo import train_kangaroo
 

@@ -35,6 +35,9 @@ ISA path), so decoding one token and verifying it in a tree give bitwise identic
   torch takes 3-8 small ones (at a few rows an op costs its dispatch, not its arithmetic). Each row on its own,
   in a fixed order. Gemma's variants: ``rms_norm(..., unit_offset=True)`` (``x * (1 + weight)``),
   ``rms_norm_heads_`` (the per-head q and k norms, in place) and ``gelu_tanh_mul`` (GeGLU).
+- ``fused_block`` (``block.cpp``): a whole decoder block as one call, the ops above in the order the block's
+  Python forward calls them (bitwise its result), its weights bound once. At a few rows the Python side of a
+  block's ~15 ops costs about as much as their work; one call per block leaves the work.
 
 The extension is compiled on first use (``available()``; one warning when it starts and one with the time it
 took), into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), in a
@@ -70,7 +73,7 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 
-KERNEL_FILES = ("small_gemm.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp")
+KERNEL_FILES = ("small_gemm.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp", "block.cpp")
 SOURCES = [Path(__file__).parent / "kernels" / name for name in KERNEL_FILES]
 NAME = "decodekit_cpu"  # the extension's name and its op namespace (torch.ops.decodekit_cpu)
 OPS = ("linear", "quant_linear", "attention", "rms_norm", "rms_norm_heads_", "rope_", "silu_mul", "gelu_tanh_mul")
@@ -235,7 +238,11 @@ def _build(build: Path) -> None:
 
 
 def _registered() -> bool:
-    """True if every op of OPS is registered (the library is loaded)."""
+    """True if every op of OPS and the FusedBlock class are registered (the library is loaded)."""
+    try:
+        getattr(torch.classes, NAME).FusedBlock  # noqa: B018 (raises where the class is not registered)
+    except (AttributeError, RuntimeError):
+        return False
     return all(hasattr(getattr(torch.ops, NAME), op) for op in OPS)
 
 
@@ -540,3 +547,33 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
             f"{tuple(x.shape)}, {isa!r}"
         )
     return _ops().quant_linear(x.contiguous(), w.qs, w.scales, w.mins, w.form, w.n, bias, isa)
+
+
+def fused_block(
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    eps: float,
+    norms: list[torch.Tensor],
+    projections: list[tuple[PackedWeight | QuantWeight | list[QuantWeight], torch.Tensor | None]],
+) -> object:
+    """A decoder block bound to its weights, as one op (``kernels/block.cpp``): ``norms`` the RMS norms' weights,
+    ``[attention's, MLP's]`` for a Llama block or ``[attention's, MLP's, post-attention, post-MLP, q, k]`` for
+    Gemma 3's (whose norms then take ``1 + weight``, its MLP GeGLU); ``projections`` (q|k|v, output, gate|up,
+    down), each a weight and a bias or None. Its ``forward(x [B, n, hidden], cos, sin [B, n, 1, head_dim], kv
+    [2, B, kv_heads, capacity, head_dim], lengths [B], width, mask [B, 1, n, width] or None)`` is bitwise
+    ``model.Block.forward`` on the kernel path (keys and values written to ``kv`` as ``KVCache.write`` does)."""
+    _ops()  # the kernels are built and loaded
+    block = getattr(torch.classes, NAME).FusedBlock(
+        heads, kv_heads, head_dim, scale, eps, len(norms) == 6, [norm.detach() for norm in norms]
+    )
+    for which, (weight, bias) in enumerate(projections):
+        if isinstance(weight, PackedWeight):
+            block.packed(which, weight.data, weight.n)
+        else:
+            for part in weight if isinstance(weight, list) else [weight]:
+                block.quantized(which, part.qs, part.scales, part.mins, part.form, part.n)
+        if bias is not None:
+            block.bias(which, bias.detach())
+    return block

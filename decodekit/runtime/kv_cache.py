@@ -110,6 +110,11 @@ class KVCache:
         for b, length in enumerate(self.lengths):
             self.kv[layer, :, b, :, length : length + n] = entries[:, b]
 
+    def layer(self, layer: int) -> torch.Tensor:
+        """The storage of one layer, ``[2, B, kv_heads, capacity, head_dim]``, for a kernel that writes and reads it
+        as :meth:`write` and :meth:`view` do (runtime/kernels/block.cpp)."""
+        return self.kv[layer]
+
     def view(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``width`` slots: two ``[B, kv_heads, width, head_dim]`` views."""
         return self.kv[layer, 0, :, :, :width], self.kv[layer, 1, :, :, :width]

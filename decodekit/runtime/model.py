@@ -191,6 +191,9 @@ class Block(nn.Module):
     cpu_attention = False
     fused = False  # cpu.rope_ and cpu.silu_mul (Gemma: also cpu.gelu_tanh_mul)
     sparse: SparseAttention | None = None  # set by Transformer.use_sparse_attention
+    # the whole block as one kernel call (cpu.fused_block), set by Transformer.prepare where every step of it has
+    # a kernel; forward takes it wherever it would take the kernels op by op
+    fused_block: object = None
     norm_class = RMSNorm
     # the block's norms -> their names in a Hugging Face checkpoint (model.layers.N.*) and a GGUF file (blk.N.*)
     NORMS: ClassVar[dict[str, tuple[str, str]]] = {
@@ -226,10 +229,29 @@ class Block(nn.Module):
         """``x [B, n, hidden]`` -> ``[B, n, hidden]``. ``cos``, ``sin`` ``[B, n, 1, head_dim]``; ``slot``: the cache
         layer that holds this block's keys and values; ``width``: the cache slots attended; ``mask``
         ``[B, 1, n, width]`` or None (every slot)."""
+        if self.fused_block is not None and self.sparse is None and x.shape[1] <= KERNEL_ATTENTION_MAX_QUERIES:
+            return self.fused_block.forward(x, cos, sin, cache.layer(slot), cache.lengths, width, mask)
         h = self.wo(self.attend(self.attn_norm(x), cos, sin, cache, slot, width, mask))
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.w_down(self.activate(self.w_gate_up(self.mlp_norm(x))))
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
+
+    def fuse(self) -> None:
+        """Bind this block's weights into one kernel call (:attr:`fused_block`) where each of its steps runs on a
+        CPU kernel: the fused elementwise ops, the attention kernel and packed or quantized projections."""
+        projections = [self.wqkv, self.wo, self.w_gate_up, self.w_down]
+        kernels = self.fused and self.cpu_attention
+        if not kernels or any(p.backend not in ("small_gemm", "quant") for p in projections):
+            return
+        norms = [norm.weight for norm in self.norms_in_kernel_order()]
+        weights = [(p.packed, p.bias) for p in projections]
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale  # cpu.attention's default
+        eps = self.attn_norm.eps
+        self.fused_block = cpu.fused_block(self.heads, self.kv_heads, self.head_dim, scale, eps, norms, weights)
+
+    def norms_in_kernel_order(self) -> list[RMSNorm]:
+        """The norms as :func:`cpu.fused_block` takes them."""
+        return [self.attn_norm, self.mlp_norm]
 
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` for ``gate_up [..., 2I]`` = (gate | up): ``[..., I]``."""
@@ -299,6 +321,9 @@ class GemmaBlock(Block):
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
 
+    def norms_in_kernel_order(self) -> list[RMSNorm]:
+        return [self.attn_norm, self.mlp_norm, self.post_attn_norm, self.post_mlp_norm, self.q_norm, self.k_norm]
+
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """GeGLU: ``gelu_tanh(gate) * up``."""
         if self.fused:
@@ -347,8 +372,8 @@ class Transformer(nn.Module):
 
     def prepare(self) -> Transformer:
         """Final step after loading: on CPU in float32 or bfloat16, pack every linear weight for the fastest
-        backend (in bfloat16: our kernel where it builds, else torch's) and use the decode attention and the fused
-        elementwise kernels where they build."""
+        backend (in bfloat16: our kernel where it builds, else torch's), use the decode attention and the fused
+        elementwise kernels where they build, and then each block as one kernel call where all of it has one."""
         if self.device.type == "cpu" and self.dtype in cpu.WEIGHT_DTYPES:
             float32, kernels = self.dtype == torch.float32, cpu.available()
             backend = cpu_linear_backend()
@@ -362,6 +387,8 @@ class Transformer(nn.Module):
                     module.fused = kernels
                 elif isinstance(module, Linear):
                     module.pack(backend, keep_weight=module is self.lm_head and self.cfg.tie_embeddings)
+            for block in self.blocks:
+                block.fuse()
         return self
 
     def use_sparse_attention(self, config: DoubleSparsity | None, channels: torch.Tensor | None = None) -> None:
