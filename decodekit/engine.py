@@ -7,6 +7,7 @@ server all go through it; nothing above it reaches below it.
     decoding = engine.submit(request)                        # joins the batch
     while not decoding.done:
         for decoding_, chunk in engine.step(): ...           # every request in the batch moves one step
+    engine.run_all(requests)                                 # many requests, as many at once as rows allow
 
 Every request parameter is checked in :meth:`Engine.request` and nowhere else. The engine keeps one drafter per
 live request, taken from a pool of idle ones by method spec, so what a drafter learnt (Token Recycling's matrix,
@@ -290,6 +291,34 @@ class Engine:
                 on_chunk(chunk)
         assert stream.result is not None
         return stream.result
+
+    def run_all(
+        self, requests: Sequence[Request], on_done: Callable[[int, Generation], None] | None = None
+    ) -> list[Generation]:
+        """Decode checked requests together, as many at a time as the batch has rows (the next joins as a row
+        frees up), and return each one's Generation in order; ``on_done(index, generation)`` as each finishes. A
+        request's error is raised, after the others still decoding are cancelled."""
+        if any(request.strategy is not None for request in requests):
+            raise InvalidParameter("a strategy's request decodes whole and alone: Engine.run it", "strategy")
+        waiting, live = list(enumerate(requests)), {}
+        results: list[Generation | None] = [None] * len(requests)
+        try:
+            while waiting or live:
+                while waiting and not self.full:
+                    index, request = waiting.pop(0)
+                    live[self.submit(request)] = index
+                for decoding, result in self.step():
+                    if isinstance(result, Exception):
+                        raise result
+                    if decoding.done:
+                        index = live.pop(decoding)
+                        results[index] = decoding.result()
+                        if on_done is not None:
+                            on_done(index, results[index])
+        finally:
+            for decoding in live:
+                self.cancel(decoding)
+        return results  # type: ignore[return-value]  # every one is set when the loop ends
 
     def generate(
         self,

@@ -112,22 +112,6 @@ def write_tiny_gemma(directory: Path, **overrides: object) -> Path:
     return directory
 
 
-def decode_all(engine: object, requests: list) -> list:
-    """The Generation of each checked request of ``engine`` (an Engine), in order: the requests join its batch as
-    rows free up and step together; a request's error is raised."""
-    waiting, live, results = list(enumerate(requests)), {}, [None] * len(requests)
-    while waiting or live:
-        while waiting and not engine.full:
-            index, request = waiting.pop(0)
-            live[id(engine.submit(request))] = index
-        for decoding, result in engine.step():
-            if isinstance(result, Exception):
-                raise result
-            if decoding.done:
-                results[live.pop(id(decoding))] = decoding.result()
-    return results
-
-
 def runnable(method: str, model: object) -> str:
     """A spec that runs ``method`` on ``model`` (a LoadedModel) with its defaults: ``draft`` also needs a draft
     checkpoint, and gets the model's own (every draft then accepted, unless sampled); ``pearl`` gets the file the

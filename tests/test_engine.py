@@ -8,6 +8,7 @@ import torch
 from helpers import runnable
 
 from decodekit import DecodekitError, Engine, InvalidParameter, PromptTooLong, SamplingParams, load_model
+from decodekit.decoding import Decoding
 from decodekit.drafters import METHODS
 from decodekit.protocol import Draft, Drafter, StepOutcome, Tree
 from decodekit.sampling import MIN_TEMPERATURE
@@ -149,6 +150,33 @@ def test_a_drafter_that_fails_to_end_a_request_loses_nothing(tiny_model, caplog)
     for _ in range(2):
         assert engine.generate(PROMPT, 12).token_ids == plain.token_ids
     assert "failed to end a request" in caplog.text and "broken end" in caplog.text
+
+
+def test_run_all_decodes_many_requests_in_order(tiny_model, monkeypatch):
+    """More requests than rows: each Generation is the one the request gets alone, in the requests' order; a
+    failing request raises and leaves nothing decoding."""
+    engine = Engine(tiny_model, "hybrid", max_batch=2)
+    cases = [(PROMPT, 20, None), ("it is sunny today", 5, "ar"), ("foxes and dogs", 31, None), (PROMPT, 9, "aded")]
+    requests = [engine.request(prompt, n, method=method) for prompt, n, method in cases]
+    finished = []
+    generations = engine.run_all(requests, on_done=lambda index, generation: finished.append(index))
+    alone = Engine(tiny_model, "ar")
+    assert [g.token_ids for g in generations] == [alone.generate(p, n).token_ids for p, n, _ in cases]
+    assert sorted(finished) == [0, 1, 2, 3] and not engine.busy
+
+    propose = Decoding.propose
+
+    def fails_for_one(self):
+        if self.request.max_new_tokens == 9:
+            raise RuntimeError("broken drafter")
+        return propose(self)
+
+    monkeypatch.setattr(Decoding, "propose", fails_for_one)
+    with pytest.raises(RuntimeError, match="broken drafter"):
+        engine.run_all(requests)
+    assert not engine.busy
+    with pytest.raises(InvalidParameter, match="strategy"):
+        engine.run_all([engine.request(PROMPT, 8, strategy="momentum")])
 
 
 def test_a_conversation_continues_with_its_history(tiny_model):

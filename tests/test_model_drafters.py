@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from helpers import decode_all, write_small_vocab_llama, write_tiny_llama
+from helpers import write_small_vocab_llama, write_tiny_llama
 
 from decodekit import Engine
 from decodekit.decoding import target_info
@@ -121,7 +121,7 @@ def test_model_drafters_in_a_batch_with_stops_and_the_context_end(four_layers, o
     long_prompt = (list(range(1, 60)) * 5)[: four_layers.cfg.context_window - 20]  # decodes into the window's end
     cases += [(spec, long_prompt, None) for spec in specs[1:]]
     engine = Engine(four_layers, "ar", max_batch=3)
-    results = decode_all(engine, [engine.request(prompt, n, stop=["fox"], method=spec) for spec, prompt, n in cases])
+    results = engine.run_all([engine.request(prompt, n, stop=["fox"], method=spec) for spec, prompt, n in cases])
     for index, (spec, prompt, n) in enumerate(cases):
         expected = plain.generate(prompt, n, stop=["fox"])
         assert results[index].token_ids == expected.token_ids, spec

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import decode_all, runnable, write_small_vocab_llama
+from helpers import runnable, write_small_vocab_llama
 from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -287,7 +287,7 @@ def sample_outputs(model, method, trials: int = 1500, rows: int = 16) -> list[tu
     (a Drafter instance decodes alone), so the law is checked under batching too."""
     engine = Engine(model, method, max_batch=1 if isinstance(method, Drafter) else rows)
     requests = [engine.request(PROMPT, LENGTH, sampling=replace(ENGINE_PARAMS, seed=seed)) for seed in range(trials)]
-    return [tuple(generation.token_ids) for generation in decode_all(engine, requests)]
+    return [tuple(generation.token_ids) for generation in engine.run_all(requests)]
 
 
 @pytest.mark.parametrize("method", [*METHODS, "wide-tree", "sampled-tree"])

@@ -172,18 +172,6 @@ def answers(
         engine.request(prompt, max_new_tokens=max_new_tokens, sampling=sampling)
         for prompt, sampling in zip(prompts, samplings, strict=True)
     ]
-    sequences: list[list[int] | None] = [None] * len(prompts)
-    waiting, live = list(enumerate(requests)), {}
     with tqdm(total=len(prompts), desc="answers", unit="prompt") as bar:
-        while waiting or live:
-            while waiting and not engine.full:
-                index, request = waiting.pop(0)
-                live[engine.submit(request)] = index
-            for decoding, result in engine.step():
-                if isinstance(result, Exception):
-                    raise result
-                if decoding.done:
-                    index = live.pop(decoding)
-                    sequences[index] = decoding.sequence[: decoding.length].tolist()
-                    bar.update()
-    return [(sequence, len(request.prompt_ids)) for sequence, request in zip(sequences, requests, strict=True)]
+        generations = engine.run_all(requests, on_done=lambda index, generation: bar.update())
+    return [(generation.prompt_ids + generation.token_ids, len(generation.prompt_ids)) for generation in generations]
