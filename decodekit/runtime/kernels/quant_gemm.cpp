@@ -166,16 +166,67 @@ void store_panel(const float* acc, int64_t M, int64_t N, const float* bias, floa
 
 // ---- AVX2: 8 outputs per ymm, each half of the panel's unpacked block kept in registers -----------------------
 
+// Rows m .. m + R - 1 of x against block b's unpacked half w (outputs 8 h .. 8 h + 7: dw, mw their scales and
+// mins), added into their accumulators acc_h + r * NR. The R rows run side by side (independent chains, the
+// block's |q| shared), each with exactly the integer sums and float operations it has alone.
+template <int64_t KIND, int R>
+inline void rows_avx2(const QuantizedX& xq, int64_t m, int64_t b, int64_t nb, int64_t K, const __m256i* w,
+                      const __m256* dw, __m256 mw, float* acc_h) {
+  using F = Form<KIND>;
+  constexpr int32_t offset = F::offset(false);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = xq.q.data() + (m + r) * K + b * QK;
+  __m256i s[R][F::halves];
+  if constexpr (F::wide) {  // |q| * (q_x * sign q): pairs stay within int16, no saturation
+    for (int half = 0; half < F::halves; ++half) {
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) s[r][half] = _mm256_setzero_si256();
+      for (int g = half * GROUPS / F::halves; g < (half + 1) * GROUPS / F::halves; ++g) {
+        const __m256i magnitude = _mm256_abs_epi8(w[g]);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+          const __m256i xv = _mm256_set1_epi32(group_of(xr[r], g));
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w[g]));
+          s[r][half] = _mm256_add_epi32(s[r][half], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+  } else {  // 8 groups of int16 pair sums, each at most 2 * 15 * 127: their sum fits int16
+    __m256i s16[R];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+    for (int g = 0; g < GROUPS; ++g)
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r)
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(group_of(xr[r], g))));
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      s[r][0] = _mm256_madd_epi16(s16[r], ones);
+      if constexpr (offset != 0)
+        s[r][0] = _mm256_sub_epi32(s[r][0], _mm256_set1_epi32(correction(xq, (m + r) * nb + b, -1, offset)));
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    float* a = acc_h + r * NR;
+    __m256 av = _mm256_loadu_ps(a);
+    const __m256 dx = _mm256_set1_ps(xq.d[(m + r) * nb + b]);
+    for (int half = 0; half < F::halves; ++half)
+      av = _mm256_fmadd_ps(_mm256_mul_ps(dw[half], dx), _mm256_cvtepi32_ps(s[r][half]), av);
+    if constexpr (F::mins) av = _mm256_fmadd_ps(mw, _mm256_set1_ps(xq.dsum[(m + r) * nb + b]), av);
+    _mm256_storeu_ps(a, av);
+  }
+}
+
 // Panels [p0, p1): y[m, 16 p + i] for every m. S: the scales' storage (uint16_t for fp16, float).
 template <int64_t KIND, typename S>
 void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, const S* scales, const S* mins,
                  int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
   using F = Form<KIND>;
   const int64_t nb = K / QK;
-  constexpr int32_t offset = F::offset(false);
   std::vector<float> acc(M * NR);
   const __m256i low = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t p = p0; p < p1; ++p) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t b = 0; b < nb; ++b) {
@@ -185,7 +236,7 @@ void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, 
       const int64_t mb0 = (p * nb + b) * F::halves * NR;
       for (int h = 0; h < 2; ++h) {  // outputs 8 h .. 8 h + 7
         __m256i w[GROUPS];
-        if constexpr (F::wide) {  // back to the signed q: the sign trick below needs it
+        if constexpr (F::wide) {  // back to the signed q: the sign trick needs it
           for (int g = 0; g < GROUPS; ++g)
             w[g] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * g + 32 * h)), flip);
         } else {
@@ -198,34 +249,9 @@ void panels_avx2(const QuantizedX& xq, int64_t M, int64_t K, const uint8_t* qs, 
         __m256 dw[F::halves];
         for (int s = 0; s < F::halves; ++s) dw[s] = load8_scales(scales + mb0 + s * NR + 8 * h);
         const __m256 mw = F::mins ? load8_scales(mins + (p * nb + b) * NR + 8 * h) : _mm256_setzero_ps();
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* xr = xq.q.data() + m * K + b * QK;
-          __m256i s[F::halves];
-          if constexpr (F::wide) {  // |q| * (q_x * sign q): pairs stay within int16, no saturation
-            for (int half = 0; half < F::halves; ++half) {
-              s[half] = _mm256_setzero_si256();
-              for (int g = half * GROUPS / F::halves; g < (half + 1) * GROUPS / F::halves; ++g) {
-                const __m256i xv = _mm256_set1_epi32(group_of(xr, g));
-                const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[g]), _mm256_sign_epi8(xv, w[g]));
-                s[half] = _mm256_add_epi32(s[half], _mm256_madd_epi16(pairs, ones));
-              }
-            }
-          } else {  // 8 groups of int16 pair sums, each at most 2 * 15 * 127: their sum fits int16
-            __m256i s16 = _mm256_setzero_si256();
-            for (int g = 0; g < GROUPS; ++g)
-              s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(group_of(xr, g))));
-            s[0] = _mm256_madd_epi16(s16, ones);
-            if constexpr (offset != 0)
-              s[0] = _mm256_sub_epi32(s[0], _mm256_set1_epi32(correction(xq, m * nb + b, -1, offset)));
-          }
-          float* a = acc.data() + m * NR + 8 * h;
-          __m256 av = _mm256_loadu_ps(a);
-          const __m256 dx = _mm256_set1_ps(xq.d[m * nb + b]);
-          for (int half = 0; half < F::halves; ++half)
-            av = _mm256_fmadd_ps(_mm256_mul_ps(dw[half], dx), _mm256_cvtepi32_ps(s[half]), av);
-          if constexpr (F::mins) av = _mm256_fmadd_ps(mw, _mm256_set1_ps(xq.dsum[m * nb + b]), av);
-          _mm256_storeu_ps(a, av);
-        }
+        int64_t m = 0;
+        for (; m + 1 < M; m += 2) rows_avx2<KIND, 2>(xq, m, b, nb, K, w, dw, mw, acc.data() + m * NR + 8 * h);
+        if (m < M) rows_avx2<KIND, 1>(xq, m, b, nb, K, w, dw, mw, acc.data() + m * NR + 8 * h);
       }
     }
     store_panel(acc.data(), M, N, bias, y, p);
