@@ -297,9 +297,8 @@ class Engine:
     ) -> list[Generation]:
         """Decode checked requests together, as many at a time as the batch has rows (the next joins as a row
         frees up), and return each one's Generation in order; ``on_done(index, generation)`` as each finishes. A
-        request's error is raised, after the others still decoding are cancelled."""
-        if any(request.strategy is not None for request in requests):
-            raise InvalidParameter("a strategy's request decodes whole and alone: Engine.run it", "strategy")
+        request's error is raised, after the others still decoding are cancelled (a strategy's request is refused
+        by :meth:`submit`)."""
         waiting, live = list(enumerate(requests)), {}
         results: list[Generation | None] = [None] * len(requests)
         try:
