@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
@@ -36,7 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, RateLimitError
 from tqdm import tqdm
 
 from decodekit import load_model
@@ -110,19 +111,24 @@ async def one_request(client: AsyncOpenAI, prompt: str, max_tokens: int) -> dict
 async def level(port: int, prompts: list[str], clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
     pending = list(range(requests))
     results: list[dict] = []
+    refused = 0  # requests the server turned away (a full queue: HTTP 429), part of what the level measures
     base_url = f"http://127.0.0.1:{port}/v1"
     async with AsyncOpenAI(base_url=base_url, api_key="unused", timeout=timeout, max_retries=0) as client:
 
         async def worker() -> None:
+            nonlocal refused
             while pending:
                 i = pending.pop(0)
-                results.append(await one_request(client, prompts[i % len(prompts)], max_tokens))
+                try:
+                    results.append(await one_request(client, prompts[i % len(prompts)], max_tokens))
+                except RateLimitError:
+                    refused += 1
 
         start = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), timeout)
         wall = time.perf_counter() - start
-    latencies = sorted(r["latency_s"] for r in results)
-    ttfts = sorted(r["ttft_s"] for r in results)
+    latencies = sorted(r["latency_s"] for r in results) or [math.nan]
+    ttfts = sorted(r["ttft_s"] for r in results) or [math.nan]
 
     def pct(values: list[float], q: float) -> float:
         return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -130,6 +136,7 @@ async def level(port: int, prompts: list[str], clients: int, requests: int, max_
     return {
         "clients": clients,
         "requests": len(results),
+        "refused": refused,
         "tokens_per_s": sum(r["tokens"] for r in results) / wall,
         "latency_p50_s": statistics.median(latencies),
         "latency_p99_s": pct(latencies, 0.99),
@@ -154,12 +161,19 @@ def summarize(rows: list[dict]) -> list[dict]:
             if r["method"] == "ar" and r["clients"] == clients and r.get("checkout", ".") == (checkout if own else ".")
         }
         ratios = [r["tokens_per_s"] / ar[r["round"]] for r in mine if r["round"] in ar]
-        measures = ["tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]
+        measures = ["tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "refused"]
         summary.append(
             {"checkout": checkout, "method": method, "speculation": mode, "clients": clients, "rounds": len(mine)}
             | {m: statistics.median(r[m] for r in mine) for m in measures}
             | {"tokens_per_s_rounds": [r["tokens_per_s"] for r in mine], "vs_ar": statistics.median(ratios or [1.0])}
         )
+    return summary
+
+
+def save(out: Path, rows: list[dict]) -> list[dict]:
+    """Write the levels measured so far and their summary to ``out``; returns the summary."""
+    summary = summarize(rows)
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "levels": rows}, indent=1))
     return summary
 
 
@@ -245,12 +259,12 @@ def main() -> int:
                         rows.append({"checkout": checkout, "method": method, "speculation": mode, "round": round})
                         rows[-1] |= result
                         bar.update()
+                        save(args.out, rows)  # each level as it ends: a run cut short keeps what it measured
     finally:
         for _, server in servers.values():
             server.terminate()
             server.wait(timeout=30)
-    summary = summarize(rows)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "levels": rows}, indent=1))
+    summary = save(args.out, rows)
     plot(summary, args.out.with_suffix(".png"))
     header = (
         ("clients", 8),
@@ -260,12 +274,13 @@ def main() -> int:
         ("p99 s", 8),
         ("ttft p50", 10),
         ("ttft p99", 10),
+        ("refused", 9),
     )
     print(f"{'setup':<36}" + "".join(f"{name:>{width}}" for name, width in header))
     for r in summary:
         print(
             f"{setup_name(r):<36}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['vs_ar']:>7.2f}{r['latency_p50_s']:>8.2f}"
-            f"{r['latency_p99_s']:>8.2f}{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}"
+            f"{r['latency_p99_s']:>8.2f}{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}{r['refused']:>9.0f}"
         )
     return 0
 

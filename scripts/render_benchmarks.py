@@ -137,8 +137,9 @@ def server_section(name: str) -> str:
         vs_ar = f"{r['vs_ar']:.2f}x" if "vs_ar" in r else "-"
         checkout = r.get("checkout", ".")  # another commit's worktree, in a side-by-side comparison
         method = f"`{r['method']}`" + ("" if checkout == "." else f" at {Path(checkout).name}")
+        refused = f" ({r['refused']:.0f} refused)" if r.get("refused") else ""  # turned away: a full queue
         lines.append(
-            f"| {method} | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f} | {vs_ar} | {rounds} | "
+            f"| {method} | {speculation} | {r['clients']} | {r['tokens_per_s']:.1f}{refused} | {vs_ar} | {rounds} | "
             f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
