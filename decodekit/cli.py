@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-layer", type=int, metavar="L", help="kangaroo: the target layers under the adapter (default: a tenth)"
     )
     train.add_argument("--blocks", type=int, default=1, metavar="N", help="eagle: the layer's blocks (default: 1)")
+    train.add_argument(
+        "--layer", metavar="FILE", help="eagle: train only the acceptance head of this trained layer (written with it "
+        "into --out)"
+    )  # fmt: skip
     train.add_argument("--prompts", type=int, default=400, metavar="N", help="training prompts (default: 400)")
     train.add_argument(
         "--generated", type=int, default=0, metavar="N", help="more prompts, written by the model itself (default: 0)"
@@ -533,6 +537,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from decodekit import load_model
 
+    if args.layer and args.kind != "eagle":
+        raise InvalidParameter(f"--layer names an eagle layer whose acceptance head to train, not a {args.kind} part")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out) if args.out else model.trained_file(args.kind).parent
     settings = {"prompts": args.prompts, "generated": args.generated, "max_new_tokens": args.max_new_tokens}
@@ -546,7 +552,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.kind == "eagle":
         from decodekit.train.eagle import train_eagle
 
-        train_eagle(model, out, args.blocks, **settings)
+        train_eagle(model, out, args.blocks, layer_path=Path(args.layer) if args.layer else None, **settings)
     else:
         from decodekit.train.heads import train_heads
 

@@ -15,7 +15,7 @@ from decodekit.cli import main
 from decodekit.decoding import target_info
 from decodekit.drafters import make_drafter
 from decodekit.drafters.eagle import EagleLayer
-from decodekit.drafters.heads import load_trained, read_trained, unit_rms
+from decodekit.drafters.heads import load_trained, read_trained, save_trained, unit_rms
 from decodekit.engine import encode_prompt
 from decodekit.prompts import builtin_questions
 from decodekit.runtime.runner import TargetModel
@@ -108,6 +108,7 @@ def test_the_trained_layer_decodes_exactly_what_plain_decoding_does(trained):
     model, _, path, _ = trained
     plain = Engine(model, "ar")
     specs = {"min_prob=0": 8, "min_prob=0,branch=4,max_nodes=12,max_depth=3": 12, "branch=1,max_nodes=1": 1}
+    specs["min_prob=0,accept_head=true"] = 8  # its acceptance head instead of the layer's probabilities
     for options, max_nodes in specs.items():
         drafting, drafted = Engine(model, f"eagle:layer={path},{options}"), 0
         for prompt in PROMPTS:
@@ -117,6 +118,67 @@ def test_the_trained_layer_decodes_exactly_what_plain_decoding_does(trained):
             assert max(result.stats.draft_sizes) <= max_nodes
             drafted += sum(result.stats.draft_sizes)
         assert drafted > 0
+
+
+def test_the_acceptance_head_is_trained_and_predicts_better_than_the_probabilities(trained):
+    model, out, path, said = trained
+    layer, vocab, _ = read_trained(path, EagleLayer, TargetModel(model))
+    assert bool(layer.acceptance.trained)
+    assert any(line.startswith("acceptance head, held-out candidates") for line in said), said
+    corpus = trainer.Corpus.load(out / "corpus.safetensors")
+    index, output = trainer.vocabulary_map(model, vocab)
+    head_loss = probs_loss = 0.0
+    with torch.no_grad():
+        for s in (~corpus.held_out).nonzero().flatten().tolist():  # what it was fitted on
+            for logits, probs, accepted in trainer.acceptance_terms(layer, model, corpus, s, output, index):
+                head_loss += float(
+                    torch.nn.functional.binary_cross_entropy_with_logits(logits, accepted, reduction="sum")
+                )
+                probs_loss += float(
+                    torch.nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), accepted, reduction="sum")
+                )
+    assert head_loss < probs_loss
+
+
+def test_a_layer_file_without_an_acceptance_head_drafts_by_probability(trained, tmp_path):
+    model, _, path, _ = trained
+    layer, vocab, accept = read_trained(path, EagleLayer, TargetModel(model))
+    del layer.acceptance  # as files written before the head was added
+    meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size}
+    old_file = tmp_path / "old.safetensors"
+    save_trained(old_file, layer, vocab, accept, meta)
+    target = target_info(model)
+    for spec, by_head in ((f"eagle:layer={path},accept_head=true", True), (f"eagle:layer={path}", False),
+                          (f"eagle:layer={old_file},accept_head=true", False)):  # fmt: skip
+        assert make_drafter(spec, target).by_head is by_head
+    plain, old = Engine(model, "ar"), Engine(model, f"eagle:layer={old_file},min_prob=0,accept_head=true")
+    assert (
+        old.generate(PROMPTS[1], max_new_tokens=24).token_ids == plain.generate(PROMPTS[1], max_new_tokens=24).token_ids
+    )
+    layer.bogus = torch.nn.Linear(2, 2)  # a weight the kind does not have
+    save_trained(tmp_path / "odd.safetensors", layer, vocab, accept, meta)
+    with pytest.raises(InvalidParameter, match="does not fit this model's shape"):
+        make_drafter(f"eagle:layer={tmp_path / 'odd.safetensors'}", target)
+
+
+def test_the_acceptance_head_alone_for_a_layer_trained_before(trained, tmp_path):
+    model, _, path, _ = trained
+    layer, vocab, accept = read_trained(path, EagleLayer, TargetModel(model))
+    del layer.acceptance
+    meta = {"identity": model.identity, "model": model.name, "vocab_size": model.cfg.vocab_size}
+    save_trained(tmp_path / "old.safetensors", layer, vocab, accept, meta)
+    written = trainer.train_eagle(
+        model,
+        tmp_path / "out",
+        prompts=8,
+        max_new_tokens=16,
+        layer_path=tmp_path / "old.safetensors",
+        say=lambda text: None,
+    )
+    again, again_vocab, _ = read_trained(written, EagleLayer, TargetModel(model))
+    assert bool(again.acceptance.trained) and torch.equal(again_vocab, vocab)
+    assert torch.equal(again.fc.weight, layer.fc.weight)  # the layer itself as it was
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()  # no layer training
 
 
 def test_inside_a_hybrid_with_copy_drafters(trained):
@@ -195,6 +257,8 @@ def test_a_missing_layer_names_the_command(tiny_model, tmp_path, monkeypatch):
 def test_train_command_refuses_bad_counts(tiny_dir, capsys):
     assert main(["train", "eagle", "--model", str(tiny_dir), "--blocks", "0"]) == 1
     assert "blocks must be an integer >= 1" in capsys.readouterr().err
+    assert main(["train", "medusa", "--model", str(tiny_dir), "--layer", "x.safetensors"]) == 1
+    assert "--layer names an eagle layer" in capsys.readouterr().err
     assert main(["train", "eagle", "--model", str(tiny_dir), "--generated", "-1"]) == 1
     assert "generated must be an integer >= 0" in capsys.readouterr().err
 

@@ -13,8 +13,10 @@ After each verified step the drafter feeds the layer the target's features along
 token committed after it, into a cache of its own (slots from the prompt's last position on: the engine hands no
 features of the prompt); the output at the last one predicts the feature at the root. Drafting is EAGLE-2's dynamic
 tree: at each depth the ``branch`` most likely children of every expanded node join a pool, scored by the calibrated
-chance of their path (the product of the drafter's probabilities along it, times
-:class:`decodekit.drafters.walk.Calibration`), and only the ``branch`` best of them are expanded (one forward of the
+chance of their path (the product along it of each node's chance given its parent, times
+:class:`decodekit.drafters.walk.Calibration`; a node's chance is the drafter's probability of its token or, with
+``accept_head``, what the layer's acceptance head predicts: SpecDec++'s classifier, trained beside the layer), and only
+the ``branch`` best of them are expanded (one forward of the
 layer over them, each attending to the committed slots and its own ancestors); after ``max_depth`` depths, or once
 no expandable node can still make the best ``max_nodes``, the best ``max_nodes`` of the pool at least ``min_prob``
 likely form the draft (while nothing is, every ``PROBE_EVERY``-th step drafts regardless, so that a calibration that
@@ -48,6 +50,7 @@ from decodekit.protocol import Draft, Drafter, StepOutcome, TargetInfo
 GROWTH = 256  # cache slots added at a time
 CE_WEIGHT = 0.1  # the cross-entropy's weight beside the feature regression in the training loss
 MAX_SEQUENCE = 256  # slots of a request that make one unit of online learning
+ACCEPT_RANKS = 8  # candidates per node the acceptance head scores, at most
 
 
 class EagleBlock(torch.nn.Module):
@@ -69,15 +72,42 @@ class EagleBlock(torch.nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+class AcceptanceHead(torch.nn.Module):
+    """SpecDec++'s acceptance head (Huang et al., 2024) for the layer: the chance that the target's token after a
+    drafted node is the layer's rank-r candidate there (given that the node itself is accepted), a logistic model
+    of the layer's predicted feature at the node and of the candidates' standing in the layer's distribution.
+    ``trained`` is False until ``decodekit train eagle`` fits it (files written before it have none)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.state = torch.nn.Parameter(torch.zeros(hidden))  # on the feature at unit RMS
+        self.mix = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))  # log p of the candidate, of the best, entropy
+        self.rank_bias = torch.nn.Parameter(torch.zeros(ACCEPT_RANKS))
+        self.depth_bias = torch.nn.Parameter(torch.zeros(2))  # depth 1, deeper
+        self.register_buffer("trained", torch.tensor(False))
+
+    def forward(self, states: torch.Tensor, probs: torch.Tensor, depth: int, ranks: int) -> torch.Tensor:
+        """Acceptance logits ``[F, ranks]`` of the ``ranks`` most likely candidates (``ranks <= ACCEPT_RANKS``),
+        best first, after nodes at ``depth`` (1: the root's children) whose predicted features are ``states [F,
+        H]`` and the layer's distributions ``probs [F, S]``."""
+        log_top = probs.topk(ranks, dim=-1).values.clamp_min(1e-30).log()  # [F, ranks]
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True)  # [F, 1]
+        per_node = unit_rms(states) @ self.state + self.depth_bias[min(depth, 2) - 1]  # [F]
+        mixed = self.mix[0] * log_top + self.mix[1] * log_top[:, :1] + self.mix[2] * entropy
+        return mixed + self.rank_bias[:ranks] + per_node[:, None]
+
+
 class EagleLayer(TrainedPart):
-    """The feature predictor of ``depth`` blocks (see the module docstring)."""
+    """The feature predictor of ``depth`` blocks (see the module docstring), with its acceptance head."""
 
     kind = "eagle"
+    optional = ("acceptance.",)
 
     def __init__(self, depth: int, hidden: int) -> None:
         super().__init__(depth, hidden)
         self.fc = torch.nn.Linear(2 * hidden, hidden, bias=False)
         self.blocks = torch.nn.ModuleList(EagleBlock(hidden) for _ in range(depth))
+        self.acceptance = AcceptanceHead(hidden)
 
     def new_caches(self, capacity: int) -> list[torch.Tensor]:
         """Empty caches for ``capacity`` slots, one per block."""
@@ -153,7 +183,10 @@ def eagle_loss(
 class Eagle(Drafter):
     """Method ``eagle``: the trained ``layer`` (default: the one trained or shipped for the target) drafts a tree of
     up to ``max_nodes`` nodes, at most ``max_depth`` deep, expanding the ``branch`` best nodes of each depth by
-    their ``branch`` best children; nodes less than ``min_prob`` likely are left out. ``learn``: a learning rate:
+    their ``branch`` best children; nodes less than ``min_prob`` likely are left out. ``accept_head``: a child's
+    chance given its parent is what the layer's trained acceptance head predicts (SpecDec++), where the layer has
+    one; otherwise, or when False (the default: the head measured no gain on the default model), the layer's
+    probability of the child (EAGLE-2). ``learn``: a learning rate:
     above 0, the layer keeps learning from every request the engine decodes (decodekit/drafters/online.py; set by
     the operator only)."""
 
@@ -168,6 +201,7 @@ class Eagle(Drafter):
         branch: Annotated[int, Range(1, 8)] = 2,
         min_prob: Annotated[float, Range(0.0, 1.0)] = 0.05,
         learn: Annotated[float, OperatorRange(0.0, 0.01)] = 0.0,
+        accept_head: bool = False,
     ) -> None:
         if target.model is None:
             raise InvalidParameter("method eagle reads the target's features: build it through an Engine")
@@ -185,6 +219,7 @@ class Eagle(Drafter):
         self.tokens: list[int] = []
         self.head = self.model.head_over(self.vocab)
         self.max_nodes, self.max_depth, self.branch, self.min_prob = max_nodes, max_depth, branch, min_prob
+        self.by_head = accept_head and bool(self.layer.acceptance.trained)
         self.wants_hidden = (self.model.layers,)
         self.calibration = Calibration()
         self.caches = self.layer.new_caches(0)
@@ -235,9 +270,13 @@ class Eagle(Drafter):
         ancestors: list[list[int]] = [[]]  # each frontier node's drafted slots, itself included
         slot = self.length
         for depth in range(1, self.max_depth + 1):
-            top = torch.softmax(self.head(states), dim=-1).topk(self.branch, dim=-1)  # [F, branch]
+            probs = torch.softmax(self.head(states), dim=-1)
+            top = probs.topk(self.branch, dim=-1)  # [F, branch]
+            accept = top.values  # each child's chance, given its parent: the layer's probability (EAGLE-2) ...
+            if self.by_head:  # ... or what its acceptance head predicts (SpecDec++)
+                accept = torch.sigmoid(self.layer.acceptance(states, probs, depth, self.branch))
             children = []  # (chance, frontier index, trie node, token, the drafter's own chance of the path)
-            for f, row in enumerate((paths[:, None] * top.values).tolist()):
+            for f, row in enumerate((paths[:, None] * accept).tolist()):
                 for j, path in enumerate(row):
                     if (chance := path * scale) >= min_prob:
                         token = int(self.vocab[top.indices[f, j]])

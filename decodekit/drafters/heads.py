@@ -54,6 +54,9 @@ class TrainedPart(torch.nn.Module):
     the target layers under it)."""
 
     kind: ClassVar[str]
+    # prefixes of weights that a file of this kind may lack (parts added to the kind after such files were
+    # written): they keep the values they are built with
+    optional: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, depth: int, hidden: int) -> None:
         super().__init__()
@@ -125,9 +128,11 @@ def read_trained(path: Path, cls: type[T], target: ModelAccess) -> tuple[T, torc
     heads = cls(int(header["depth"]), target.hidden_size)
     state = {name.removeprefix("heads."): value.float() for name, value in tensors.items() if name.startswith("heads.")}
     try:
-        heads.load_state_dict(state)
+        missing, unexpected = heads.load_state_dict(state, strict=False)
     except RuntimeError:
-        raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's shape") from None
+        missing, unexpected = ["?"], []
+    if unexpected or not all(name.startswith(cls.optional) for name in missing):
+        raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's shape")
     vocab = tensors["vocab"]
     if int(vocab.max()) >= target.vocab_size:
         raise InvalidParameter(f"the {cls.kind} file {clip(str(path))} does not fit this model's vocabulary")

@@ -162,7 +162,8 @@ def train_heads(
     if corpus.hidden.shape[1] != model.cfg.hidden_size:
         raise ModelFileError(f"{corpus_file} was made for another model (hidden size {corpus.hidden.shape[1]})")
     train_rows = (~corpus.held_out).nonzero().flatten()
-    vocab, index, output = answer_vocabulary(model, corpus.ahead[train_rows, 1:])
+    vocab = answer_vocabulary(model, corpus.ahead[train_rows, 1:])
+    index, output = vocabulary_map(model, vocab)
     device = model.device
     trained = KINDS[kind](heads, model.cfg.hidden_size).to(device)
 
@@ -206,20 +207,22 @@ def write_part(
     return path, path.stat().st_size / 2**20
 
 
-def answer_vocabulary(
-    model: LoadedModel, tokens: torch.Tensor, most: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_vocabulary(model: LoadedModel, tokens: torch.Tensor, most: int | None = None) -> torch.Tensor:
     """What a trained part chooses among, from the training answers' ``tokens`` (int64, -1 where none): the
-    distinct tokens ``vocab [S]`` (the ``most`` most frequent of them, if given), ``index [V]`` (a token's column in
-    it, -1 elsewhere) and the target's final norm and LM head restricted to them (``Transformer.output_map``,
-    ``[H, S]`` on the model's device)."""
+    distinct tokens ``vocab [S]``, ascending (the ``most`` most frequent of them, if given)."""
     counts = torch.bincount(tokens[tokens >= 0], minlength=model.cfg.vocab_size)
     vocab = counts.nonzero().flatten()
     if most is not None and len(vocab) > most:
         vocab = counts.topk(most).indices.sort().values
+    return vocab
+
+
+def vocabulary_map(model: LoadedModel, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a trained part's tokens ``vocab [S]``: ``index [V]`` (a token's column, -1 elsewhere) and the target's
+    final norm and LM head restricted to them (``Transformer.output_map``, ``[H, S]`` on the model's device)."""
     index = torch.full((model.cfg.vocab_size,), -1, dtype=torch.int64)
     index[vocab] = torch.arange(len(vocab))
-    return vocab, index, model.transformer.output_map()[:, vocab].contiguous().to(model.device)
+    return index, model.transformer.output_map()[:, vocab].contiguous().to(model.device)
 
 
 def fit(

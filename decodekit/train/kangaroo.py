@@ -39,6 +39,7 @@ from decodekit.train.heads import (
     check_counts,
     data_counts,
     fit,
+    vocabulary_map,
     write_part,
 )
 from decodekit.train.prompts import answers, prompt_set
@@ -189,7 +190,8 @@ def train_kangaroo(
     corpus = sequence_corpus(model, out, depth, prompts, generated, max_new_tokens, resume, say)
     train = (~corpus.held_out).nonzero().flatten()
     answer_ids = [ids[answer_start:] for _, ids, answer_start in map(corpus.sequence, train.tolist())]
-    vocab, index, output = answer_vocabulary(model, torch.cat(answer_ids))
+    vocab = answer_vocabulary(model, torch.cat(answer_ids))
+    index, output = vocabulary_map(model, vocab)
     device = model.device
     adapter = KangarooAdapter(depth, model.cfg.hidden_size).to(device)
 
