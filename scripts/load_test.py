@@ -29,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -173,7 +174,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def save(out: Path, rows: list[dict]) -> list[dict]:
     """Write the levels measured so far and their summary to ``out``; returns the summary."""
     summary = summarize(rows)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "levels": rows}, indent=1))
+    out.write_text(json.dumps({"command": shlex.join(sys.argv), "summary": summary, "levels": rows}, indent=1))
     return summary
 
 
