@@ -82,17 +82,19 @@ def accept_rates(
 def acceptance_terms(
     layer: EagleLayer, model: LoadedModel, corpus: Corpus, s: int, output: torch.Tensor, index: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each pass over sequence ``s`` (depth 1 and 2; the layer frozen), about the ``ACCEPT_RANKS`` most likely
-    candidates at each position: the acceptance head's logits ``[k, ACCEPT_RANKS]`` (differentiable in the head),
-    the layer's probabilities of them and whether each is the target's token there (float 0/1)."""
+    """For each pass over sequence ``s`` (depth 1 and 2; the layer frozen), about the R = ``ACCEPT_RANKS`` most
+    likely candidates at each position (all, for fewer tokens): the acceptance head's logits ``[k, R]``
+    (differentiable in the head), the layer's probabilities of them and whether each is the target's token there
+    (float 0/1)."""
     terms = []
     with torch.no_grad():
         passes = layer.two_passes(*sequence(model, corpus, s, output.device), output)
     for depth, (predicted, _, logits, chosen) in enumerate(passes, start=1):
         probs = torch.softmax(logits, dim=-1)
-        top = probs.topk(ACCEPT_RANKS, dim=-1)
+        ranks = min(ACCEPT_RANKS, probs.shape[-1])  # a drafter of fewer tokens has fewer candidates
+        top = probs.topk(ranks, dim=-1)
         accepted = top.indices.cpu() == index[chosen][:, None]  # columns of the drafter's tokens
-        head = layer.acceptance(predicted[:-1], probs, depth, ACCEPT_RANKS)
+        head = layer.acceptance(predicted[:-1], probs, depth, ranks)
         terms.append((head, top.values.cpu(), accepted.float()))
     return terms
 
