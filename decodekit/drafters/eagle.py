@@ -86,11 +86,12 @@ class AcceptanceHead(torch.nn.Module):
         self.depth_bias = torch.nn.Parameter(torch.zeros(2))  # depth 1, deeper
         self.register_buffer("trained", torch.tensor(False))
 
-    def forward(self, states: torch.Tensor, probs: torch.Tensor, depth: int, ranks: int) -> torch.Tensor:
-        """Acceptance logits ``[F, ranks]`` of the ``ranks`` most likely candidates (``ranks <= ACCEPT_RANKS``),
-        best first, after nodes at ``depth`` (1: the root's children) whose predicted features are ``states [F,
-        H]`` and the layer's distributions ``probs [F, S]``."""
-        log_top = probs.topk(ranks, dim=-1).values.clamp_min(1e-30).log()  # [F, ranks]
+    def forward(self, states: torch.Tensor, probs: torch.Tensor, top: torch.Tensor, depth: int) -> torch.Tensor:
+        """Acceptance logits ``[F, R]`` of the R most likely candidates (``top [F, R]``, their probabilities, best
+        first; ``R <= ACCEPT_RANKS``) after nodes at ``depth`` (1: the root's children) whose predicted features
+        are ``states [F, H]`` and the layer's distributions ``probs [F, S]``."""
+        ranks = top.shape[-1]
+        log_top = top.clamp_min(1e-30).log()  # [F, R]
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True)  # [F, 1]
         per_node = unit_rms(states) @ self.state + self.depth_bias[min(depth, 2) - 1]  # [F]
         mixed = self.mix[0] * log_top + self.mix[1] * log_top[:, :1] + self.mix[2] * entropy
@@ -274,7 +275,7 @@ class Eagle(Drafter):
             top = probs.topk(self.branch, dim=-1)  # [F, branch]
             accept = top.values  # each child's chance, given its parent: the layer's probability (EAGLE-2) ...
             if self.by_head:  # ... or what its acceptance head predicts (SpecDec++)
-                accept = torch.sigmoid(self.layer.acceptance(states, probs, depth, self.branch))
+                accept = torch.sigmoid(self.layer.acceptance(states, probs, top.values, depth))
             children = []  # (chance, frontier index, trie node, token, the drafter's own chance of the path)
             for f, row in enumerate((paths[:, None] * accept).tolist()):
                 for j, path in enumerate(row):

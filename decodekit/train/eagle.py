@@ -94,7 +94,7 @@ def acceptance_terms(
         ranks = min(ACCEPT_RANKS, probs.shape[-1])  # a drafter of fewer tokens has fewer candidates
         top = probs.topk(ranks, dim=-1)
         accepted = top.indices.cpu() == index[chosen][:, None]  # columns of the drafter's tokens
-        head = layer.acceptance(predicted[:-1], probs, depth, ranks)
+        head = layer.acceptance(predicted[:-1], probs, top.values, depth)
         terms.append((head, top.values.cpu(), accepted.float()))
     return terms
 
